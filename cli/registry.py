@@ -1,0 +1,175 @@
+"""Registry commands: accounts, instances, API tokens, and a look at media rows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import click
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ingest import accounts
+from ingest.db import make_engine, make_session_factory, session_scope
+from ingest.models import MediaItem, Provider
+from ingest.settings import load_settings
+
+
+@contextmanager
+def _session() -> Iterator[Session]:
+    settings = load_settings()
+    settings.ensure_var_dir()
+    engine = make_engine(settings.database_url)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            yield session
+    except accounts.RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        engine.dispose()
+
+
+@click.group()
+def account() -> None:
+    """Accounts group instances; an account token reaches all of them."""
+
+
+@account.command("add")
+@click.argument("name")
+def account_add(name: str) -> None:
+    """Create an account."""
+    with _session() as session:
+        accounts.add_account(session, name)
+    click.echo(f"account {name} created")
+
+
+@click.group()
+def instance() -> None:
+    """WhatsApp numbers (instances) and their provider credentials."""
+
+
+@instance.command("add")
+@click.argument("name")
+@click.option(
+    "--provider", type=click.Choice([p.value for p in Provider]), required=True
+)
+@click.option("--phone-number-id", required=True, help="Meta phone_number_id of the number.")
+@click.option("--api-key", required=True, help="Graph bearer token or D360-API-KEY.")
+@click.option("--app-secret", help="Meta app secret: X-Hub-Signature-256 is then required.")
+@click.option("--verify-token", help="Token for Meta's GET verification handshake.")
+@click.option(
+    "--webhook-secret-header",
+    help="Header a 360dialog webhook must carry (with --webhook-secret).",
+)
+@click.option("--webhook-secret", help="Shared secret expected in that header.")
+@click.option("--account", "account_name", default=accounts.DEFAULT_ACCOUNT, show_default=True)
+def instance_add(
+    name: str,
+    provider: str,
+    phone_number_id: str,
+    api_key: str,
+    app_secret: str | None,
+    verify_token: str | None,
+    webhook_secret_header: str | None,
+    webhook_secret: str | None,
+    account_name: str,
+) -> None:
+    """Register a WhatsApp number under NAME."""
+    spec = accounts.InstanceSpec(
+        name=name,
+        provider=Provider(provider),
+        phone_number_id=phone_number_id,
+        api_key=api_key,
+        app_secret=app_secret,
+        verify_token=verify_token,
+        webhook_secret_header=webhook_secret_header,
+        webhook_secret=webhook_secret,
+        account=account_name,
+    )
+    with _session() as session:
+        accounts.add_instance(session, spec)
+    click.echo(f"instance {name} added ({provider}, phone number id {phone_number_id})")
+
+
+@instance.command("disconnect")
+@click.argument("name")
+def instance_disconnect(name: str) -> None:
+    """Mark NAME disconnected: the archive API answers 503 for it."""
+    with _session() as session:
+        accounts.set_connected(session, name, False)
+    click.echo(f"instance {name} disconnected")
+
+
+@instance.command("connect")
+@click.argument("name")
+def instance_connect(name: str) -> None:
+    """Mark NAME connected again."""
+    with _session() as session:
+        accounts.set_connected(session, name, True)
+    click.echo(f"instance {name} connected")
+
+
+@instance.command("list")
+def instance_list() -> None:
+    """List instances (credentials are never printed)."""
+    with _session() as session:
+        for row in accounts.list_instances(session):
+            state = "connected" if row.connected else "disconnected"
+            signed = "signed" if row.app_secret else "unsigned"
+            click.echo(
+                f"{row.name}\t{row.provider}\t{row.phone_number_id}\t{state}\t{signed}\t"
+                f"account={row.account.name}"
+            )
+
+
+@click.group()
+def token() -> None:
+    """Archive API tokens (only their hash is stored)."""
+
+
+@token.command("create")
+@click.option("--instance", "instance_name", help="Token for one instance.")
+@click.option("--account", "account_name", help="Token for every instance of an account.")
+@click.option("--label", help="A note to recognise the token by.")
+def token_create(
+    instance_name: str | None, account_name: str | None, label: str | None
+) -> None:
+    """Create a token. It is printed once, alone on the last line."""
+    if (instance_name is None) == (account_name is None):
+        raise click.UsageError("give exactly one of --instance or --account")
+    with _session() as session:
+        value = accounts.create_token(
+            session, instance=instance_name, account=account_name, label=label
+        )
+    scope = f"instance {instance_name}" if instance_name else f"account {account_name}"
+    click.echo(f"token for {scope} (shown once, store it now):")
+    click.echo(value)
+
+
+@click.group()
+def media() -> None:
+    """Inspect media rows."""
+
+
+@media.command("list")
+@click.option("--instance", "instance_name")
+@click.option("--state")
+@click.option("--limit", default=50, show_default=True)
+def media_list(instance_name: str | None, state: str | None, limit: int) -> None:
+    """Newest media rows: id, instance, message id, type, state, reason, size."""
+    with _session() as session:
+        query = select(MediaItem).order_by(MediaItem.id.desc()).limit(limit)
+        if instance_name:
+            query = query.where(
+                MediaItem.instance_id == accounts.get_instance(session, instance_name).id
+            )
+        if state:
+            query = query.where(MediaItem.state == state)
+        for row in session.scalars(query):
+            click.echo(
+                f"{row.id}\t{row.instance.name}\t{row.message_id}\t{row.media_type}\t"
+                f"{row.state}\t{row.failure_reason or '-'}\t{row.size or '-'}"
+            )
+
+
+COMMANDS = (account, instance, token, media)

@@ -1,0 +1,148 @@
+"""Accounts, instances and archive API tokens: the operator-facing registry."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ingest.models import Account, ApiToken, Instance, Provider
+
+DEFAULT_ACCOUNT = "default"
+
+
+class RegistryError(Exception):
+    """An operator asked for something that cannot be done (unknown name, duplicate...)."""
+
+
+def hash_secret(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def secret_matches(value: str, expected_hash: str) -> bool:
+    return hmac.compare_digest(hash_secret(value), expected_hash)
+
+
+def add_account(session: Session, name: str) -> Account:
+    if session.scalar(select(Account).where(Account.name == name)) is not None:
+        raise RegistryError(f"account {name!r} already exists")
+    account = Account(name=name)
+    session.add(account)
+    session.flush()
+    return account
+
+
+def get_account(session: Session, name: str) -> Account:
+    account = session.scalar(select(Account).where(Account.name == name))
+    if account is None:
+        raise RegistryError(f"no account named {name!r}")
+    return account
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    name: str
+    provider: Provider
+    phone_number_id: str
+    api_key: str
+    app_secret: str | None = None
+    verify_token: str | None = None
+    webhook_secret_header: str | None = None
+    webhook_secret: str | None = None
+    account: str = DEFAULT_ACCOUNT
+
+
+def add_instance(session: Session, spec: InstanceSpec) -> Instance:
+    account = get_account(session, spec.account)
+    if session.scalar(select(Instance).where(Instance.name == spec.name)) is not None:
+        raise RegistryError(f"instance {spec.name!r} already exists")
+    clash = session.scalar(
+        select(Instance).where(Instance.phone_number_id == spec.phone_number_id)
+    )
+    if clash is not None:
+        raise RegistryError(
+            f"phone number id {spec.phone_number_id!r} already belongs to {clash.name!r}"
+        )
+    if (spec.webhook_secret_header is None) != (spec.webhook_secret is None):
+        raise RegistryError("a webhook secret needs both its header name and its value")
+    instance = Instance(
+        account_id=account.id,
+        name=spec.name,
+        provider=str(spec.provider),
+        phone_number_id=spec.phone_number_id,
+        api_key=spec.api_key,
+        app_secret=spec.app_secret,
+        verify_token=spec.verify_token,
+        webhook_secret_header=spec.webhook_secret_header,
+        webhook_secret_hash=hash_secret(spec.webhook_secret) if spec.webhook_secret else None,
+        connected=True,
+    )
+    session.add(instance)
+    session.flush()
+    return instance
+
+
+def get_instance(session: Session, name: str) -> Instance:
+    instance = find_instance(session, name)
+    if instance is None:
+        raise RegistryError(f"no instance named {name!r}")
+    return instance
+
+
+def find_instance(session: Session, name: str) -> Instance | None:
+    return session.scalar(select(Instance).where(Instance.name == name))
+
+
+def find_instance_by_phone_number_id(session: Session, phone_number_id: str) -> Instance | None:
+    return session.scalar(select(Instance).where(Instance.phone_number_id == phone_number_id))
+
+
+def set_connected(session: Session, name: str, connected: bool) -> Instance:
+    instance = get_instance(session, name)
+    instance.connected = connected
+    return instance
+
+
+def list_instances(session: Session) -> list[Instance]:
+    return list(session.scalars(select(Instance).order_by(Instance.name)))
+
+
+def create_token(
+    session: Session,
+    *,
+    instance: str | None = None,
+    account: str | None = None,
+    label: str | None = None,
+) -> str:
+    """Create an API token and return it in clear. Only its hash is stored: show it once."""
+    if (instance is None) == (account is None):
+        raise RegistryError("a token belongs to exactly one instance or one account")
+    token = secrets.token_urlsafe(32)
+    row = ApiToken(token_hash=hash_secret(token), label=label)
+    if instance is not None:
+        row.instance_id = get_instance(session, instance).id
+    else:
+        assert account is not None
+        row.account_id = get_account(session, account).id
+    session.add(row)
+    session.flush()
+    return token
+
+
+def token_reaches(session: Session, token: str, instance: Instance) -> bool:
+    """True if ``token`` is an account token of the instance's account, or its own token.
+
+    Looked up by hash (an indexed equality on a value the caller cannot steer byte by byte),
+    then compared in constant time.
+    """
+    digest = hash_secret(token)
+    row = session.scalar(select(ApiToken).where(ApiToken.token_hash == digest))
+    if row is None or not hmac.compare_digest(row.token_hash, digest):
+        return False
+    if row.instance_id is not None:
+        return row.instance_id == instance.id
+    return row.account_id == instance.account_id

@@ -1,0 +1,225 @@
+"""SQL is the source of truth: accounts, instances, API tokens and one row per media item.
+
+The broker only wakes workers up; every fact needed to finish (or restart) a download is
+in :class:`MediaItem`.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    # Deterministic constraint names so Alembic migrations match on every backend.
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(column_0_label)s",
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class Provider(enum.StrEnum):
+    CLOUD = "cloud"
+    D360 = "360dialog"
+
+
+class MediaType(enum.StrEnum):
+    IMAGE = "image"
+    VIDEO = "video"
+    AUDIO = "audio"
+    DOCUMENT = "document"
+    STICKER = "sticker"
+
+
+class MediaState(enum.StrEnum):
+    PENDING = "pending"
+    DOWNLOADING = "downloading"
+    STORED = "stored"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+
+TERMINAL_STATES = frozenset({MediaState.STORED, MediaState.FAILED, MediaState.EXPIRED})
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    instances: Mapped[list[Instance]] = relationship(back_populates="account")
+
+
+class Instance(Base):
+    """One WhatsApp phone number behind one provider, with its credentials."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    provider: Mapped[str] = mapped_column(String(20))
+    phone_number_id: Mapped[str] = mapped_column(String(64), unique=True)
+    # The provider credential must be sent as-is, so it cannot be hashed; it never leaves
+    # the worker except towards the provider's own hosts.
+    api_key: Mapped[str] = mapped_column(Text)
+    # Meta app secret for X-Hub-Signature-256; None means the instance takes unsigned posts
+    # (or relies on the shared-secret header below).
+    app_secret: Mapped[str | None] = mapped_column(Text, nullable=True)
+    verify_token: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # 360dialog cannot sign with Meta's secret: it may send a shared secret in a header of
+    # our choosing. Only its SHA-256 is stored.
+    webhook_secret_header: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    webhook_secret_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    connected: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    account: Mapped[Account] = relationship(back_populates="instances")
+
+    __table_args__ = (CheckConstraint("provider IN ('cloud', '360dialog')", name="provider"),)
+
+
+class ApiToken(Base):
+    """An archive API token: account scope (every instance) or instance scope (one)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    account_id: Mapped[int | None] = mapped_column(
+        ForeignKey("accounts.id"), nullable=True, index=True
+    )
+    instance_id: Mapped[int | None] = mapped_column(
+        ForeignKey("instances.id"), nullable=True, index=True
+    )
+    label: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        CheckConstraint(
+            "(account_id IS NULL) <> (instance_id IS NULL)", name="exactly_one_scope"
+        ),
+    )
+
+
+class MediaItem(Base):
+    """One inbound media message and everything known about archiving it."""
+
+    __tablename__ = "media_items"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"))
+    message_id: Mapped[str] = mapped_column(String(255))  # wamid
+    media_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    media_type: Mapped[str] = mapped_column(String(20))
+
+    declared_mime: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    actual_mime: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # Both normalised to lowercase hex, whatever encoding the provider used.
+    declared_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    actual_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    declared_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    filename: Mapped[str | None] = mapped_column(Text, nullable=True)
+    caption: Mapped[str | None] = mapped_column(Text, nullable=True)
+    sender: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    voice: Mapped[bool] = mapped_column(Boolean, default=False)
+    animated: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Over the provider's per-type *sending* limit: archived anyway, flagged for downstream.
+    over_send_limit: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    message_timestamp: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The signed direct-download URL from the webhook. Confidential: cleared once used or
+    # stale, never logged.
+    download_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    url_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    state: Mapped[str] = mapped_column(String(20), default=MediaState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    failure_reason: Mapped[str | None] = mapped_column(String(50), nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    storage_backend: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    storage_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    stored_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    instance: Mapped[Instance] = relationship()
+
+    __table_args__ = (
+        UniqueConstraint("instance_id", "message_id", name="uq_media_items_instance_message"),
+        Index("ix_media_items_state_next_attempt", "state", "next_attempt_at"),
+        Index("ix_media_items_state_lease", "state", "lease_until"),
+        CheckConstraint(
+            "state IN ('pending', 'downloading', 'stored', 'failed', 'expired')", name="state"
+        ),
+    )
+
+
+class ErrorBudgetEvent(Base):
+    """A provider error (or a call in flight that may become one) counted against a budget.
+
+    Used by the SQL-backed error budget when no Redis is configured.
+    """
+
+    __tablename__ = "error_budget_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    budget_key: Mapped[str] = mapped_column(String(200), index=True)
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # False while the call is in flight (a reservation), True once it was an error.
+    confirmed: Mapped[bool] = mapped_column(Boolean, default=False)

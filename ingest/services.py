@@ -1,0 +1,53 @@
+"""The long-lived parts one process needs, built once from settings.
+
+Web and worker processes each build one :class:`Services` at start-up (after forking) and
+pass it down; nothing here is a global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ingest.db import make_engine, make_session_factory
+from ingest.settings import Settings
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+    from ingest.storage import Storage
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    storage: Storage
+    redis: Redis | None = field(default=None)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, redis: Redis | None = None) -> Services:
+        from ingest.storage import storage_from_settings
+
+        settings.ensure_var_dir()
+        engine = make_engine(settings.database_url)
+        if redis is None and settings.redis_url:
+            from redis import Redis as RedisClient
+
+            redis = RedisClient.from_url(
+                settings.redis_url, socket_timeout=5, socket_connect_timeout=2
+            )
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=make_session_factory(engine),
+            storage=storage_from_settings(settings),
+            redis=redis,
+        )
+
+    def close(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,223 @@
+"""One settings object, built once from defaults plus ``INGEST_*`` environment variables.
+
+Every process (web, worker, beat, CLI) calls :func:`load_settings` at start-up. A bad value
+stops the process with one line naming the variable (:class:`ConfigError`), never a stack
+trace on the first request. Tests build :class:`Settings` explicitly instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+DEFAULT_MEDIA_HOSTS = (
+    "graph.facebook.com",
+    "lookaside.fbsbx.com",
+    "waba-v2.360dialog.io",
+)
+
+
+class ConfigError(Exception):
+    """A setting is invalid; the message is one line that names the variable."""
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INGEST_", extra="ignore", frozen=True)
+
+    # Where the embedded defaults keep their files (SQLite, broker, local media).
+    var_dir: Path = Path("var")
+
+    database_url: str = ""
+    broker_url: str = ""
+    storage_url: str = ""
+    s3_endpoint_url: str | None = None
+    redis_url: str | None = None
+    # Prefix of every Redis key this service writes, so several deployments (or test runs)
+    # can share one Redis.
+    redis_prefix: str = "ingest"
+
+    graph_url: str = "https://graph.facebook.com/v21.0"
+    d360_url: str = "https://waba-v2.360dialog.io"
+    media_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_MEDIA_HOSTS)
+    )
+
+    # Webhook receiver.
+    webhook_max_bytes: int = Field(default=4 * MiB, gt=0)
+
+    # Download rules (provider-media-constraints.md). The webhook URL lives 5 minutes; we
+    # stop trusting it a little earlier so a download never starts on a dying URL.
+    url_fresh_seconds: float = Field(default=270.0, gt=0)
+    media_retention_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
+    max_media_bytes: int = Field(default=100 * MiB, gt=0)
+    # Items whose stated size (or type) is large go to their own queue.
+    large_media_bytes: int = Field(default=5 * MiB, gt=0)
+    http_timeout_seconds: float = Field(default=30.0, gt=0)
+
+    # Work leases and retries. The lease must outlive the task's hard time limit.
+    lease_seconds: float = Field(default=900.0, gt=0)
+    task_soft_time_limit: float = Field(default=600.0, gt=0)
+    task_time_limit: float = Field(default=660.0, gt=0)
+    max_attempts: int = Field(default=10, gt=0)
+    retry_base_seconds: float = Field(default=15.0, gt=0)
+    retry_max_seconds: float = Field(default=3600.0, gt=0)
+    reconcile_interval_seconds: float = Field(default=60.0, gt=0)
+
+    # Provider error budget per phone number (error-based throttle: 20 errors / 60 min
+    # blocks media GETs for 30 min; 360dialog: 5 failed lookups / hour blocks for an hour).
+    # We stop one short of each threshold.
+    error_budget_window_seconds: float = Field(default=3600.0, gt=0)
+    error_budget_media: int = Field(default=19, gt=0)
+    error_budget_lookup_360dialog: int = Field(default=4, gt=0)
+
+    # Worker processes.
+    worker_concurrency: int = Field(default=16, gt=0)
+    worker_pool: str = "threads"
+
+    # Web processes.
+    web_workers: int = Field(default=4, gt=0)
+    web_threads: int = Field(default=1, gt=0)
+
+    # Archive API.
+    api_rate_limit: str = "100/minute"
+    base64_max_bytes: int = Field(default=128 * MiB, gt=0)
+
+    log_level: str = "INFO"
+
+    @field_validator("media_hosts", mode="before")
+    @classmethod
+    def _parse_hosts(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("media_hosts")
+    @classmethod
+    def _lower_hosts(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least one host")
+        return [host.lower() for host in value]
+
+    @field_validator("graph_url", "d360_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http(s) URL, got {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _optional_http_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        assert value is not None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        assert value is not None
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
+
+    @field_validator("worker_pool")
+    @classmethod
+    def _pool(cls, value: str) -> str:
+        if value not in ("threads", "prefork", "solo", "gevent"):
+            raise ValueError("must be threads, prefork, solo or gevent")
+        return value
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> Settings:
+        var = self.var_dir.resolve()
+        # frozen model: defaults derived from var_dir are written once, here.
+        if not self.database_url:
+            object.__setattr__(self, "database_url", f"sqlite:///{var / 'ingest.sqlite3'}")
+        if not self.broker_url:
+            object.__setattr__(self, "broker_url", f"sqla+sqlite:///{var / 'broker.sqlite3'}")
+        if not self.storage_url:
+            object.__setattr__(self, "storage_url", (var / "media").as_uri())
+        _check_scheme(
+            "database_url",
+            self.database_url,
+            ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2"),
+        )
+        _check_scheme(
+            "broker_url",
+            self.broker_url,
+            ("sqla+sqlite", "sqla+postgresql", "redis", "rediss", "amqp", "pyamqp", "memory"),
+        )
+        _check_scheme("storage_url", self.storage_url, ("s3", "file"))
+        if self.storage_url.startswith("s3:") and not urlsplit(self.storage_url).netloc:
+            raise ValueError("INGEST_STORAGE_URL: s3:// URL must name a bucket")
+        if self.lease_seconds <= self.task_time_limit:
+            raise ValueError("INGEST_LEASE_SECONDS must be longer than INGEST_TASK_TIME_LIMIT")
+        if self.task_soft_time_limit >= self.task_time_limit:
+            raise ValueError(
+                "INGEST_TASK_SOFT_TIME_LIMIT must be shorter than INGEST_TASK_TIME_LIMIT"
+            )
+        return self
+
+    @property
+    def uses_embedded_defaults(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def ensure_var_dir(self) -> None:
+        """Create ``var/`` (and the local media root) for the embedded defaults."""
+        self.var_dir.mkdir(parents=True, exist_ok=True)
+        if self.storage_url.startswith("file:"):
+            Path(urlsplit(self.storage_url).path).mkdir(parents=True, exist_ok=True)
+
+
+def _check_scheme(field: str, url: str, allowed: tuple[str, ...]) -> None:
+    scheme = urlsplit(url).scheme
+    if scheme not in allowed:
+        raise ValueError(
+            f"INGEST_{field.upper()}: scheme {scheme or '(none)'!r} is not one of "
+            + ", ".join(allowed)
+        )
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment, turning validation errors into one line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+
+
+def _one_line(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if location:
+            problems.append(f"INGEST_{location.upper()}: {message}")
+        else:
+            problems.append(message)
+    return "configuration error: " + "; ".join(problems)

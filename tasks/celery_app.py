@@ -1,0 +1,61 @@
+"""The Celery application: every reliability setting lives here, at app level.
+
+Per-task keywords are avoided on purpose: Celery silently accepts a misspelt one.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from celery import Celery
+from kombu import Queue
+
+from ingest.queues import ALL_QUEUES, SMALL_MEDIA
+from ingest.settings import Settings
+
+DOWNLOAD_TASK = "ingest.download_media"
+RECONCILE_TASK = "ingest.reconcile"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("ingest", broker=settings.broker_url, include=["tasks.media"])
+    app.conf.update(
+        # Safe formats only; results are never read (state lives in SQL).
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        # A task is acknowledged after it ran, and a worker that dies mid-task gives its
+        # message back. Tasks are idempotent (claim by lease), so a redelivery is harmless.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_soft_time_limit=settings.task_soft_time_limit,
+        task_time_limit=settings.task_time_limit,
+        # Redis/SQS redeliver unacked messages after the visibility timeout; it must outlive
+        # the longest task. Backoff is never a long countdown: it lives in SQL.
+        broker_transport_options={
+            "visibility_timeout": int(settings.lease_seconds + 60),
+            "socket_connect_timeout": 2,
+            "socket_timeout": 5,
+        },
+        broker_connection_retry_on_startup=True,
+        # The webhook must answer fast even if the broker is down: one quick attempt,
+        # then the reconciler is the safety net.
+        task_publish_retry=False,
+        broker_connection_timeout=2,
+        task_queues=[Queue(name) for name in ALL_QUEUES],
+        task_default_queue=SMALL_MEDIA,
+        task_create_missing_queues=False,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        beat_schedule={
+            "reconcile": {
+                "task": RECONCILE_TASK,
+                "schedule": timedelta(seconds=settings.reconcile_interval_seconds),
+                "options": {"queue": "maintenance", "expires": settings.reconcile_interval_seconds},
+            }
+        },
+    )
+    app.conf.ingest_settings = settings
+    return app

@@ -1,0 +1,1 @@
+"""PLACEHOLDER: the download and reconcile tasks are being written."""

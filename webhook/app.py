@@ -1,0 +1,45 @@
+"""Flask application factory: the webhook receiver and the archive API over the core."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+from werkzeug.exceptions import HTTPException
+
+from ingest.queues import DownloadScheduler
+from ingest.services import Services
+from ingest.settings import Settings, load_settings
+from webhook import errors, health
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    services: Services | None = None,
+    scheduler: DownloadScheduler | None = None,
+) -> Flask:
+    if services is None:
+        services = Services.from_settings(settings or load_settings())
+    if scheduler is None:
+        from tasks.dispatch import CeleryScheduler
+
+        scheduler = CeleryScheduler.from_settings(services.settings)
+
+    app = Flask(__name__)
+    # Bodies are read (and capped) by the receiver itself; Flask's own limit backs it up.
+    app.config["MAX_CONTENT_LENGTH"] = services.settings.webhook_max_bytes
+    app.extensions["ingest"] = services
+    app.extensions["ingest.scheduler"] = scheduler
+
+    app.register_blueprint(health.bp)
+    from webhook import archive, receiver
+
+    app.register_blueprint(receiver.bp)
+    app.register_blueprint(archive.bp)
+
+    app.register_error_handler(HTTPException, errors.http_error)
+    app.register_error_handler(Exception, errors.unexpected_error)
+    return app

@@ -1,0 +1,5 @@
+"""PLACEHOLDER: being written."""
+
+from flask import Blueprint
+
+bp = Blueprint("archive", __name__)
