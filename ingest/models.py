@@ -188,6 +188,9 @@ class MediaItem(Base):
     state: Mapped[str] = mapped_column(String(20), default=MediaState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # When a wake-up was last published; the reconciler re-publishes only rows whose last
+    # wake-up is old, so a backlog does not fill the queue with duplicates.
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     lease_owner: Mapped[str | None] = mapped_column(String(100), nullable=True)
     failure_reason: Mapped[str | None] = mapped_column(String(50), nullable=True)

@@ -26,6 +26,8 @@ from ingest.models import Base
 from ingest.services import Services
 from ingest.settings import Settings
 
+pytest_plugins = ["tests.plugins.s3", "tests.plugins.sandbox", "tests.plugins.processes"]
+
 REQUIRE_SERVICES = os.environ.get("INGEST_TEST_REQUIRE_SERVICES") == "1"
 TEST_DATABASE_URL = os.environ.get("INGEST_TEST_DATABASE_URL")
 TEST_REDIS_URL = os.environ.get("INGEST_TEST_REDIS_URL")

@@ -126,6 +126,7 @@ def upgrade() -> None:
         sa.Column("state", sa.String(length=20), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("next_attempt_at", ingest.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("enqueued_at", ingest.models.UTCDateTime(timezone=True), nullable=True),
         sa.Column("lease_until", ingest.models.UTCDateTime(timezone=True), nullable=True),
         sa.Column("lease_owner", sa.String(length=100), nullable=True),
         sa.Column("failure_reason", sa.String(length=50), nullable=True),
