@@ -50,9 +50,7 @@ def instance() -> None:
 
 @instance.command("add")
 @click.argument("name")
-@click.option(
-    "--provider", type=click.Choice([p.value for p in Provider]), required=True
-)
+@click.option("--provider", type=click.Choice([p.value for p in Provider]), required=True)
 @click.option("--phone-number-id", required=True, help="Meta phone_number_id of the number.")
 @click.option("--api-key", required=True, help="Graph bearer token or D360-API-KEY.")
 @click.option("--app-secret", help="Meta app secret: X-Hub-Signature-256 is then required.")
@@ -131,9 +129,7 @@ def token() -> None:
 @click.option("--instance", "instance_name", help="Token for one instance.")
 @click.option("--account", "account_name", help="Token for every instance of an account.")
 @click.option("--label", help="A note to recognise the token by.")
-def token_create(
-    instance_name: str | None, account_name: str | None, label: str | None
-) -> None:
+def token_create(instance_name: str | None, account_name: str | None, label: str | None) -> None:
     """Create a token. It is printed once, alone on the last line."""
     if (instance_name is None) == (account_name is None):
         raise click.UsageError("give exactly one of --instance or --account")

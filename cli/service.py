@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import click
@@ -19,6 +21,19 @@ def configure_logging(level: str) -> None:
     )
 
 
+def _configure_multiprocess_metrics(var_dir: Path) -> None:
+    """Must run before prometheus_client is imported: it reads the variable at import."""
+    directory = var_dir.resolve() / "metrics"
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(directory))
+
+
+def _mark_metrics_dead(_server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -29,6 +44,8 @@ def web(host: str, port: int, workers: int | None) -> None:
 
     settings = load_settings()
     configure_logging(settings.log_level)
+    settings.ensure_var_dir()
+    _configure_multiprocess_metrics(settings.var_dir)
 
     class _Gunicorn(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -40,7 +57,8 @@ def web(host: str, port: int, workers: int | None) -> None:
                 "loglevel": settings.log_level.lower(),
                 "timeout": 60,
                 "graceful_timeout": 20,
-                "worker_tmp_dir": "/dev/shm",
+                "worker_tmp_dir": "/dev/shm",  # noqa: S108 - gunicorn heartbeat files, RAM-backed
+                "child_exit": _mark_metrics_dead,
             }
             for key, value in options.items():
                 self.cfg.set(key, value)
@@ -61,6 +79,7 @@ def worker(queues: str, concurrency: int | None, pool: str | None) -> None:
     """Run a Celery download worker (I/O pool, high concurrency)."""
     settings = load_settings()
     settings.ensure_var_dir()
+    _configure_multiprocess_metrics(settings.var_dir)
     from tasks.worker import app
 
     app.worker_main(

@@ -60,9 +60,7 @@ def add_instance(session: Session, spec: InstanceSpec) -> Instance:
     account = get_account(session, spec.account)
     if session.scalar(select(Instance).where(Instance.name == spec.name)) is not None:
         raise RegistryError(f"instance {spec.name!r} already exists")
-    clash = session.scalar(
-        select(Instance).where(Instance.phone_number_id == spec.phone_number_id)
-    )
+    clash = session.scalar(select(Instance).where(Instance.phone_number_id == spec.phone_number_id))
     if clash is not None:
         raise RegistryError(
             f"phone number id {spec.phone_number_id!r} already belongs to {clash.name!r}"

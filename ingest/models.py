@@ -145,9 +145,7 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (
-        CheckConstraint(
-            "(account_id IS NULL) <> (instance_id IS NULL)", name="exactly_one_scope"
-        ),
+        CheckConstraint("(account_id IS NULL) <> (instance_id IS NULL)", name="exactly_one_scope"),
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 from ingest.queues import ALL_QUEUES, SMALL_MEDIA
 from ingest.settings import Settings

@@ -175,8 +175,14 @@ def services(settings: Settings) -> Iterator[Services]:
 
 
 @pytest.fixture
-def sessions(services: Services) -> sessionmaker[Session]:
-    return services.sessions
+def sessions(settings: Settings, request: pytest.FixtureRequest) -> Iterator[sessionmaker[Session]]:
+    """Sessions on the test database; shares the engine of `services` when a test uses both."""
+    if "services" in request.fixturenames:
+        yield request.getfixturevalue("services").sessions
+        return
+    engine = make_engine(settings.database_url)
+    yield make_session_factory(engine)
+    engine.dispose()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from werkzeug.exceptions import HTTPException
 from ingest.queues import DownloadScheduler
 from ingest.services import Services
 from ingest.settings import Settings, load_settings
-from webhook import errors, health
+from webhook import errors, health, metrics
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ def create_app(
     app.extensions["ingest.scheduler"] = scheduler
 
     app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.bp)
     from webhook import archive, receiver
 
     app.register_blueprint(receiver.bp)

@@ -1,0 +1,52 @@
+"""Prometheus metrics. Labels are low-cardinality codes only: never a URL, token or id.
+
+Multi-process: ``ingest web`` and ``ingest worker`` point PROMETHEUS_MULTIPROC_DIR at
+``var/metrics`` (unless set) before anything imports prometheus_client (it reads the variable
+at import), so ``/metrics`` on any web process reports every process on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+
+WEBHOOK_REQUESTS = Counter(
+    "ingest_webhook_requests_total", "Webhook POSTs answered, by HTTP status.", ["status"]
+)
+WEBHOOK_MEDIA = Counter(
+    "ingest_webhook_media_total", "Media messages received, new or repeated.", ["result"]
+)
+DOWNLOADS = Counter(
+    "ingest_downloads_total",
+    "Download attempts by outcome (stored, retry, failed, expired, skipped).",
+    ["outcome", "reason"],
+)
+DOWNLOAD_SECONDS = Histogram(
+    "ingest_download_seconds",
+    "Duration of one download attempt.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+DOWNLOAD_BYTES = Counter("ingest_download_bytes_total", "Bytes archived.")
+PROVIDER_ERRORS = Counter(
+    "ingest_provider_errors_total",
+    "Provider error responses, by provider, endpoint and status class.",
+    ["provider", "endpoint", "status"],
+)
+BUDGET_BLOCKED = Counter(
+    "ingest_error_budget_blocked_total",
+    "Provider calls not made because the number's error budget was spent.",
+    ["budget"],
+)
+API_REQUESTS = Counter(
+    "ingest_api_requests_total", "Archive API answers, by route and status.", ["route", "status"]
+)
+
+
+def render() -> bytes:
+    """The exposition text, merged across processes when multi-process mode is on."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest()

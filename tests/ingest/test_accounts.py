@@ -1,0 +1,90 @@
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ingest import accounts
+from ingest.models import ApiToken, Instance, Provider
+from tests.factories import make_instance
+
+
+def test_instance_add_uses_the_default_account(session: Session) -> None:
+    instance = make_instance(session, name="shop")
+    assert instance.account.name == accounts.DEFAULT_ACCOUNT
+    assert instance.connected is True
+
+
+@pytest.mark.parametrize("clash", ["name", "phone_number_id"])
+def test_instance_names_and_phone_numbers_are_unique(session: Session, clash: str) -> None:
+    make_instance(session, name="shop", phone_number_id="111")
+    duplicate = {
+        "name": "other",
+        "phone_number_id": "222",
+        clash: {"name": "shop", "phone_number_id": "111"}[clash],
+    }
+    with pytest.raises(accounts.RegistryError):
+        make_instance(session, **duplicate)
+
+
+def test_unknown_account_is_a_registry_error(session: Session) -> None:
+    with pytest.raises(accounts.RegistryError, match="no account"):
+        make_instance(session, account="nobody")
+
+
+def test_webhook_secret_needs_header_and_value(session: Session) -> None:
+    with pytest.raises(accounts.RegistryError):
+        make_instance(session, provider=Provider.D360, webhook_secret_header="X-Secret")
+
+
+def test_webhook_secret_is_stored_hashed(session: Session) -> None:
+    instance = make_instance(
+        session,
+        provider=Provider.D360,
+        webhook_secret_header="X-Secret",
+        webhook_secret="s3cret",
+    )
+    assert instance.webhook_secret_hash != "s3cret"
+    assert instance.webhook_secret_hash is not None
+    assert accounts.secret_matches("s3cret", instance.webhook_secret_hash)
+    assert not accounts.secret_matches("s3cret!", instance.webhook_secret_hash)
+
+
+def test_tokens_are_stored_only_as_hashes(session: Session) -> None:
+    make_instance(session, name="shop")
+    token = accounts.create_token(session, instance="shop")
+    stored = session.scalars(select(ApiToken.token_hash)).all()
+    assert stored == [accounts.hash_secret(token)]
+    assert token not in stored
+
+
+def test_instance_token_reaches_only_its_instance(session: Session) -> None:
+    shop = make_instance(session, name="shop")
+    other = make_instance(session, name="other")
+    token = accounts.create_token(session, instance="shop")
+    assert accounts.token_reaches(session, token, shop)
+    assert not accounts.token_reaches(session, token, other)
+    assert not accounts.token_reaches(session, token + "x", shop)
+
+
+def test_account_token_reaches_every_instance_of_its_account_only(session: Session) -> None:
+    accounts.add_account(session, "acme")
+    mine = [make_instance(session, account="acme"), make_instance(session, account="acme")]
+    theirs = make_instance(session)
+    token = accounts.create_token(session, account="acme")
+    assert all(accounts.token_reaches(session, token, instance) for instance in mine)
+    assert not accounts.token_reaches(session, token, theirs)
+
+
+def test_a_token_has_exactly_one_scope(session: Session) -> None:
+    make_instance(session, name="shop")
+    with pytest.raises(accounts.RegistryError):
+        accounts.create_token(session, instance="shop", account="default")
+    with pytest.raises(accounts.RegistryError):
+        accounts.create_token(session)
+
+
+def test_disconnect_and_connect(session: Session) -> None:
+    make_instance(session, name="shop")
+    accounts.set_connected(session, "shop", False)
+    assert session.scalar(select(Instance.connected).where(Instance.name == "shop")) is False
+    accounts.set_connected(session, "shop", True)
+    assert session.scalar(select(Instance.connected).where(Instance.name == "shop")) is True
