@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from cli import registry, service
+from cli import doctor, registry, service
 from ingest.settings import ConfigError
 
 
@@ -18,7 +18,7 @@ def cli() -> None:
     """
 
 
-for command in (*service.COMMANDS, *registry.COMMANDS):
+for command in (*service.COMMANDS, *registry.COMMANDS, *doctor.COMMANDS):
     cli.add_command(command)
 
 
