@@ -17,6 +17,21 @@ DOWNLOAD_TASK = "ingest.download_media"
 RECONCILE_TASK = "ingest.reconcile"
 
 
+def _transport_options(settings: Settings) -> dict[str, object]:
+    scheme = settings.broker_url.split(":", 1)[0]
+    if scheme in ("redis", "rediss"):
+        # Redis redelivers unacked messages after the visibility timeout; it must outlive
+        # the longest task. Backoff is never a long countdown: it lives in SQL.
+        return {
+            "visibility_timeout": int(settings.lease_seconds + 60),
+            "socket_connect_timeout": 2,
+            "socket_timeout": 5,
+        }
+    # The SQLAlchemy transport hands its options to create_engine; it has no visibility
+    # timeout (messages are deleted when consumed, redelivered by the reconciler).
+    return {}
+
+
 def make_celery(settings: Settings) -> Celery:
     app = Celery("ingest", broker=settings.broker_url, include=["tasks.media"])
     app.conf.update(
@@ -32,13 +47,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_soft_time_limit=settings.task_soft_time_limit,
         task_time_limit=settings.task_time_limit,
-        # Redis/SQS redeliver unacked messages after the visibility timeout; it must outlive
-        # the longest task. Backoff is never a long countdown: it lives in SQL.
-        broker_transport_options={
-            "visibility_timeout": int(settings.lease_seconds + 60),
-            "socket_connect_timeout": 2,
-            "socket_timeout": 5,
-        },
+        broker_transport_options=_transport_options(settings),
         broker_connection_retry_on_startup=True,
         # The webhook must answer fast even if the broker is down: one quick attempt,
         # then the reconciler is the safety net.

@@ -5,7 +5,12 @@ from tasks.celery_app import RECONCILE_TASK, make_celery
 
 
 def test_reliability_settings_live_at_app_level(make_settings: Any) -> None:
-    settings = make_settings(lease_seconds=1000, task_time_limit=600, task_soft_time_limit=500)
+    settings = make_settings(
+        broker_url="redis://127.0.0.1:6379/0",
+        lease_seconds=1000,
+        task_time_limit=600,
+        task_soft_time_limit=500,
+    )
     conf = make_celery(settings).conf
     assert conf.task_acks_late is True
     assert conf.task_reject_on_worker_lost is True
