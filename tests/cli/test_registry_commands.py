@@ -85,3 +85,20 @@ def test_every_command_has_help(argv: list[str]) -> None:
     result = CliRunner().invoke(cli, argv)
     assert result.exit_code == 0
     assert "Usage:" in result.output
+
+
+def test_a_bad_setting_stops_the_command_with_one_line(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGEST_")}
+    env["INGEST_STORAGE_URL"] = "ftp://nowhere/x"
+    ingest = Path(sys.executable).parent / "ingest"
+    result = subprocess.run(
+        [str(ingest), "instance", "list"], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "INGEST_STORAGE_URL" in result.stderr
+    assert "Traceback" not in result.stderr
