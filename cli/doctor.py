@@ -66,6 +66,7 @@ def _check_redis(settings: Settings) -> str:
 def doctor() -> None:
     """Check the database, broker, object store and Redis this configuration names."""
     settings = load_settings()
+    settings.ensure_var_dir()
     checks: list[tuple[str, str, Callable[[Settings], str]]] = [
         ("database", _redact(settings.database_url), _check_database),
         ("broker", _redact(settings.broker_url), _check_broker),
