@@ -1,17 +1,46 @@
 """Provider clients: turn a media id into a download location, and stream the bytes.
 
-PLACEHOLDER for the implementations (Meta Cloud API, 360dialog): the types and errors below
-are the contract the download pipeline codes against.
+The first half is the contract the download pipeline codes against (types and errors); the
+second half implements it for Meta's Cloud API and for 360dialog, on top of
+:mod:`ingest.egress` (allowlist, address checks, redirects, credentials, size cap).
+
+Status mapping (lookup = ``GET /<media-id>``, download = the signed CDN URL):
+
+============  =====================  ==========================
+status        lookup                 download
+============  =====================  ==========================
+400           ProviderRejected       ProviderRejected
+401, 403      ProviderAuthError      UrlRejected
+404           MediaNotFound          UrlRejected
+410           ProviderRejected       UrlRejected
+429           ProviderThrottled      ProviderThrottled
+5xx           ProviderUnavailable    ProviderUnavailable
+other 4xx     ProviderRejected       ProviderRejected
+============  =====================  ==========================
+
+``counts_against_budget`` is True for every error *response* (the provider's error-based
+throttle counts those) and for failures after the request was sent (timeouts, broken
+responses: the provider may have logged an error); False when the provider never saw the
+request (DNS, connect, our allowlist) or answered 2xx with a body we cannot use.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import zlib
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
+from urllib.parse import quote, urlsplit, urlunsplit
 
+# Module import: ingest.egress raises this module's errors, and each side only looks the other
+# up at call time, so either may be imported first.
+from ingest import egress
+from ingest.media_rules import normalize_sha256
 from ingest.models import Provider
+from ingest.settings import Settings
 
 Endpoint = Literal["lookup", "download"]
 
@@ -112,3 +141,205 @@ class ProviderClient(Protocol):
     def download(self, url: str, *, max_bytes: int) -> AbstractContextManager[Iterator[bytes]]:
         """Stream the decoded body of ``url``; raise :class:`TooLarge` past ``max_bytes``."""
         ...
+
+
+# --- implementations ---------------------------------------------------------------------
+
+LOOKASIDE_HOST = "lookaside.fbsbx.com"
+D360_KEY_HEADER = "D360-API-KEY"
+# A lookup answer is a few hundred bytes of JSON; anything much larger is not one.
+LOOKUP_MAX_BYTES = 1024 * 1024
+_GZIP_MAGIC = b"\x1f\x8b"
+_ESCAPED_SLASH = re.compile(r"\\+/")
+
+
+def rewrite_for_d360(url: str, d360_url: str) -> str:
+    """360dialog serves Meta's CDN paths itself: ``lookaside.fbsbx.com`` -> the 360 host.
+
+    Keeps path and query; puts them under ``d360_url`` (scheme, host and any base path).
+    JSON-escaped slashes (``https:\\/\\/``, also doubled) are undone first. A URL on any
+    other host is returned unescaped but otherwise unchanged.
+    """
+    url = unescape_slashes(url)
+    parts = urlsplit(url)
+    if (parts.hostname or "").lower() != LOOKASIDE_HOST:
+        return url
+    base = urlsplit(d360_url)
+    path = base.path.rstrip("/") + (parts.path or "/")
+    return urlunsplit((base.scheme, base.netloc, path, parts.query, ""))
+
+
+def unescape_slashes(url: str) -> str:
+    return _ESCAPED_SLASH.sub("/", url.strip())
+
+
+def _origin(url: str) -> egress.Origin:
+    return egress.Origin.of(url)
+
+
+def _status_error(
+    status: int, endpoint: Endpoint, host: str, retry_after: float | None
+) -> ProviderError:
+    where = f"{endpoint} at {host} answered {status}"
+    if status == 429:
+        return ProviderThrottled(where, endpoint=endpoint, status=status, retry_after=retry_after)
+    if status >= 500:
+        return ProviderUnavailable(where, endpoint=endpoint, status=status)
+    if endpoint == "download":
+        if status in (401, 403, 404, 410):
+            return UrlRejected(where, endpoint=endpoint, status=status)
+        return ProviderRejected(where, endpoint=endpoint, status=status)
+    if status in (401, 403):
+        return ProviderAuthError(where, endpoint=endpoint, status=status)
+    if status == 404:
+        return MediaNotFound(where, endpoint=endpoint, status=status)
+    return ProviderRejected(where, endpoint=endpoint, status=status)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None  # an HTTP date: rare from these providers; our own backoff applies
+    return max(seconds, 0.0)
+
+
+def _decode_lookup(body: bytes, host: str) -> dict[str, Any]:
+    """JSON of a lookup; gzip is sniffed too, since 360dialog may compress without saying so."""
+    if body[:2] == _GZIP_MAGIC:
+        try:
+            inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
+            body = inflater.decompress(body, LOOKUP_MAX_BYTES + 1)
+        except zlib.error:
+            body = b""
+        if len(body) > LOOKUP_MAX_BYTES:
+            body = b""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("url"), str) or not data["url"]:
+        raise ProviderUnavailable(
+            f"lookup at {host} answered 200 without a media URL",
+            endpoint="lookup",
+            status=200,
+            counts_against_budget=False,
+        )
+    return data
+
+
+def _file_size(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+class _HttpClient:
+    """What both providers share: lookup JSON, download streaming, status mapping."""
+
+    credentials: Credentials
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        settings: Settings,
+        egress_client: egress.Egress,
+        credential: egress.Credential,
+        lookup_base: str,
+    ) -> None:
+        self.credentials = credentials
+        self._settings = settings
+        self._egress = egress_client
+        self._credential = credential
+        self._lookup_base = lookup_base
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(phone_number_id={self.credentials.phone_number_id!r})"
+
+    def resolve(self, media_id: str) -> MediaLocation:
+        if not media_id:
+            raise ProviderRejected("empty media id", endpoint="lookup", counts_against_budget=False)
+        url = f"{self._lookup_base}/{quote(media_id, safe='')}"
+        with self._egress.get(url, endpoint="lookup", credential=self._credential) as response:
+            if response.status_code != 200:
+                raise _status_error(
+                    response.status_code,
+                    "lookup",
+                    response.host,
+                    _retry_after(response.headers.get("retry-after")),
+                )
+            body = response.read(LOOKUP_MAX_BYTES)
+            data = _decode_lookup(body, response.host)
+        return MediaLocation(
+            url=self.download_url(str(data["url"])),
+            mime_type=data.get("mime_type") if isinstance(data.get("mime_type"), str) else None,
+            sha256=normalize_sha256(data["sha256"])
+            if isinstance(data.get("sha256"), str)
+            else None,
+            file_size=_file_size(data.get("file_size")),
+        )
+
+    def download_url(self, url: str) -> str:
+        return unescape_slashes(url)
+
+    @contextmanager
+    def _download(self, url: str, max_bytes: int) -> Iterator[Iterator[bytes]]:
+        target = self.download_url(url)
+        with self._egress.get(target, endpoint="download", credential=self._credential) as response:
+            if response.status_code != 200:
+                raise _status_error(
+                    response.status_code,
+                    "download",
+                    response.host,
+                    _retry_after(response.headers.get("retry-after")),
+                )
+            yield response.iter_bytes(max_bytes)
+
+    def download(self, url: str, *, max_bytes: int) -> AbstractContextManager[Iterator[bytes]]:
+        return self._download(url, max_bytes)
+
+
+class CloudApiClient(_HttpClient):
+    """Meta Cloud API: ``Authorization: Bearer``, to the Graph host and Meta's CDN only."""
+
+    def __init__(
+        self, credentials: Credentials, settings: Settings, egress_client: egress.Egress
+    ) -> None:
+        credential = egress.Credential(
+            header="Authorization",
+            value=f"Bearer {credentials.api_key}",
+            origins=frozenset({_origin(settings.graph_url), _origin(f"https://{LOOKASIDE_HOST}")}),
+        )
+        super().__init__(credentials, settings, egress_client, credential, settings.graph_url)
+
+
+class D360Client(_HttpClient):
+    """360dialog: ``D360-API-KEY``, to the 360dialog host only; CDN URLs are re-hosted there."""
+
+    def __init__(
+        self, credentials: Credentials, settings: Settings, egress_client: egress.Egress
+    ) -> None:
+        credential = egress.Credential(
+            header=D360_KEY_HEADER,
+            value=credentials.api_key,
+            origins=frozenset({_origin(settings.d360_url)}),
+        )
+        super().__init__(credentials, settings, egress_client, credential, settings.d360_url)
+
+    def download_url(self, url: str) -> str:
+        return rewrite_for_d360(url, self._settings.d360_url)
+
+
+def client_for(
+    credentials: Credentials, settings: Settings, egress: egress.Egress
+) -> ProviderClient:
+    """The client for an instance's provider; cheap to build (the egress pool is shared)."""
+    if credentials.provider is Provider.D360:
+        return D360Client(credentials, settings, egress)
+    return CloudApiClient(credentials, settings, egress)

@@ -1,0 +1,296 @@
+"""Cloud API and 360dialog clients against the sandbox provider."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ingest.egress import Egress
+from ingest.models import Provider
+from ingest.providers import (
+    CloudApiClient,
+    Credentials,
+    D360Client,
+    MediaNotFound,
+    ProviderAuthError,
+    ProviderClient,
+    ProviderError,
+    ProviderRejected,
+    ProviderThrottled,
+    ProviderUnavailable,
+    TooLarge,
+    UrlRejected,
+    client_for,
+    rewrite_for_d360,
+)
+from sandbox.provider import SandboxMedia
+from sandbox.server import SandboxServer
+
+PHONE = {Provider.CLOUD: "20001", Provider.D360: "30001"}
+KEY = {Provider.CLOUD: "cloud-secret-key", Provider.D360: "d360-secret-key"}
+BOTH = pytest.mark.parametrize("provider", [Provider.CLOUD, Provider.D360], ids=str)
+
+
+@pytest.fixture
+def egress(sandbox_settings: Any) -> Iterator[Egress]:
+    with Egress(sandbox_settings) as built:
+        yield built
+
+
+@pytest.fixture
+def numbers(sandbox: SandboxServer) -> SandboxServer:
+    sandbox.add_number(PHONE[Provider.CLOUD], KEY[Provider.CLOUD], "cloud")
+    sandbox.add_number(PHONE[Provider.D360], KEY[Provider.D360], "360dialog")
+    return sandbox
+
+
+def client(provider: Provider, settings: Any, egress: Egress, key: str | None = None) -> Any:
+    credentials = Credentials(provider, PHONE[provider], key or KEY[provider])
+    return client_for(credentials, settings, egress)
+
+
+def download(c: ProviderClient, url: str, max_bytes: int = 10_000_000) -> bytes:
+    with c.download(url, max_bytes=max_bytes) as chunks:
+        return b"".join(chunks)
+
+
+def add(sandbox: SandboxServer, provider: Provider, **kwargs: Any) -> SandboxMedia:
+    kwargs.setdefault("size", 120_000)
+    return sandbox.add_media(PHONE[provider], kwargs.pop("media_type", "image"), **kwargs)
+
+
+def assert_secret_free(exc: ProviderError) -> None:
+    text = str(exc)
+    for secret in ("http://", "https://", "?", "mid=", "hash=", *KEY.values()):
+        assert secret not in text, text
+
+
+def test_client_for_picks_the_provider(sandbox_settings: Any, egress: Egress) -> None:
+    assert isinstance(client(Provider.CLOUD, sandbox_settings, egress), CloudApiClient)
+    assert isinstance(client(Provider.D360, sandbox_settings, egress), D360Client)
+    assert KEY[Provider.CLOUD] not in repr(client(Provider.CLOUD, sandbox_settings, egress))
+
+
+@BOTH
+def test_lookup_then_download(
+    provider: Provider, numbers: SandboxServer, sandbox_settings: Any, egress: Egress
+) -> None:
+    media = add(numbers, provider, media_type="document", size=250_000)
+    c = client(provider, sandbox_settings, egress)
+    location = c.resolve(media.media_id)
+    assert location.sha256 == media.sha256
+    assert location.file_size == 250_000  # int, also from 360dialog's string
+    assert location.mime_type == "application/pdf"
+    assert "\\" not in location.url
+    data = download(c, location.url)
+    assert hashlib.sha256(data).hexdigest() == media.sha256
+    assert "<redacted>" in repr(location) and "hash=" not in repr(location)
+
+
+def test_d360_lookup_url_is_rehosted_on_the_360dialog_base(
+    numbers: SandboxServer, sandbox_settings: Any, egress: Egress
+) -> None:
+    media = add(numbers, Provider.D360)
+    location = client(Provider.D360, sandbox_settings, egress).resolve(media.media_id)
+    assert location.url.startswith(numbers.d360_url + "/whatsapp_business/attachments/?")
+    assert numbers.requests("d360_download") == 0
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        {"double_escape": True},
+        {"lookup_gzip": "header"},
+        {"lookup_gzip": "sniff"},
+        {"lookup_gzip": "sniff", "double_escape": True},
+    ],
+)
+def test_d360_lookup_quirks(
+    faults: dict[str, Any], numbers: SandboxServer, sandbox_settings: Any, egress: Egress
+) -> None:
+    media = add(numbers, Provider.D360)
+    numbers.set_faults(media.media_id, **faults)
+    c = client(Provider.D360, sandbox_settings, egress)
+    location = c.resolve(media.media_id)
+    assert location.url.startswith(numbers.d360_url + "/whatsapp_business/")
+    assert hashlib.sha256(download(c, location.url)).hexdigest() == media.sha256
+
+
+def test_d360_download_accepts_the_webhook_lookaside_url(
+    numbers: SandboxServer, sandbox_settings: Any, egress: Egress
+) -> None:
+    media = add(numbers, Provider.D360)
+    assert media.url.startswith("https://lookaside.fbsbx.com/")
+    escaped = media.url.replace("/", "\\/")
+    c = client(Provider.D360, sandbox_settings, egress)
+    for url in (media.url, escaped):
+        assert hashlib.sha256(download(c, url)).hexdigest() == media.sha256
+    assert numbers.requests("d360_download", media.media_id) == 2
+
+
+def test_rewrite_for_d360() -> None:
+    base = "https://waba-v2.360dialog.io"
+    url = "https:\\/\\/lookaside.fbsbx.com\\/whatsapp_business\\/attachments\\/?mid=1&ext=2&hash=h"
+    expected = "https://waba-v2.360dialog.io/whatsapp_business/attachments/?mid=1&ext=2&hash=h"
+    assert rewrite_for_d360(url, base) == expected
+    assert rewrite_for_d360(url.replace("\\/", "\\\\/"), base) == expected
+    assert rewrite_for_d360(url, "http://127.0.0.1:9/d360").startswith(
+        "http://127.0.0.1:9/d360/whatsapp_business/attachments/?mid=1"
+    )
+    assert rewrite_for_d360("https://other.example/x?y=1", base) == "https://other.example/x?y=1"
+
+
+def test_cloud_download_of_the_webhook_url(
+    numbers: SandboxServer, sandbox_settings: Any, egress: Egress
+) -> None:
+    media = add(numbers, Provider.CLOUD, media_type="audio")
+    c = client(Provider.CLOUD, sandbox_settings, egress)
+    assert hashlib.sha256(download(c, media.url)).hexdigest() == media.sha256
+    assert numbers.requests("graph_lookup") == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (400, ProviderRejected),
+        (401, ProviderAuthError),
+        (403, ProviderAuthError),
+        (404, MediaNotFound),
+        (410, ProviderRejected),
+        (429, ProviderThrottled),
+        (500, ProviderUnavailable),
+        (503, ProviderUnavailable),
+    ],
+)
+@BOTH
+def test_lookup_status_mapping(
+    provider: Provider,
+    status: int,
+    error: type[ProviderError],
+    numbers: SandboxServer,
+    sandbox_settings: Any,
+    egress: Egress,
+) -> None:
+    media = add(numbers, provider)
+    numbers.set_faults(media.media_id, lookup_statuses=[status])
+    c = client(provider, sandbox_settings, egress)
+    with pytest.raises(error) as caught:
+        c.resolve(media.media_id)
+    exc = caught.value
+    assert type(exc) is error
+    assert (exc.status, exc.endpoint, exc.counts_against_budget) == (status, "lookup", True)
+    assert exc.retryable is (status in (429, 500, 503))
+    if status == 429:
+        assert exc.retry_after == 60.0
+    assert_secret_free(exc)
+    assert c.resolve(media.media_id).sha256 == media.sha256  # the sequence is used up
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (400, ProviderRejected),
+        (401, UrlRejected),
+        (403, UrlRejected),
+        (404, UrlRejected),
+        (410, UrlRejected),
+        (429, ProviderThrottled),
+        (502, ProviderUnavailable),
+    ],
+)
+@BOTH
+def test_download_status_mapping(
+    provider: Provider,
+    status: int,
+    error: type[ProviderError],
+    numbers: SandboxServer,
+    sandbox_settings: Any,
+    egress: Egress,
+) -> None:
+    media = add(numbers, provider)
+    numbers.set_faults(media.media_id, download_statuses=[status])
+    c = client(provider, sandbox_settings, egress)
+    with pytest.raises(error) as caught:
+        download(c, media.url)
+    assert type(caught.value) is error
+    assert (caught.value.status, caught.value.endpoint) == (status, "download")
+    assert_secret_free(caught.value)
+
+
+@BOTH
+def test_wrong_key_is_an_auth_error(
+    provider: Provider, numbers: SandboxServer, sandbox_settings: Any, egress: Egress
+) -> None:
+    media = add(numbers, provider)
+    c = client(provider, sandbox_settings, egress, key="not-the-key")
+    with pytest.raises(ProviderAuthError) as caught:
+        c.resolve(media.media_id)
+    assert_secret_free(caught.value)
+
+
+@BOTH
+def test_unknown_media_is_not_found(
+    provider: Provider, numbers: SandboxServer, sandbox_settings: Any, egress: Egress
+) -> None:
+    with pytest.raises(MediaNotFound):
+        client(provider, sandbox_settings, egress).resolve("999999")
+
+
+@BOTH
+def test_expired_url_is_rejected_and_a_new_lookup_works(
+    provider: Provider, numbers: SandboxServer, sandbox_settings: Any, egress: Egress
+) -> None:
+    media = add(numbers, provider)
+    numbers.advance_clock(301)
+    c = client(provider, sandbox_settings, egress)
+    with pytest.raises(UrlRejected) as caught:
+        download(c, media.url)
+    assert_secret_free(caught.value)
+    fresh = c.resolve(media.media_id)
+    assert hashlib.sha256(download(c, fresh.url)).hexdigest() == media.sha256
+
+
+@BOTH
+def test_download_over_the_cap_is_too_large(
+    provider: Provider, numbers: SandboxServer, sandbox_settings: Any, egress: Egress
+) -> None:
+    media = add(numbers, provider, size=200_000)
+    c = client(provider, sandbox_settings, egress)
+    with pytest.raises(TooLarge) as caught:
+        download(c, media.url, max_bytes=199_999)
+    assert caught.value.counts_against_budget is False
+    assert_secret_free(caught.value)
+    numbers.set_faults(media.media_id, gzip=True)
+    with pytest.raises(TooLarge):
+        download(c, media.url, max_bytes=199_999)
+    assert len(download(c, media.url, max_bytes=200_000)) == 200_000
+
+
+def test_lookup_answer_without_url_is_unavailable_and_not_counted(
+    numbers: SandboxServer, sandbox_settings: Any, egress: Egress
+) -> None:
+    media = add(numbers, Provider.CLOUD)
+    c = client(Provider.CLOUD, sandbox_settings, egress)
+    # The Graph lookup path answered by a route that is not a lookup: 200 without a URL.
+    graph_base = numbers.base_url + "/_sandbox"
+    stats_client = CloudApiClient(
+        Credentials(Provider.CLOUD, PHONE[Provider.CLOUD], KEY[Provider.CLOUD]),
+        sandbox_settings.model_copy(update={"graph_url": graph_base}),
+        egress,
+    )
+    with pytest.raises(ProviderUnavailable) as caught:
+        stats_client.resolve("stats")
+    assert caught.value.counts_against_budget is False
+    assert c.resolve(media.media_id).file_size == media.file_size
+
+
+def test_size_stated_by_lookup_is_reported(
+    numbers: SandboxServer, sandbox_settings: Any, egress: Egress
+) -> None:
+    media = add(numbers, Provider.D360)
+    numbers.set_faults(media.media_id, size_delta=-10)
+    location = client(Provider.D360, sandbox_settings, egress).resolve(media.media_id)
+    assert location.file_size == media.file_size - 10

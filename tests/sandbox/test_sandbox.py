@@ -1,0 +1,213 @@
+"""The sandbox provider: real media, signed URL expiry, error throttle, faults, control API."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import json
+from collections.abc import Iterator
+
+import filetype
+import httpx
+import pytest
+from PIL import Image
+
+from ingest.events import parse_body
+from sandbox import payloads
+from sandbox.samples import SAMPLES, Blob, Sample, sample_for
+from sandbox.server import SandboxServer
+
+PHONE, KEY = "40001", "sandbox-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture
+def http(sandbox: SandboxServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=sandbox.base_url, timeout=10.0) as client:
+        yield client
+
+
+@pytest.fixture
+def number(sandbox: SandboxServer) -> SandboxServer:
+    sandbox.add_number(PHONE, KEY)
+    return sandbox
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda s: s.filename)
+@pytest.mark.parametrize("extra", [0, 1, 7, 8, 9, 150_001])
+def test_media_sniff_as_their_type_at_any_size(sample: Sample, extra: int) -> None:
+    natural = len(sample.data())
+    blob = Blob.build(sample, natural + extra, seed=5)
+    data = blob.read()
+    assert len(data) == natural + extra
+    assert hashlib.sha256(data).hexdigest() == blob.sha256
+    mime = sample.mime_type.split(";")[0]
+    assert filetype.guess_mime(data) == mime
+    if mime.startswith("image/"):
+        Image.open(io.BytesIO(data)).load()  # still decodes with the padding
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes() -> None:
+    sample = sample_for("document")
+    assert Blob.build(sample, 50_000, 1).sha256 == Blob.build(sample, 50_000, 1).sha256
+    assert Blob.build(sample, 50_000, 1).sha256 != Blob.build(sample, 50_000, 2).sha256
+
+
+def test_mime_type_picks_the_sample(number: SandboxServer) -> None:
+    png = number.add_media(PHONE, "image", mime_type="image/png")
+    assert filetype.guess_mime(number.media_bytes(png.media_id)) == "image/png"
+    assert png.mime_type == "image/png"
+
+
+def test_signed_url_expires(number: SandboxServer, http: httpx.Client) -> None:
+    media = number.add_media(PHONE, "image", size=10_000)
+    first = http.get(media.url, headers=AUTH)
+    assert first.status_code == 200 and first.content == number.media_bytes(media.media_id)
+    number.advance_clock(299)
+    assert http.get(media.url, headers=AUTH).status_code == 200
+    number.advance_clock(2)
+    assert http.get(media.url, headers=AUTH).status_code == 404
+    assert http.get(number.signed_url(media.media_id), headers=AUTH).status_code == 200
+
+
+def test_bad_signature_and_missing_bearer(number: SandboxServer, http: httpx.Client) -> None:
+    media = number.add_media(PHONE, "image")
+    tampered = media.url.replace("hash=", "hash=x")
+    assert http.get(tampered, headers=AUTH).status_code == 403
+    assert http.get(media.url).status_code == 401
+
+
+def test_error_throttle_blocks_then_frees(number: SandboxServer, http: httpx.Client) -> None:
+    media = number.add_media(PHONE, "image")
+    for _ in range(19):
+        assert http.get("/v21.0/123", headers=AUTH).status_code == 404
+    assert http.get(f"/v21.0/{media.media_id}", headers=AUTH).status_code == 200
+    assert http.get("/v21.0/123", headers=AUTH).status_code == 404  # the 20th error
+    blocked = http.get(f"/v21.0/{media.media_id}", headers=AUTH)
+    assert blocked.status_code == 429
+    assert 1700 < int(blocked.headers["Retry-After"]) <= 1801
+    assert http.get(media.url, headers=AUTH).status_code == 429  # downloads too
+    assert number.max_errors_in_window(PHONE) == 20
+    assert len(number.errors_served(PHONE)) == 22
+    number.advance_clock(1801)
+    assert http.get(f"/v21.0/{media.media_id}", headers=AUTH).status_code == 200
+
+
+def test_errors_outside_the_window_do_not_add_up(number: SandboxServer, http: httpx.Client) -> None:
+    for _ in range(15):
+        http.get("/v21.0/123", headers=AUTH)
+    number.advance_clock(3601)
+    for _ in range(15):
+        http.get("/v21.0/123", headers=AUTH)
+    assert number.max_errors_in_window(PHONE) == 15
+    assert http.get("/v21.0/123", headers=AUTH).status_code == 404  # not blocked
+
+
+def test_status_sequence_then_normal(number: SandboxServer, http: httpx.Client) -> None:
+    media = number.add_media(PHONE, "image")
+    number.set_faults(media.media_id, lookup_statuses=[500, 503, 200], download_statuses=[429])
+    statuses = [http.get(f"/v21.0/{media.media_id}", headers=AUTH).status_code for _ in range(4)]
+    assert statuses == [500, 503, 200, 200]
+    assert [http.get(media.url, headers=AUTH).status_code for _ in range(2)] == [429, 200]
+    assert number.requests("graph_lookup", media.media_id) == 4
+    assert number.stats()["errors"] == {PHONE: 3}
+
+
+def test_global_faults_apply_to_other_media(number: SandboxServer, http: httpx.Client) -> None:
+    media = number.add_media(PHONE, "image")
+    number.set_faults(html_200=True)
+    response = http.get(media.url, headers=AUTH)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+
+
+def test_corrupt_flips_one_byte_and_keeps_the_stated_sha(
+    number: SandboxServer, http: httpx.Client
+) -> None:
+    media = number.add_media(PHONE, "video", size=200_000)
+    number.set_faults(media.media_id, corrupt=True)
+    served = http.get(media.url, headers=AUTH).content
+    original = number.media_bytes(media.media_id)
+    assert len(served) == len(original)
+    assert sum(a != b for a, b in zip(served, original, strict=True)) == 1
+    lookup = http.get(f"/v21.0/{media.media_id}", headers=AUTH).json()
+    assert lookup["sha256"] == media.sha256 == hashlib.sha256(original).hexdigest()
+
+
+def test_gzip_transfer_and_escaped_d360_lookup(sandbox: SandboxServer, http: httpx.Client) -> None:
+    sandbox.add_number(PHONE, KEY, "360dialog")
+    media = sandbox.add_media(PHONE, "sticker", size=30_000)
+    sandbox.set_faults(media.media_id, gzip=True)
+    response = http.get("/d360/" + media.media_id, headers={"D360-API-KEY": KEY})
+    assert '"https:\\/\\/lookaside.fbsbx.com\\/whatsapp_business' in response.text
+    body = json.loads(response.text)
+    assert body["file_size"] == "30000"
+    path = body["url"].removeprefix("https://lookaside.fbsbx.com")
+    download = http.get("/d360" + path, headers={"D360-API-KEY": KEY})
+    assert download.headers["content-encoding"] == "gzip"
+    assert download.content == sandbox.media_bytes(media.media_id)
+
+
+def test_redirect_hops(number: SandboxServer, http: httpx.Client) -> None:
+    media = number.add_media(PHONE, "image")
+    number.set_faults(media.media_id, redirects=2, redirect_status=302)
+    first = http.get(media.url, headers=AUTH)
+    assert first.status_code == 302
+    second = http.get(first.headers["location"], headers=AUTH)
+    assert second.status_code == 302
+    assert http.get(second.headers["location"], headers=AUTH).status_code == 200
+
+
+def test_http_control_api(sandbox: SandboxServer, http: httpx.Client) -> None:
+    assert http.post(
+        "/_sandbox/numbers", json={"phone_number_id": PHONE, "api_key": KEY}
+    ).is_success
+    created = http.post(
+        "/_sandbox/media", json={"phone_number_id": PHONE, "media_type": "audio", "size": 40_000}
+    ).json()
+    assert created["file_size"] == 40_000 and created["mime_type"].startswith("audio/ogg")
+    data = http.get(created["url"], headers=AUTH).content
+    assert hashlib.sha256(data).hexdigest() == created["sha256"]
+    assert filetype.guess_mime(data) == "audio/ogg"
+    fault = http.post("/_sandbox/faults", json={"media_id": created["media_id"], "nope": 1})
+    assert fault.status_code == 400
+    assert http.post(
+        "/_sandbox/faults", json={"media_id": created["media_id"], "download_statuses": [500]}
+    ).is_success
+    assert http.get(created["url"], headers=AUTH).status_code == 500
+    stats = http.get("/_sandbox/stats").json()
+    assert stats["requests"]["cdn_download"][created["media_id"]] == 2
+    assert stats["errors"] == {PHONE: 1}
+    assert http.post("/_sandbox/reset").is_success
+    assert http.get("/_sandbox/stats").json()["media"] == 0
+    unknown = http.post("/_sandbox/media", json={"phone_number_id": "x", "media_type": "image"})
+    assert unknown.status_code == 400
+
+
+def test_payloads_parse_and_sign(number: SandboxServer) -> None:
+    items = [number.add_media(PHONE, kind) for kind in payloads.MEDIA_TYPES]
+    messages = [
+        payloads.message_for(m, sha256_format="base64" if i % 2 else "hex")
+        for i, m in enumerate(items)
+    ]
+    body = payloads.encode(
+        payloads.webhook(
+            PHONE,
+            messages=[*messages, payloads.text_message("hi"), payloads.error_message("video")],
+            statuses=[payloads.status("wamid.X")],
+        ),
+        escape_slashes=True,
+    )
+    assert b"\\/" in body
+    parsed = parse_body(body)
+    media = [e for e in parsed.media if e.fault is None]
+    assert [e.media_type for e in media] == list(payloads.MEDIA_TYPES)
+    assert [e.sha256 for e in media] == [m.sha256 for m in items]
+    assert [e.url for e in media] == [m.url for m in items]
+    faults = [e for e in parsed.media if e.fault is not None]
+    assert len(faults) == 1 and faults[0].fault is not None
+    assert faults[0].fault.reason == "too_large"
+    signature = payloads.sign("app-secret", body)
+    expected = hmac.new(b"app-secret", body, hashlib.sha256).hexdigest()
+    assert signature == "sha256=" + expected
