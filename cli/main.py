@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from cli import doctor, registry, service
+from cli import demo, doctor, registry, service
+from cli import sandbox as sandbox_cli
 from ingest.settings import ConfigError
 
 
@@ -18,8 +19,9 @@ def cli() -> None:
     """
 
 
-for command in (*service.COMMANDS, *registry.COMMANDS, *doctor.COMMANDS):
+for command in (*service.COMMANDS, *registry.COMMANDS, *doctor.COMMANDS, *demo.COMMANDS):
     cli.add_command(command)
+cli.add_command(sandbox_cli.sandbox)
 
 
 def main() -> None:

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
 
     database_url: str = ""
     broker_url: str = ""
+    # Prefix of every key the Redis broker writes, so deployments (or test runs) can share a
+    # Redis database.
+    broker_prefix: str = ""
     storage_url: str = ""
     s3_endpoint_url: str | None = None
     redis_url: str | None = None

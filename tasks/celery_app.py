@@ -22,11 +22,14 @@ def _transport_options(settings: Settings) -> dict[str, object]:
     if scheme in ("redis", "rediss"):
         # Redis redelivers unacked messages after the visibility timeout; it must outlive
         # the longest task. Backoff is never a long countdown: it lives in SQL.
-        return {
+        options: dict[str, object] = {
             "visibility_timeout": int(settings.lease_seconds + 60),
             "socket_connect_timeout": 2,
             "socket_timeout": 5,
         }
+        if settings.broker_prefix:
+            options["global_keyprefix"] = f"{settings.broker_prefix}:"
+        return options
     # The SQLAlchemy transport hands its options to create_engine; it has no visibility
     # timeout (messages are deleted when consumed, redelivered by the reconciler).
     return {}

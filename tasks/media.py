@@ -1,1 +1,97 @@
-"""PLACEHOLDER: the download and reconcile tasks are being written."""
+"""The download and reconcile tasks: thin adapters that translate a task message into a call
+on the core (ingest.pipeline, ingest.reconciler).
+
+A worker process builds its long-lived parts once, lazily and thread-safely, from the app's
+``ingest_settings``: one Services (SQL engine, storage, Redis), one Egress (the outbound
+HTTP pool, shared by every thread), one error budget and one Pipeline. Tests and embedders
+may install their own with :func:`install_runtime`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from celery import Celery, Task, shared_task
+from celery.signals import worker_shutdown
+
+from ingest.egress import Egress
+from ingest.pipeline import Pipeline
+from ingest.providers import Credentials, ProviderClient, client_for
+from ingest.queues import DownloadScheduler
+from ingest.reconciler import reconcile as reconcile_rows
+from ingest.services import Services
+from ingest.settings import Settings
+from tasks.celery_app import DOWNLOAD_TASK, RECONCILE_TASK
+from tasks.dispatch import CeleryScheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerRuntime:
+    services: Services
+    pipeline: Pipeline
+    scheduler: DownloadScheduler
+    egress: Egress | None = None
+
+    def close(self) -> None:
+        if self.egress is not None:
+            self.egress.close()
+        self.services.close()
+
+
+def build_runtime(settings: Settings, *, scheduler: DownloadScheduler) -> WorkerRuntime:
+    services = Services.from_settings(settings)
+    egress = Egress(settings)
+
+    def clients(credentials: Credentials) -> ProviderClient:
+        return client_for(credentials, settings, egress)
+
+    return WorkerRuntime(services, Pipeline.for_services(services, clients), scheduler, egress)
+
+
+_lock = threading.Lock()
+_runtime: WorkerRuntime | None = None
+
+
+def runtime(app: Celery) -> WorkerRuntime:
+    """This process's runtime, built on first use from the app's settings."""
+    global _runtime
+    if _runtime is None:
+        with _lock:
+            if _runtime is None:
+                settings: Settings = app.conf.ingest_settings
+                _runtime = build_runtime(settings, scheduler=CeleryScheduler(app))
+    return _runtime
+
+
+def install_runtime(new: WorkerRuntime | None) -> WorkerRuntime | None:
+    """Replace this process's runtime (tests, embedding); returns the previous one."""
+    global _runtime
+    with _lock:
+        previous, _runtime = _runtime, new
+    return previous
+
+
+@worker_shutdown.connect
+def _close_runtime(**_: Any) -> None:
+    previous = install_runtime(None)
+    if previous is not None:
+        previous.close()
+
+
+# bind=True: the task's own app, not the thread-local current_app (pool threads have none).
+@shared_task(name=DOWNLOAD_TASK, bind=True)
+def download_media(self: Task, media_item_id: int) -> str:
+    """Claim the row, try once, record the outcome. Repeats and duplicates are harmless."""
+    return runtime(self.app).pipeline.run(int(media_item_id)).outcome
+
+
+@shared_task(name=RECONCILE_TASK, bind=True)
+def reconcile(self: Task) -> dict[str, Any]:
+    current = runtime(self.app)
+    report = reconcile_rows(current.services.sessions, current.scheduler, current.services.settings)
+    return asdict(report)

@@ -1,5 +1,334 @@
-"""PLACEHOLDER: being written."""
+"""The archive API over HTTP: base64 lookup, metadata, raw bytes, and the OpenAPI document.
 
-from flask import Blueprint
+The rules (who sees what, which error wins) live in :mod:`ingest.archive`; this module reads
+the request, streams bodies and sets headers. Bodies are streamed from storage in bounded
+chunks, so a 100 MB document never sits in the web process's memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import BinaryIO
+
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from flask.blueprints import BlueprintSetupState
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from ingest import archive, metrics
+from ingest.archive import ArchiveError, MediaRecord
+from ingest.rate_limit import Decision, RateLimiter
+from ingest.services import Services
+from ingest.storage import StorageError
+from webhook import openapi
+from webhook.errors import error_response
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("archive", __name__)
+
+API_PREFIX = "/api/chat/"
+LIMITER = "ingest.rate_limiter"
+DATABASE_DOWN = (OperationalError, InterfaceError, PoolTimeout)
+RAW_CHUNK_BYTES = 256 * 1024
+# A redirect hands the caller a presigned URL of our own store: short-lived, never cached.
+PRESIGN_SECONDS = 60
+# Stored objects never change (written once, by sha256), but access can be revoked (a token
+# deleted, an instance disconnected): caches may keep them a while, privately.
+CACHE_CONTROL = "private, max-age=3600"
+
+
+@bp.record_once
+def _build_limiter(state: BlueprintSetupState) -> None:
+    services: Services = state.app.extensions["ingest"]
+    state.app.extensions[LIMITER] = RateLimiter.from_parts(
+        services.settings.api_rate_limit,
+        redis=services.redis,
+        prefix=services.settings.redis_prefix,
+    )
+
+
+@bp.before_request
+def _rate_limit() -> Response | None:
+    if not request.path.startswith(API_PREFIX):
+        return None
+    token = _token()
+    if token is None:
+        return None  # answered 400/401 without touching the database
+    limiter: RateLimiter = current_app.extensions[LIMITER]
+    decision = limiter.hit(archive.token_key(token))
+    g.rate_limit = decision
+    if not decision.allowed:
+        return error_response(429, "Too many requests", {"Retry-After": str(decision.retry_after)})
+    return None
+
+
+@bp.after_request
+def _annotate(response: Response) -> Response:
+    decision: Decision | None = g.get("rate_limit")
+    if decision is not None:
+        response.headers["X-RateLimit-Limit"] = str(decision.limit)
+        response.headers["X-RateLimit-Remaining"] = str(decision.remaining)
+        response.headers["X-RateLimit-Reset"] = str(decision.retry_after)
+    if request.path.startswith(API_PREFIX):
+        # Answers depend on who asks: a shared cache must key on the credentials.
+        response.vary.update(("token", "Authorization"))
+        route = (request.endpoint or "unknown").rpartition(".")[2]
+        metrics.API_REQUESTS.labels(route=route, status=str(response.status_code)).inc()
+    return response
+
+
+# --- routes ------------------------------------------------------------------------------
+
+
+@bp.get("/api/chat/base64")
+@bp.get("/api/chat/base64/")
+@bp.get("/api/chat/base64/<instance>")
+def base64_media(instance: str | None = None) -> Response:
+    services: Services = current_app.extensions["ingest"]
+    try:
+        record = archive.require_available(_find(services, instance))
+        name, message_id = record.instance, record.message_id
+        archive.check_base64_size(
+            record, services.settings.base64_max_bytes, archive.raw_media_path(name, message_id)
+        )
+    except ArchiveError as exc:
+        return error_response(exc.status, exc.message)
+    tag = archive.etag(record, "b64")
+    if tag is not None and request.if_none_match.contains(tag):
+        return _not_modified(tag)
+    envelope = archive.base64_envelope(record)
+    assert record.size is not None
+    opened = _open(services, record)
+    if isinstance(opened, Response):
+        return opened
+    stack, stream = opened
+    size = record.size
+
+    def parts() -> Iterator[bytes]:
+        yield envelope.prefix
+        yield from _logged(archive.b64_chunks(stream, size), record)
+        yield envelope.suffix
+
+    response = Response(
+        _StreamedBody(stack, parts()), mimetype="application/json", direct_passthrough=True
+    )
+    response.content_length = envelope.content_length
+    _cacheable(response, tag)
+    return response
+
+
+@bp.get("/api/chat/find-message")
+@bp.get("/api/chat/find-message/")
+@bp.get("/api/chat/find-message/<instance>")
+def find_message(instance: str | None = None) -> Response:
+    services: Services = current_app.extensions["ingest"]
+    try:
+        record = _find(services, instance)
+    except ArchiveError as exc:
+        return error_response(exc.status, exc.message)
+    response = jsonify(archive.metadata(record))
+    # The state changes until the row is terminal: always ask again.
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.get("/api/chat/media")
+@bp.get("/api/chat/media/")
+@bp.get("/api/chat/media/<instance>")
+def raw_media(instance: str | None = None) -> Response:
+    services: Services = current_app.extensions["ingest"]
+    try:
+        record = archive.require_available(_find(services, instance))
+    except ArchiveError as exc:
+        return error_response(exc.status, exc.message)
+    assert record.size is not None and record.storage_key is not None
+    size = record.size
+    tag = archive.etag(record, "raw")
+    if tag is not None and request.if_none_match.contains(tag):
+        return _not_modified(tag)
+    extension = mimetypes.guess_extension(record.mime_type.split(";", 1)[0].strip())
+    filename = archive.download_filename(record, extension)
+
+    if request.args.get("redirect") in ("1", "true"):
+        redirect = _presigned(services, record, filename)
+        if redirect is not None:
+            return redirect
+
+    start, length, status = 0, size, 200
+    # Several ranges are answered with the whole object, as RFC 9110 allows.
+    ranges = request.range
+    if ranges is not None and len(ranges.ranges) == 1 and _if_range_holds(tag):
+        bounds = ranges.range_for_length(size)
+        if bounds is None:
+            response = error_response(416, "Requested range not satisfiable")
+            response.headers["Content-Range"] = f"bytes */{size}"
+            return response
+        start, stop = bounds
+        length, status = stop - start, 206
+
+    opened = _open(services, record, start=start, length=length)
+    if isinstance(opened, Response):
+        return opened
+    stack, stream = opened
+    response = Response(
+        _StreamedBody(stack, _logged(_raw_chunks(stream, length), record)),
+        status=status,
+        mimetype=None,
+        content_type=record.mime_type,
+        direct_passthrough=True,
+    )
+    response.content_length = length
+    response.headers["Accept-Ranges"] = "bytes"
+    if status == 206:
+        response.headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{size}"
+    response.headers["Content-Disposition"] = archive.content_disposition(filename)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    _cacheable(response, tag)
+    return response
+
+
+@bp.get("/openapi.json")
+def openapi_document() -> Response:
+    app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+    document = app.extensions.get("ingest.openapi")
+    if document is None:
+        document = app.extensions["ingest.openapi"] = openapi.build_document()
+    return jsonify(document)
+
+
+# --- pieces ------------------------------------------------------------------------------
+
+
+def _token() -> str | None:
+    return archive.presented_token(
+        request.headers.get("token"), request.headers.get("Authorization")
+    )
+
+
+def _find(services: Services, instance: str | None) -> MediaRecord:
+    token = _token()
+    message_id = request.args.get("messageId")
+    # Parameter errors come first and need no database.
+    archive.require_parameters(instance, message_id)
+    try:
+        with services.sessions() as session:
+            return archive.find_record(session, token, instance, message_id)
+    except DATABASE_DOWN:
+        log.warning("archive api: database unavailable")
+        raise ArchiveError(503, "Service unavailable") from None
+
+
+def _open(
+    services: Services, record: MediaRecord, *, start: int = 0, length: int | None = None
+) -> tuple[ExitStack, BinaryIO] | Response:
+    """Open the object before the answer starts, so a missing object is still a clean 404."""
+    assert record.storage_key is not None
+    stack = ExitStack()
+    try:
+        stream = stack.enter_context(
+            services.storage.open(record.storage_key, start=start, length=length)
+        )
+        # The stack owns the stream too: the body generator drops its reference when it
+        # finishes, which is before the server closes the body.
+        stack.callback(stream.close)
+    except FileNotFoundError:
+        stack.close()
+        log.error(
+            "archive api: row stored but object missing instance=%s message=%s",
+            record.instance,
+            record.message_id,
+        )
+        return error_response(404, archive.NO_MEDIA)
+    except StorageError as exc:
+        stack.close()
+        log.warning("archive api: storage unavailable (%s)", type(exc).__name__)
+        return error_response(503, "Storage unavailable", {"Retry-After": "5"})
+    return stack, stream
+
+
+def _raw_chunks(stream: BinaryIO, length: int) -> Iterator[bytes]:
+    remaining = length
+    while remaining > 0:
+        data = stream.read(min(RAW_CHUNK_BYTES, remaining))
+        if not data:
+            raise StorageError(f"stored object ended {remaining} bytes early")
+        remaining -= len(data)
+        yield data
+
+
+def _logged(chunks: Iterator[bytes], record: MediaRecord) -> Iterator[bytes]:
+    """Headers are gone once streaming starts: a failure can only cut the connection, and
+    the log must say why (the declared Content-Length tells the client it was cut)."""
+    try:
+        yield from chunks
+    except StorageError as exc:
+        log.error(
+            "archive api: stream broken instance=%s message=%s: %s",
+            record.instance,
+            record.message_id,
+            type(exc).__name__,
+        )
+        raise
+
+
+class _StreamedBody:
+    """A WSGI body that closes the storage stream when the server is done with it, even if
+    the body was never iterated (a HEAD request, a client gone before the first byte)."""
+
+    def __init__(self, stack: ExitStack, parts: Iterator[bytes]) -> None:
+        self._stack = stack
+        self._parts = parts
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._parts
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._parts, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._stack.close()
+
+
+def _cacheable(response: Response, tag: str | None) -> None:
+    response.headers["Cache-Control"] = CACHE_CONTROL
+    if tag is not None:
+        response.set_etag(tag)
+
+
+def _not_modified(tag: str) -> Response:
+    response = Response(status=304)
+    _cacheable(response, tag)
+    return response
+
+
+def _if_range_holds(tag: str | None) -> bool:
+    """``If-Range`` with our strong ETag keeps the range; a date or another tag drops it."""
+    if "If-Range" not in request.headers:
+        return True
+    if_range = request.if_range
+    return tag is not None and if_range.etag == tag and if_range.date is None
+
+
+def _presigned(services: Services, record: MediaRecord, filename: str) -> Response | None:
+    assert record.storage_key is not None
+    try:
+        url = services.storage.presign(
+            record.storage_key,
+            expires_in=PRESIGN_SECONDS,
+            filename=filename,
+            content_type=record.mime_type,
+        )
+    except StorageError:
+        return None  # serve the bytes ourselves instead
+    if url is None:
+        return None
+    response = Response(status=302)
+    response.headers["Location"] = url
+    response.headers["Cache-Control"] = "no-store"
+    return response

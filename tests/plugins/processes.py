@@ -1,0 +1,468 @@
+"""Real processes for end-to-end tests and benchmarks: gunicorn, Celery worker and beat.
+
+Everything runs as a subprocess with an explicit environment, logs to a file, waits for
+readiness and is always terminated (SIGTERM, then SIGKILL). Two flavours of environment:
+
+- :func:`embedded_stack_env`: the embedded defaults (SQLite file, ``sqla+sqlite`` broker,
+  local files) under one temporary ``var`` directory;
+- :func:`service_stack_env`: a fresh PostgreSQL database on ``INGEST_TEST_DATABASE_URL``'s
+  server, a Redis database leased for this run on ``INGEST_TEST_REDIS_URL``'s server, and a
+  fresh bucket on a moto server.
+
+Other engineers run tests on this machine at the same time: every port is free-found, every
+name is unique, and the Redis broker database is leased (see :class:`RedisDbLease`).
+
+Fixtures: ``stack_processes`` (a :class:`ProcessGroup` that prints the tail of every log when
+the test failed), ``embedded_stack`` (an environment), ``service_stack`` (an environment;
+skips or fails per ``tests.conftest.skip_or_fail`` when the services are not configured).
+Benchmarks use the classes and functions directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+INGEST = str(Path(sys.executable).parent / "ingest")
+READY_TIMEOUT_SECONDS = 60.0
+STOP_TIMEOUT_SECONDS = 10.0
+LOG_TAIL_LINES = 60
+# Markers Celery prints once a process is serving; waiting on them is cheaper than a probe
+# task and needs no result backend (results are disabled by design).
+WORKER_READY_MARKER = " ready."
+BEAT_READY_MARKER = "beat: Starting..."
+_LEASE_KEY = "ingest-e2e:broker-db:{}"
+# Databases 8..15 are leased to e2e runs; lower ones are left to ad-hoc use and benches.
+_LEASABLE_DBS = range(15, 7, -1)
+
+# Variables of the parent that must not reach a child: a developer's INGEST_* settings, and
+# prometheus' multi-process directory (each stack has its own under its var dir), and AWS
+# credentials (a stack that needs S3 gets dummy ones for its moto server).
+_STRIPPED_PREFIXES = ("INGEST_", "PROMETHEUS_MULTIPROC_DIR", "AWS_")
+
+
+class ProcessError(RuntimeError):
+    """A process exited or never became ready; the message ends with its log tail."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def child_environment(overrides: Mapping[str, str]) -> dict[str, str]:
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(_STRIPPED_PREFIXES) or name.startswith("INGEST_TEST_")
+    }
+    env.update(overrides)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    argv: list[str]
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    base_url: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return tail(self.log_path, lines)
+
+    def fail(self, why: str) -> ProcessError:
+        return ProcessError(
+            f"{self.name}: {why}\n--- last lines of {self.log_path} ---\n{self.tail()}"
+        )
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: what a crashed machine would do."""
+        if self.alive():
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=STOP_TIMEOUT_SECONDS)
+
+    def stop(self) -> None:
+        """SIGTERM the process group, then SIGKILL whatever is left after a grace period."""
+        if self.alive():
+            try:
+                os.killpg(self.popen.pid, signal.SIGTERM)
+                self.popen.wait(timeout=STOP_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                pass
+            except ProcessLookupError:
+                return
+        # Children (gunicorn workers, celery pool) share the group: reap anything left.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        if self.popen.poll() is None:
+            self.popen.wait(timeout=STOP_TIMEOUT_SECONDS)
+
+
+def wait_for(
+    process: ManagedProcess,
+    ready: Callable[[], bool],
+    what: str,
+    timeout: float = READY_TIMEOUT_SECONDS,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.alive():
+            raise process.fail(f"exited with {process.popen.returncode} before {what}")
+        if ready():
+            return
+        time.sleep(0.1)
+    raise process.fail(f"not {what} after {timeout:.0f} s")
+
+
+def http_answers(url: str) -> Callable[[], bool]:
+    def probe() -> bool:
+        try:
+            return httpx.get(url, timeout=1.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    return probe
+
+
+def log_contains(process: ManagedProcess, marker: str) -> Callable[[], bool]:
+    return lambda: marker in process.log()
+
+
+@dataclass
+class ProcessGroup:
+    """Starts ``ingest`` processes with one environment; stops all of them at the end."""
+
+    log_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+    def start(
+        self, name: str, argv: list[str], *, env: Mapping[str, str] | None = None
+    ) -> ManagedProcess:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}-{len(self.processes)}.log"
+        with log_path.open("wb") as log_file:
+            popen = subprocess.Popen(
+                argv,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=child_environment({**self.env, **(env or {})}),
+                # Own process group, so stop() reaches gunicorn's and celery's children.
+                start_new_session=True,
+            )
+        process = ManagedProcess(name=name, argv=argv, popen=popen, log_path=log_path)
+        self.processes.append(process)
+        return process
+
+    def web(self, *, env: Mapping[str, str] | None = None, workers: int = 2) -> ManagedProcess:
+        """``ingest web`` (gunicorn) on a free port, ready once ``/healthz`` answers."""
+        last: ProcessError | None = None
+        for _ in range(3):  # the free port may be taken before gunicorn binds it
+            port = free_port()
+            process = self.start(
+                "web",
+                [INGEST, "web", "--port", str(port), "--workers", str(workers)],
+                env=env,
+            )
+            process.base_url = f"http://127.0.0.1:{port}"
+            try:
+                wait_for(process, http_answers(f"{process.base_url}/healthz"), "answering")
+                return process
+            except ProcessError as exc:
+                last = exc
+                process.stop()
+        assert last is not None
+        raise last
+
+    def worker(
+        self,
+        *,
+        env: Mapping[str, str] | None = None,
+        concurrency: int = 8,
+        queues: str | None = None,
+    ) -> ManagedProcess:
+        argv = [INGEST, "worker", "--concurrency", str(concurrency)]
+        if queues:
+            argv += ["--queues", queues]
+        # The readiness marker is an INFO line.
+        process = self.start("worker", argv, env={"INGEST_LOG_LEVEL": "INFO", **(env or {})})
+        wait_for(process, log_contains(process, WORKER_READY_MARKER), "ready")
+        return process
+
+    def beat(self, *, env: Mapping[str, str] | None = None) -> ManagedProcess:
+        process = self.start(
+            "beat", [INGEST, "beat"], env={"INGEST_LOG_LEVEL": "INFO", **(env or {})}
+        )
+        wait_for(process, log_contains(process, BEAT_READY_MARKER), "started")
+        return process
+
+    def run(
+        self, *args: str, env: Mapping[str, str] | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run one ``ingest`` command to completion (registry, db upgrade...)."""
+        result = subprocess.run(
+            [INGEST, *args],
+            env=child_environment({**self.env, **(env or {})}),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise ProcessError(
+                f"ingest {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
+            )
+        return result
+
+    def stop_all(self) -> None:
+        # Reverse order: web first would leave beat publishing to a broker nobody reads,
+        # which is harmless; workers last so they may finish what they hold.
+        for process in reversed(self.processes):
+            process.stop()
+
+    def report(self) -> str:
+        return "\n".join(
+            f"--- {p.name} (pid {p.pid}, {p.log_path}) ---\n{p.tail()}" for p in self.processes
+        )
+
+
+# --- environments ----------------------------------------------------------------------
+
+
+@dataclass
+class StackEnv:
+    """The ``INGEST_*`` variables one stack runs with, plus what the test needs to reach it."""
+
+    env: dict[str, str]
+    flavour: str  # "embedded" or "services"
+    database_url: str
+    storage_url: str
+    cleanup: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for step in reversed(self.cleanup):
+            step()
+        self.cleanup.clear()
+
+
+def embedded_stack_env(root: Path, **extra: str) -> StackEnv:
+    """Embedded defaults (SQLite, SQLite broker, local files) under ``root/var``, migrated."""
+    from ingest import migrate
+
+    var = root / "var"
+    var.mkdir(parents=True, exist_ok=True)
+    database_url = f"sqlite:///{var / 'ingest.sqlite3'}"
+    migrate.upgrade(database_url)
+    env = {
+        "INGEST_VAR_DIR": str(var),
+        "INGEST_MEDIA_HOSTS": "127.0.0.1,localhost",
+        "INGEST_LOG_LEVEL": "INFO",
+        **extra,
+    }
+    return StackEnv(
+        env=env,
+        flavour="embedded",
+        database_url=database_url,
+        storage_url=(var / "media").as_uri(),
+    )
+
+
+class RedisDbLease:
+    """One Redis database number held for one stack, so parallel runs never share queues.
+
+    Celery's queue names are fixed, so two stacks on one Redis database would consume each
+    other's messages. Until the service has a broker key prefix, each stack leases a whole
+    database number with ``SET NX EX`` in database 0 and releases it when done.
+    """
+
+    def __init__(self, redis_url: str, ttl_seconds: int = 1800) -> None:
+        import redis
+
+        self._redis_url = redis_url
+        self._client = redis.Redis.from_url(redis_url, db=0)
+        self._token = uuid.uuid4().hex
+        self.db: int | None = None
+        for n in _LEASABLE_DBS:
+            if self._client.set(_LEASE_KEY.format(n), self._token, nx=True, ex=ttl_seconds):
+                self.db = n
+                break
+        if self.db is None:
+            raise RuntimeError("every leasable Redis database is in use by another run")
+
+    def url(self, redis_url: str) -> str:
+        from urllib.parse import urlsplit, urlunsplit
+
+        return urlunsplit(urlsplit(redis_url)._replace(path=f"/{self.db}"))
+
+    def release(self) -> None:
+        key = _LEASE_KEY.format(self.db)
+        if self._client.get(key) == self._token.encode():
+            # Leave the database as we found it: no stale wake-ups for the next holder.
+            import redis
+
+            leased = redis.Redis.from_url(self._redis_url, db=self.db)
+            leased.flushdb()
+            leased.close()
+            self._client.delete(key)
+        self._client.close()
+
+
+def create_postgres_database(server_url: str) -> tuple[str, Callable[[], None]]:
+    """A fresh, migrated database on ``server_url``'s server; returns its URL and a dropper."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    from ingest import migrate
+    from ingest.db import make_engine
+
+    server = make_url(server_url)
+    name = f"ingest_e2e_{uuid.uuid4().hex[:10]}"
+    admin = make_engine(server.render_as_string(hide_password=False), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = server.set(database=name).render_as_string(hide_password=False)
+    migrate.upgrade(url)
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    return url, drop
+
+
+# moto accepts any credentials; these keep every child away from a real AWS account.
+S3_DUMMY_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def create_bucket(endpoint_url: str, bucket: str) -> None:
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        aws_access_key_id=S3_DUMMY_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_DUMMY_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        region_name=S3_DUMMY_CREDENTIALS["AWS_DEFAULT_REGION"],
+    )
+    try:
+        client.create_bucket(Bucket=bucket)
+    finally:
+        client.close()
+
+
+def service_stack_env(
+    database_server_url: str,
+    redis_url: str,
+    s3_endpoint_url: str,
+    **extra: str,
+) -> StackEnv:
+    """PostgreSQL + Redis (broker and shared counters) + S3 on a moto server."""
+    stack = StackEnv(env={}, flavour="services", database_url="", storage_url="")
+    try:
+        database_url, drop = create_postgres_database(database_server_url)
+        stack.cleanup.append(drop)
+        lease = RedisDbLease(redis_url)
+        stack.cleanup.append(lease.release)
+        bucket = f"ingest-e2e-{uuid.uuid4().hex[:16]}"
+        create_bucket(s3_endpoint_url, bucket)
+    except BaseException:
+        stack.close()
+        raise
+    stack.database_url = database_url
+    stack.storage_url = f"s3://{bucket}/media"
+    stack.env = {
+        "INGEST_DATABASE_URL": database_url,
+        "INGEST_BROKER_URL": lease.url(redis_url),
+        "INGEST_REDIS_URL": redis_url,
+        "INGEST_REDIS_PREFIX": f"ingest-e2e-{uuid.uuid4().hex[:10]}",
+        "INGEST_STORAGE_URL": stack.storage_url,
+        "INGEST_S3_ENDPOINT_URL": s3_endpoint_url,
+        "INGEST_MEDIA_HOSTS": "127.0.0.1,localhost",
+        "INGEST_LOG_LEVEL": "INFO",
+        **S3_DUMMY_CREDENTIALS,
+        **extra,
+    }
+    return stack
+
+
+# --- fixtures --------------------------------------------------------------------------
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"_processes_report_{report.when}", report)
+
+
+@pytest.fixture
+def stack_processes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProcessGroup]:
+    """A :class:`ProcessGroup` logging under ``tmp_path/logs``; log tails shown on failure."""
+    group = ProcessGroup(log_dir=tmp_path / "logs")
+    try:
+        yield group
+    finally:
+        group.stop_all()
+        call_report = getattr(request.node, "_processes_report_call", None)
+        if call_report is not None and call_report.failed and group.processes:
+            sys.stderr.write("\n" + group.report() + "\n")
+
+
+@pytest.fixture
+def embedded_stack(tmp_path: Path) -> Iterator[StackEnv]:
+    stack = embedded_stack_env(tmp_path / "stack")
+    yield stack
+    stack.close()
+
+
+@pytest.fixture
+def service_stack(request: pytest.FixtureRequest) -> Iterator[StackEnv]:
+    from tests.conftest import TEST_DATABASE_URL, TEST_REDIS_URL, skip_or_fail
+
+    if not TEST_DATABASE_URL or not TEST_REDIS_URL:
+        skip_or_fail("INGEST_TEST_DATABASE_URL and INGEST_TEST_REDIS_URL are needed (e2e)")
+    assert TEST_DATABASE_URL is not None and TEST_REDIS_URL is not None
+    moto = request.getfixturevalue("moto_server")  # only started once we know we need it
+    stack = service_stack_env(TEST_DATABASE_URL, TEST_REDIS_URL, moto.endpoint_url)
+    yield stack
+    stack.close()

@@ -32,3 +32,13 @@ def test_beat_runs_the_reconciler_on_the_maintenance_queue(make_settings: Any) -
     assert entry["task"] == RECONCILE_TASK
     assert entry["schedule"].total_seconds() == 30
     assert entry["options"]["queue"] == "maintenance"
+
+
+def test_redis_broker_keys_can_be_prefixed(make_settings: Any) -> None:
+    settings = make_settings(broker_url="redis://127.0.0.1:6379/0", broker_prefix="blue")
+    assert make_celery(settings).conf.broker_transport_options["global_keyprefix"] == "blue:"
+
+
+def test_sqlalchemy_broker_gets_no_redis_options(make_settings: Any) -> None:
+    settings = make_settings(broker_url="sqla+sqlite:////tmp/x.sqlite3")
+    assert make_celery(settings).conf.broker_transport_options == {}

@@ -1,0 +1,212 @@
+"""``make bench``: every benchmark beside its baseline, then docs/PERFORMANCE.md rewritten.
+
+Each benchmark runs as its own process (``python -m bench.<name>``) and leaves a JSON result in
+``bench/results/<name>.json``. A result may carry ``figures``: rows of ``{figure, value,
+baseline, ratio, goal, ok}``; other numeric top-level entries are listed as they are. A
+benchmark that fails or is missing is named in the report with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.chart import time_to_stored_chart
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+DOC = ROOT / "docs" / "PERFORMANCE.md"
+CHART = ROOT / "docs" / "performance-time-to-stored.png"
+BENCHES = ("webhook_bench", "worker_bench", "api_bench")
+# Inbound rates the capacity note plans for (media per second).
+RATES = (10, 100, 1000)
+# Fraction of a core a worker process may use before we add another: headroom for bursts.
+TARGET_CPU_SHARE = 0.6
+
+
+def run_bench(name: str, tiny: bool) -> dict[str, Any]:
+    """Run ``python -m bench.<name>``; its result is ``bench/results/<short name>.json``."""
+    if importlib.util.find_spec(f"bench.{name}") is None:
+        return {"error": f"bench/{name}.py does not exist yet"}
+    output = RESULTS / f"{name.removesuffix('_bench')}.json"
+    command = [sys.executable, "-m", f"bench.{name}", *(["--tiny"] if tiny else [])]
+    started_wall = time.time()
+    started = time.monotonic()
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        tail = "\n".join((completed.stderr or completed.stdout).splitlines()[-15:])
+        return {"error": f"exit status {completed.returncode}", "log_tail": tail}
+    try:
+        if output.stat().st_mtime < started_wall:
+            return {"error": f"{output} was not rewritten by this run"}
+        result: dict[str, Any] = json.loads(output.read_text())
+    except (OSError, ValueError) as exc:
+        return {"error": f"no readable result at {output}: {exc}"}
+    result.setdefault("command", " ".join(["python", "-m", f"bench.{name}", *command[3:]]))
+    result["wall_seconds"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def table_rows(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
+    if "figures" in result:
+        return list(result["figures"])
+    rows: list[dict[str, Any]] = []
+    for key, value in result.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            rows.append({"figure": key, "value": value})
+        elif isinstance(value, dict) and any(k in value for k in ("ratio", "goal")):
+            rows.append(
+                {
+                    "figure": key,
+                    "value": value.get("value"),
+                    "baseline": value.get("baseline"),
+                    "ratio": value.get("ratio"),
+                    "goal": value.get("goal"),
+                    "ok": value.get("ok"),
+                }
+            )
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "**NO**"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value).replace("|", "\\|")
+
+
+def capacity_note(worker: dict[str, Any]) -> list[str]:
+    """Processes and machines for 10, 100 and 1,000 media/s from the measured per-item cost."""
+    thr = worker.get("throughput") or {}
+    cpu_ms = thr.get("worker_cpu_ms_per_item")
+    per_process = thr.get("items_per_second")
+    if not cpu_ms or not per_process:
+        return ["No worker measurement in this run: capacity cannot be derived."]
+    cores = os.cpu_count() or 1
+    # One process is bounded by its CPU (the GIL: at most one core) and by what it reached.
+    cpu_bound_rate = 1000.0 * TARGET_CPU_SHARE / cpu_ms
+    rate_per_process = min(cpu_bound_rate, per_process)
+    lines = [
+        f"Measured: {cpu_ms:.1f} ms of worker CPU per 100 KB item; one worker process with "
+        f"{thr.get('concurrency')} threads reached {per_process:.0f} items/s against a 50 ms "
+        f"CDN. Planning figure: {rate_per_process:.0f} items/s per process (the lower of the "
+        f"measured rate and {TARGET_CPU_SHARE:.0%} of one core).",
+        "",
+        "| inbound media/s | worker processes | machines like this one "
+        f"({cores} cores, one process per core) |",
+        "| --- | --- | --- |",
+    ]
+    for rate in RATES:
+        processes = max(1, -(-rate // max(int(rate_per_process), 1)))
+        machines = max(1, -(-processes // cores))
+        lines.append(f"| {rate} | {processes} | {machines} |")
+    lines += [
+        "",
+        "First bottleneck, in the order they are met as the rate grows: at 10/s nothing is "
+        "near a limit. Around 100/s the provider side comes first for any single number "
+        "(per-number throttles and the error budget; spread numbers across workers), then the "
+        "database: every item costs about four short transactions (insert, claim, finish, "
+        "reconcile scan), which one PostgreSQL primary carries into the low thousands per "
+        "second with connection pooling (pgbouncer) but not the SQLite embedded default. At "
+        "1,000/s the broker is still far from its limit (Redis handles tens of thousands of "
+        "small messages per second); the object store's per-prefix request rate (S3: 3,500 "
+        "PUT/s per prefix) and the egress bandwidth (1,000 x average media size) are the next "
+        "limits; keys are spread by instance and type prefixes.",
+    ]
+    return lines
+
+
+def write_report(results: dict[str, dict[str, Any]], tiny: bool) -> str:
+    machine = (
+        f"{platform.node()}, {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}"
+    )
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# Performance",
+        "",
+        "Written by `make bench` (`python -m bench.run_all`); do not edit by hand. Each figure "
+        "is measured beside its baseline in the same run on the same machine.",
+        "",
+        f"Machine: {machine}. Date: {date}."
+        + (" **Tiny mode: smoke figures only, not performance.**" if tiny else ""),
+        "",
+        "| benchmark | figure | value | baseline | ratio | goal | met | command |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    problems = []
+    for name, result in results.items():
+        if "error" in result:
+            problems.append(f"- `{name}`: {result['error']}")
+            if result.get("log_tail"):
+                problems.append("  ```\n  " + result["log_tail"].replace("\n", "\n  ") + "\n  ```")
+            continue
+        command = result.get("command", f"python -m bench.{name}")
+        for row in table_rows(name, result):
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        name,
+                        _cell(row.get("figure")),
+                        _cell(row.get("value")),
+                        _cell(row.get("baseline")),
+                        _cell(row.get("ratio")),
+                        _cell(row.get("goal")),
+                        _cell(row.get("ok")),
+                        f"`{command}`",
+                    ]
+                )
+                + " |"
+            )
+        if result.get("flavour") == "embedded":
+            problems.append(
+                f"- `{name}` ran on the embedded SQLite database and broker: PostgreSQL or "
+                "Redis was not reachable."
+            )
+    if problems:
+        lines += ["", "## Not measured or degraded", "", *problems]
+    worker = results.get("worker_bench", {})
+    chart = time_to_stored_chart(worker.get("latency") or {}, CHART)
+    lines += ["", "## Time to stored under load", ""]
+    if chart is not None:
+        lines.append(f"![time from webhook receipt to stored]({chart.name})")
+    else:
+        lines.append("No latency samples in this run.")
+    lines += ["", "## Capacity", "", *capacity_note(worker), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="smoke run of every benchmark")
+    parser.add_argument("--only", action="append", choices=BENCHES, help="run only these")
+    parser.add_argument("--doc", type=Path, default=DOC)
+    args = parser.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in args.only or BENCHES:
+        print(f"running {name}...", file=sys.stderr, flush=True)
+        results[name] = run_bench(name, args.tiny)
+        status = results[name].get("error") or "ok"
+        print(f"{name}: {status}", file=sys.stderr, flush=True)
+    args.doc.parent.mkdir(parents=True, exist_ok=True)
+    args.doc.write_text(write_report(results, args.tiny))
+    print(f"wrote {args.doc}", file=sys.stderr)
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,480 @@
+"""Webhook receiver benchmark: signed single-image webhooks beside a bare Flask endpoint.
+
+``python -m bench.webhook_bench [--tiny] [--output PATH]`` prints one JSON line and writes
+``bench/results/webhook.json``.
+
+Both endpoints run under gunicorn with the same settings as ``ingest web`` (sync workers,
+``INGEST_WEB_WORKERS`` processes, access log on, logging at INFO), one after the other in the
+same run, loaded by the same generator: separate processes, each with threads holding
+``http.client`` connections (re-opened whenever the server closes them, as gunicorn's sync
+worker does after every response). The receiver runs against a scratch PostgreSQL database and
+a Redis broker database leased for the run; every request is a new, signed image message.
+
+Goals: at least 0.35 of the bare endpoint's throughput, p99 under 50 ms at 16 connections, and
+every acknowledged event committed (rows are counted after the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import http.client
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+from sqlalchemy import func, select
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_DATABASE = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+APP_SECRET = "bench-app-secret"
+PHONE_NUMBER_ID = "109876543210"
+INSTANCE = "bench"
+GOAL_RATIO = 0.35
+GOAL_P99_MS = 50.0
+GOAL_P50_MS = 250.0  # DESIGN.md: median under 250 ms even under load
+
+
+@dataclass(frozen=True)
+class Plan:
+    seconds: float
+    warmup_seconds: float
+    connections: int
+    load_processes: int
+    web_workers: int
+
+
+FULL = Plan(seconds=10.0, warmup_seconds=2.0, connections=16, load_processes=2, web_workers=4)
+TINY = Plan(seconds=1.0, warmup_seconds=0.3, connections=4, load_processes=1, web_workers=1)
+
+
+# --- the two applications gunicorn loads -------------------------------------------------
+
+
+def _logging() -> None:
+    from cli.service import configure_logging
+
+    configure_logging(os.environ.get("INGEST_LOG_LEVEL", "INFO"))
+
+
+def ingest_app() -> Flask:
+    """The real receiver, configured from ``INGEST_*`` like ``ingest web``."""
+    from webhook.app import create_app
+
+    _logging()
+    return create_app()
+
+
+def bare_app() -> Flask:
+    """The baseline: the cheapest Flask POST endpoint that still reads the body."""
+    from flask import request
+
+    _logging()
+    app = Flask("bare")
+
+    @app.post("/webhook")
+    def ok() -> str:
+        request.get_data()
+        return "ok"
+
+    @app.get("/healthz")
+    def healthz() -> str:
+        return "ok"
+
+    return app
+
+
+# --- load generator ----------------------------------------------------------------------
+
+
+def image_body(message_id: str) -> bytes:
+    """One signed-size single-image webhook, as Meta sends it (compact, ASCII)."""
+    document = {
+        "object": "whatsapp_business_account",
+        "entry": [
+            {
+                "id": "WABA-BENCH",
+                "changes": [
+                    {
+                        "field": "messages",
+                        "value": {
+                            "messaging_product": "whatsapp",
+                            "metadata": {
+                                "display_phone_number": "15550001111",
+                                "phone_number_id": PHONE_NUMBER_ID,
+                            },
+                            "contacts": [{"profile": {"name": "Bench"}, "wa_id": "15551234567"}],
+                            "messages": [
+                                {
+                                    "from": "15551234567",
+                                    "id": message_id,
+                                    "timestamp": str(int(time.time())),
+                                    "type": "image",
+                                    "image": {
+                                        "id": hashlib.sha1(message_id.encode()).hexdigest(),
+                                        "mime_type": "image/jpeg",
+                                        "sha256": hashlib.sha256(message_id.encode()).hexdigest(),
+                                        "caption": "bench \u00e9",
+                                        "url": "https://lookaside.fbsbx.com/whatsapp_business/"
+                                        "attachments/?mid=1&hash=x",
+                                    },
+                                }
+                            ],
+                        },
+                    }
+                ],
+            }
+        ],
+    }
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def _signature(body: bytes) -> str:
+    return "sha256=" + hmac.new(APP_SECRET.encode(), body, hashlib.sha256).hexdigest()
+
+
+@dataclass
+class LoadResult:
+    latencies_ms: list[float]
+    statuses: dict[int, int]
+    errors: int
+    seconds: float
+    acknowledged: int  # every 200, warm-up included: each must be a committed row
+
+
+def _load_process(
+    port: int, connections: int, seconds: float, warmup: float, tag: str, queue: Any
+) -> None:
+    """One generator process: ``connections`` threads, each one connection, for ``seconds``."""
+    start = time.monotonic() + 0.2
+    measure_from = start + warmup
+    stop = measure_from + seconds
+    latencies: list[list[float]] = [[] for _ in range(connections)]
+    statuses: list[dict[int, int]] = [{} for _ in range(connections)]
+    errors = [0] * connections
+    acknowledged = [0] * connections
+
+    def run(slot: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        n = 0
+        while time.monotonic() < start:
+            time.sleep(0.001)
+        while True:
+            now = time.monotonic()
+            if now >= stop:
+                break
+            n += 1
+            body = image_body(f"wamid.BENCH.{tag}.{slot}.{n}")
+            headers = {
+                "Content-Type": "application/json",
+                "X-Hub-Signature-256": _signature(body),
+            }
+            began = time.perf_counter()
+            try:
+                conn.request("POST", "/webhook", body=body, headers=headers)
+                response = conn.getresponse()
+                response.read()
+                status = response.status
+                if response.will_close:
+                    conn.close()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                errors[slot] += 1
+                continue
+            elapsed = (time.perf_counter() - began) * 1000
+            if status == 200:
+                acknowledged[slot] += 1
+            if now >= measure_from:
+                latencies[slot].append(elapsed)
+                statuses[slot][status] = statuses[slot].get(status, 0) + 1
+        conn.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    merged: dict[int, int] = {}
+    for counts in statuses:
+        for status, count in counts.items():
+            merged[status] = merged.get(status, 0) + count
+    queue.put(
+        LoadResult(
+            latencies_ms=[value for slot in latencies for value in slot],
+            statuses=merged,
+            errors=sum(errors),
+            seconds=seconds,
+            acknowledged=sum(acknowledged),
+        )
+    )
+
+
+def generate_load(port: int, plan: Plan, label: str) -> LoadResult:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    per_process = max(1, plan.connections // plan.load_processes)
+    processes = [
+        context.Process(
+            target=_load_process,
+            args=(port, per_process, plan.seconds, plan.warmup_seconds, f"{label}{i}", queue),
+        )
+        for i in range(plan.load_processes)
+    ]
+    for process in processes:
+        process.start()
+    results = [queue.get(timeout=plan.seconds + plan.warmup_seconds + 120) for _ in processes]
+    for process in processes:
+        process.join(timeout=30)
+    statuses: dict[int, int] = {}
+    for result in results:
+        for status, count in result.statuses.items():
+            statuses[status] = statuses.get(status, 0) + count
+    return LoadResult(
+        latencies_ms=[v for result in results for v in result.latencies_ms],
+        statuses=statuses,
+        errors=sum(result.errors for result in results),
+        seconds=plan.seconds,
+        acknowledged=sum(result.acknowledged for result in results),
+    )
+
+
+def summarise(result: LoadResult) -> dict[str, Any]:
+    ordered = sorted(result.latencies_ms)
+
+    def percentile(p: float) -> float | None:
+        if not ordered:
+            return None
+        return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))], 2)
+
+    return {
+        "requests": len(ordered),
+        "rps": round(len(ordered) / result.seconds, 1),
+        "p50_ms": percentile(0.50),
+        "p99_ms": percentile(0.99),
+        "statuses": {str(k): v for k, v in sorted(result.statuses.items())},
+        "transport_errors": result.errors,
+        "acknowledged_total": result.acknowledged,
+    }
+
+
+# --- the run -----------------------------------------------------------------------------
+
+
+def _gunicorn(
+    group: Any, name: str, factory: str, workers: int, env: dict[str, str]
+) -> tuple[Any, int]:
+    from tests.plugins.processes import ProcessError, free_port, http_answers, wait_for
+
+    last: Exception | None = None
+    for _ in range(3):  # a free port may be taken before gunicorn binds it
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            str(workers),
+            "--threads",
+            "1",
+            "--worker-tmp-dir",
+            "/dev/shm",
+            "--access-logfile",
+            "-",
+            "--log-level",
+            "info",
+            "--timeout",
+            "60",
+            factory,
+        ]
+        process = group.start(name, argv, env=env)
+        try:
+            wait_for(process, http_answers(f"http://127.0.0.1:{port}/healthz"), "answering")
+            return process, port
+        except ProcessError as exc:
+            last = exc
+            process.stop()
+    assert last is not None
+    raise last
+
+
+def _register_instance(database_url: str) -> None:
+    from ingest import accounts
+    from ingest.db import make_engine, make_session_factory
+    from ingest.models import Provider
+
+    engine = make_engine(database_url)
+    try:
+        with make_session_factory(engine).begin() as session:
+            accounts.add_instance(
+                session,
+                accounts.InstanceSpec(
+                    name=INSTANCE,
+                    provider=Provider.CLOUD,
+                    phone_number_id=PHONE_NUMBER_ID,
+                    api_key="bench-api-key",
+                    app_secret=APP_SECRET,
+                ),
+            )
+    finally:
+        engine.dispose()
+
+
+def _count_rows(database_url: str) -> int:
+    from ingest.db import make_engine
+    from ingest.models import MediaItem
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.scalar(select(func.count()).select_from(MediaItem)) or 0)
+    finally:
+        engine.dispose()
+
+
+def run(plan: Plan, database_server: str, redis_url: str, tiny: bool) -> dict[str, Any]:
+    from tests.plugins.processes import ProcessGroup, RedisDbLease, create_postgres_database
+
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="webhook-bench-")))
+        database_url, drop = create_postgres_database(database_server)
+        stack.callback(drop)
+        lease = RedisDbLease(redis_url)
+        stack.callback(lease.release)
+        _register_instance(database_url)
+        env = {
+            "INGEST_DATABASE_URL": database_url,
+            "INGEST_BROKER_URL": lease.url(redis_url),
+            "INGEST_VAR_DIR": str(workdir / "var"),
+            "INGEST_STORAGE_URL": (workdir / "media").as_uri(),
+            "INGEST_LOG_LEVEL": "INFO",
+            "PROMETHEUS_MULTIPROC_DIR": str(workdir / "metrics"),
+        }
+        (workdir / "metrics").mkdir()
+        group = ProcessGroup(log_dir=workdir / "logs")
+        stack.callback(group.stop_all)
+
+        # Side by side in one run: the baseline first, then the receiver, same generator.
+        bare, bare_port = _gunicorn(
+            group, "bare", "bench.webhook_bench:bare_app()", plan.web_workers, env
+        )
+        bare_result = summarise(generate_load(bare_port, plan, "bare"))
+        bare.stop()
+
+        web, web_port = _gunicorn(
+            group, "web", "bench.webhook_bench:ingest_app()", plan.web_workers, env
+        )
+        load = generate_load(web_port, plan, "web")
+        web.stop()
+        web_result = summarise(load)
+        # Warm-up requests were answered too: every 200, measured or not, must be a row.
+        rows = _count_rows(database_url)
+        if not tiny and (web_result["statuses"].keys() - {"200"}):
+            print(f"receiver log tail:\n{web.tail()}", file=sys.stderr)
+
+    acknowledged = web_result["acknowledged_total"]
+    ratio = round(web_result["rps"] / bare_result["rps"], 3) if bare_result["rps"] else 0.0
+    p99 = web_result["p99_ms"]
+    p50 = web_result["p50_ms"]
+    durable = acknowledged > 0 and rows >= acknowledged
+    figures = [
+        {
+            "figure": f"signed single-image webhooks/s at {plan.connections} connections",
+            "value": web_result["rps"],
+            "baseline": bare_result["rps"],
+            "ratio": ratio,
+            "goal": f">= {GOAL_RATIO} of bare Flask",
+            "ok": ratio >= GOAL_RATIO,
+        },
+        {
+            "figure": "webhook p99 latency (ms)",
+            "value": p99,
+            "baseline": bare_result["p99_ms"],
+            "ratio": round(p99 / bare_result["p99_ms"], 2)
+            if p99 and bare_result["p99_ms"]
+            else None,
+            "goal": f"< {GOAL_P99_MS:.0f} ms",
+            "ok": p99 is not None and p99 < GOAL_P99_MS,
+        },
+        {
+            "figure": "webhook p50 latency (ms)",
+            "value": p50,
+            "baseline": bare_result["p50_ms"],
+            "ratio": round(p50 / bare_result["p50_ms"], 2)
+            if p50 and bare_result["p50_ms"]
+            else None,
+            "goal": f"< {GOAL_P50_MS:.0f} ms",
+            "ok": p50 is not None and p50 < GOAL_P50_MS,
+        },
+        {
+            "figure": "acknowledged events committed (rows / 200 answers)",
+            "value": rows,
+            "baseline": acknowledged,
+            "ratio": round(rows / acknowledged, 3) if acknowledged else None,
+            "goal": "every 200 is a row",
+            "ok": durable,
+        },
+    ]
+    return {
+        "bench": "webhook",
+        "tiny": tiny,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
+        "plan": asdict(plan),
+        "flavour": "services",
+        "bare": bare_result,
+        "webhook": web_result,
+        "rows_after_run": rows,
+        "figures": figures,
+        "ok": all(row["ok"] for row in figures),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--tiny", action="store_true", help="a few seconds; smoke figures only")
+    parser.add_argument("--output", type=Path, default=RESULTS / "webhook.json")
+    parser.add_argument("--seconds", type=float, help="measured seconds per endpoint")
+    parser.add_argument("--connections", type=int, help="concurrent connections")
+    parser.add_argument("--workers", type=int, help="gunicorn workers (both endpoints)")
+    args = parser.parse_args(argv)
+
+    plan = TINY if args.tiny else FULL
+    if args.workers is None and not args.tiny:
+        from ingest.settings import Settings
+
+        plan = Plan(**{**asdict(plan), "web_workers": Settings().web_workers})
+    overrides = {
+        key: value
+        for key, value in {
+            "seconds": args.seconds,
+            "connections": args.connections,
+            "web_workers": args.workers,
+        }.items()
+        if value is not None
+    }
+    plan = Plan(**{**asdict(plan), **overrides})
+    database = os.environ.get("INGEST_TEST_DATABASE_URL") or DEFAULT_DATABASE
+    redis_url = os.environ.get("INGEST_TEST_REDIS_URL") or DEFAULT_REDIS
+    result = run(plan, database, redis_url, args.tiny)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

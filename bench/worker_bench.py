@@ -1,0 +1,520 @@
+"""Download worker benchmark: throughput beside a plain-loop baseline, memory, latency.
+
+``python -m bench.worker_bench [--tiny]`` writes ``bench/results/worker.json``.
+
+1. Throughput: N media of 100 KB on a local CDN (the sandbox, 50 ms per request) through the
+   real ``ingest worker`` into S3 (moto server), against a baseline measured in the same run:
+   a thread pool of the same size that GETs each URL with httpx and puts it with boto3.
+   Goal: at least 0.8 of the baseline's items per second. Worker CPU per item is reported.
+2. Memory: one 100 MB document archived; the worker's peak RSS (process tree) grows by less
+   than 32 MB.
+3. Latency: 100 events per second for 60 s through the real receiver; p99 from webhook
+   receipt (``received_at``) to ``stored_at`` under 5 s.
+
+PostgreSQL and Redis come from ``INGEST_TEST_DATABASE_URL`` / ``INGEST_TEST_REDIS_URL`` (or
+this machine's defaults); when either does not answer the run says so and falls back to the
+embedded database and broker, which is recorded in the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+from sqlalchemy import func, select
+
+from cli.demo import (
+    DemoRegistration,
+    SandboxControl,
+    SandboxMedia,
+    in_process_sandbox,
+    media_message,
+    meta_signature,
+    register,
+    webhook_body,
+)
+from ingest.db import make_engine, make_session_factory
+from ingest.models import MediaItem, MediaState, Provider
+from ingest.settings import Settings
+from tests.plugins.processes import (
+    S3_DUMMY_CREDENTIALS,
+    ManagedProcess,
+    ProcessGroup,
+    StackEnv,
+    embedded_stack_env,
+    service_stack_env,
+)
+from tests.plugins.s3 import start_moto_server, stop_moto_server
+
+RESULTS = Path(__file__).parent / "results"
+KB = 1024
+MB = 1024 * KB
+DEFAULT_DATABASE = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True)
+class Plan:
+    items: int
+    item_bytes: int
+    concurrency: int
+    cdn_latency_ms: int
+    big_bytes: int
+    rate_per_second: int
+    rate_seconds: int
+
+
+FULL = Plan(1000, 100 * KB, 16, 50, 100 * MB, 100, 60)
+TINY = Plan(24, 100 * KB, 8, 50, 4 * MB, 10, 2)
+
+
+# --- environment -----------------------------------------------------------------------
+
+
+def _services_available(database_url: str, redis_url: str) -> tuple[bool, list[str]]:
+    missing = []
+    try:
+        engine = make_engine(database_url)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available here"
+        missing.append(f"PostgreSQL at {database_url} ({type(exc).__name__})")
+    try:
+        import redis
+
+        redis.Redis.from_url(redis_url, socket_connect_timeout=2).ping()
+    except Exception as exc:  # noqa: BLE001
+        missing.append(f"Redis at {redis_url} ({type(exc).__name__})")
+    return not missing, missing
+
+
+@contextmanager
+def bench_stack(root: Path, sandbox_root: str, endpoint_url: str) -> Iterator[StackEnv]:
+    database = os.environ.get("INGEST_TEST_DATABASE_URL", DEFAULT_DATABASE)
+    redis_url = os.environ.get("INGEST_TEST_REDIS_URL", DEFAULT_REDIS)
+    ok, missing = _services_available(database, redis_url)
+    extra = {
+        "INGEST_GRAPH_URL": f"{sandbox_root}/v21.0",
+        "INGEST_D360_URL": f"{sandbox_root}/d360",
+        "INGEST_API_RATE_LIMIT": "1000000/minute",
+        "INGEST_LOG_LEVEL": "WARNING",
+    }
+    if ok:
+        stack = service_stack_env(database, redis_url, endpoint_url, **extra)
+    else:
+        print("worker_bench: missing " + "; ".join(missing) + ": using SQLite", file=sys.stderr)
+        from tests.plugins.processes import create_bucket
+
+        bucket = f"ingest-bench-{uuid.uuid4().hex[:12]}"
+        create_bucket(endpoint_url, bucket)
+        stack = embedded_stack_env(
+            root,
+            INGEST_STORAGE_URL=f"s3://{bucket}/media",
+            INGEST_S3_ENDPOINT_URL=endpoint_url,
+            **S3_DUMMY_CREDENTIALS,
+            **extra,
+        )
+        stack.storage_url = f"s3://{bucket}/media"
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+def _settings(stack: StackEnv) -> Settings:
+    return Settings(
+        var_dir=Path(stack.env.get("INGEST_VAR_DIR", "var")),
+        database_url=stack.database_url,
+        broker_url="memory://",
+        storage_url=stack.storage_url,
+        s3_endpoint_url=stack.env.get("INGEST_S3_ENDPOINT_URL"),
+    )
+
+
+def _tree(process: ManagedProcess) -> list[psutil.Process]:
+    root = psutil.Process(process.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def _cpu_seconds(process: ManagedProcess) -> float:
+    total = 0.0
+    for proc in _tree(process):
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+def _rss(process: ManagedProcess) -> int:
+    total = 0
+    for proc in _tree(process):
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+class RssSampler:
+    """Peak RSS of a process tree, sampled every 20 ms in a thread."""
+
+    def __init__(self, process: ManagedProcess) -> None:
+        self.process = process
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss(self.process))
+            time.sleep(0.02)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# --- scenario helpers ------------------------------------------------------------------
+
+
+class Poster:
+    """Posts signed Cloud API webhooks for one registered instance."""
+
+    def __init__(self, web_url: str, reg: DemoRegistration) -> None:
+        self.web_url = web_url
+        self.reg = reg
+        self.http = httpx.Client(timeout=30.0)
+        self.count = 0
+
+    def post(self, media: SandboxMedia) -> str:
+        self.count += 1
+        wamid = f"wamid.BENCH{uuid.uuid4().hex.upper()}"
+        body = webhook_body(
+            self.reg.phone_number_id, media_message(media, wamid, "15551230000", self.count)
+        )
+        assert self.reg.app_secret is not None
+        response = self.http.post(
+            f"{self.web_url}/webhook",
+            content=body,
+            headers={
+                "Content-Type": "application/json",
+                "X-Hub-Signature-256": meta_signature(self.reg.app_secret, body),
+            },
+        )
+        response.raise_for_status()
+        return wamid
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def _wait_stored(settings: Settings, expected: int, timeout: float) -> int:
+    engine = make_engine(settings.database_url)
+    sessions = make_session_factory(engine)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            with sessions() as session:
+                done = session.scalar(
+                    select(func.count())
+                    .select_from(MediaItem)
+                    .where(MediaItem.state.in_([MediaState.STORED, MediaState.FAILED]))
+                )
+            if (done or 0) >= expected or time.monotonic() > deadline:
+                return int(done or 0)
+            time.sleep(0.1)
+    finally:
+        engine.dispose()
+
+
+def _timestamps(settings: Settings) -> list[tuple[datetime, datetime | None, str]]:
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            rows = session.execute(
+                select(MediaItem.received_at, MediaItem.stored_at, MediaItem.state)
+            ).all()
+        return [(r[0], r[1], r[2]) for r in rows]
+    finally:
+        engine.dispose()
+
+
+def _truncate_media(settings: Settings) -> None:
+    from sqlalchemy import delete
+
+    engine = make_engine(settings.database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(delete(MediaItem))
+    finally:
+        engine.dispose()
+
+
+def _percentile(values: list[float], q: int) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+# --- scenarios -------------------------------------------------------------------------
+
+
+def baseline(
+    control: SandboxControl, phone: str, api_key: str, plan: Plan, stack: StackEnv
+) -> dict[str, Any]:
+    """The plain loop: GET with httpx, put_object with boto3, same concurrency."""
+    import boto3
+
+    media = [control.add_media(phone, "image", plan.item_bytes) for _ in range(plan.items)]
+    bucket = stack.storage_url.removeprefix("s3://").split("/", 1)[0]
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=stack.env["INGEST_S3_ENDPOINT_URL"],
+        aws_access_key_id=S3_DUMMY_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_DUMMY_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        region_name=S3_DUMMY_CREDENTIALS["AWS_DEFAULT_REGION"],
+    )
+    http = httpx.Client(timeout=30.0, limits=httpx.Limits(max_connections=plan.concurrency * 2))
+
+    def copy(item: SandboxMedia) -> None:
+        response = http.get(item.url, headers={"Authorization": f"Bearer {api_key}"})
+        response.raise_for_status()
+        s3.put_object(Bucket=bucket, Key=f"baseline/{item.media_id}", Body=response.content)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(plan.concurrency) as pool:
+        list(pool.map(copy, media))
+    elapsed = time.perf_counter() - started
+    http.close()
+    s3.close()
+    return {"items": plan.items, "seconds": elapsed, "items_per_second": plan.items / elapsed}
+
+
+def throughput(
+    group: ProcessGroup,
+    poster: Poster,
+    control: SandboxControl,
+    settings: Settings,
+    plan: Plan,
+) -> tuple[dict[str, Any], ManagedProcess]:
+    """Rows and wake-ups are created first; then one worker drains them, timed."""
+    media = [
+        control.add_media(poster.reg.phone_number_id, "image", plan.item_bytes)
+        for _ in range(plan.items)
+    ]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(poster.post, media))
+    worker = group.worker(concurrency=plan.concurrency, queues="media.small,media.large")
+    cpu_before = _cpu_seconds(worker)
+    started = time.perf_counter()
+    done = _wait_stored(settings, plan.items, timeout=600)
+    elapsed = time.perf_counter() - started
+    cpu = _cpu_seconds(worker) - cpu_before
+    return (
+        {
+            "items": plan.items,
+            "done": done,
+            "seconds": elapsed,
+            "items_per_second": done / elapsed,
+            "worker_cpu_ms_per_item": 1000 * cpu / max(done, 1),
+            "concurrency": plan.concurrency,
+        },
+        worker,
+    )
+
+
+def memory(
+    worker: ManagedProcess, poster: Poster, control: SandboxControl, settings: Settings, plan: Plan
+) -> dict[str, Any]:
+    already = _wait_stored(settings, 0, timeout=0)
+    before = _rss(worker)
+    big = control.add_media(poster.reg.phone_number_id, "document", plan.big_bytes)
+    with RssSampler(worker) as sampler:
+        poster.post(big)
+        done = _wait_stored(settings, already + 1, timeout=600)
+    growth = max(sampler.peak - before, 0)
+    return {
+        "document_bytes": plan.big_bytes,
+        "stored": done > already,
+        "rss_before_mb": before / MB,
+        "rss_peak_mb": sampler.peak / MB,
+        "rss_growth_mb": growth / MB,
+        "goal_mb": 32,
+        "ok": done > already and growth < 32 * MB,
+    }
+
+
+def latency(
+    poster: Poster, control: SandboxControl, settings: Settings, plan: Plan
+) -> dict[str, Any]:
+    """Paced webhooks at a fixed rate; p99 of received_at -> stored_at."""
+    _truncate_media(settings)
+    total = plan.rate_per_second * plan.rate_seconds
+    media = [control.add_media(poster.reg.phone_number_id, "image", 20 * KB) for _ in range(total)]
+    interval = 1.0 / plan.rate_per_second
+    started = time.perf_counter()
+    lag = 0.0
+    with ThreadPoolExecutor(16) as pool:
+        futures = []
+        for n, item in enumerate(media):
+            due = started + n * interval
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                lag = max(lag, -delay)
+            futures.append(pool.submit(poster.post, item))
+        for future in futures:
+            future.result()
+    _wait_stored(settings, total, timeout=120)
+    rows = _timestamps(settings)
+    seconds = sorted((s - r).total_seconds() for r, s, _ in rows if s is not None)
+    p99 = _percentile(seconds, 99)
+    return {
+        "events": total,
+        "rate_per_second": plan.rate_per_second,
+        "stored": len(seconds),
+        "max_send_lag_seconds": lag,
+        "p50_seconds": _percentile(seconds, 50),
+        "p95_seconds": _percentile(seconds, 95),
+        "p99_seconds": p99,
+        "goal_p99_seconds": 5.0,
+        "ok": p99 is not None and p99 < 5.0 and len(seconds) == total,
+        "samples": seconds,
+    }
+
+
+# --- main ------------------------------------------------------------------------------
+
+
+def run(plan: Plan, tiny: bool) -> dict[str, Any]:
+    import tempfile
+
+    result: dict[str, Any] = {
+        "benchmark": "worker",
+        "tiny": tiny,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu "
+        f"{psutil.virtual_memory().total // MB} MB",
+        "command": "python -m bench.worker_bench" + (" --tiny" if tiny else ""),
+        "plan": plan.__dict__,
+    }
+    with ExitStack() as stack:
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="worker-bench-")))
+        moto, endpoint_url = start_moto_server()
+        stack.callback(stop_moto_server, moto)
+        sandbox_root = stack.enter_context(in_process_sandbox())
+        control = SandboxControl(sandbox_root)
+        stack.callback(control.close)
+        control.http.post(
+            "/_sandbox/faults", json={"latency_ms": plan.cdn_latency_ms}
+        ).raise_for_status()
+        env = stack.enter_context(bench_stack(root, sandbox_root, endpoint_url))
+        result["flavour"] = env.flavour
+        settings = _settings(env)
+        reg = register(settings, Provider.CLOUD)
+        control.add_number(reg.phone_number_id, reg.api_key)
+
+        result["baseline"] = baseline(control, reg.phone_number_id, reg.api_key, plan, env)
+
+        group = ProcessGroup(log_dir=root / "logs", env=env.env)
+        stack.callback(group.stop_all)
+        web = group.web(workers=2)
+        assert web.base_url is not None
+        poster = Poster(web.base_url, reg)
+        stack.callback(poster.close)
+
+        result["throughput"], worker = throughput(group, poster, control, settings, plan)
+        ratio = result["throughput"]["items_per_second"] / result["baseline"]["items_per_second"]
+        result["throughput"]["ratio_to_baseline"] = ratio
+        result["throughput"]["goal_ratio"] = 0.8
+        result["throughput"]["ok"] = ratio >= 0.8
+        result["memory"] = memory(worker, poster, control, settings, plan)
+        group.beat()
+        result["latency"] = latency(poster, control, settings, plan)
+    result["figures"] = figures(result)
+    return result
+
+
+def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows ``bench.run_all`` puts in docs/PERFORMANCE.md (one shape for every bench)."""
+    thr, mem, lat = result["throughput"], result["memory"], result["latency"]
+    return [
+        {
+            "figure": "worker throughput, 100 KB media from a 50 ms CDN to S3 (items/s)",
+            "value": round(thr["items_per_second"], 1),
+            "baseline": round(result["baseline"]["items_per_second"], 1),
+            "baseline_name": "httpx GET + boto3 put_object loop, same concurrency",
+            "ratio": round(thr["ratio_to_baseline"], 2),
+            "goal": ">= 0.8 of baseline",
+            "ok": thr["ok"],
+        },
+        {
+            "figure": "worker CPU per item (ms)",
+            "value": round(thr["worker_cpu_ms_per_item"], 2),
+            "baseline": None,
+            "ratio": None,
+            "goal": "reported",
+            "ok": True,
+        },
+        {
+            "figure": f"worker peak RSS growth archiving a {mem['document_bytes'] // MB} MB "
+            "document (MB)",
+            "value": round(mem["rss_growth_mb"], 1),
+            "baseline": None,
+            "ratio": None,
+            "goal": "< 32 MB",
+            "ok": mem["ok"],
+        },
+        {
+            "figure": f"webhook receipt to stored, p99 at {lat['rate_per_second']} events/s (s)",
+            "value": None if lat["p99_seconds"] is None else round(lat["p99_seconds"], 2),
+            "baseline": None,
+            "ratio": None,
+            "goal": "< 5 s",
+            "ok": lat["ok"],
+        },
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a few seconds, for the test suite")
+    parser.add_argument("--output", type=Path, default=RESULTS / "worker.json")
+    args = parser.parse_args(argv)
+    result = run(TINY if args.tiny else FULL, args.tiny)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    summary = {k: v for k, v in result.items() if k != "latency"}
+    summary["latency"] = {k: v for k, v in result["latency"].items() if k != "samples"}
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

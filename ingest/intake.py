@@ -1,0 +1,340 @@
+"""Accepting a webhook: who may post it, and recording its media rows durably.
+
+The receiver calls, in order: :func:`authenticate` (per instance the body is routed to), then
+:func:`record_events` inside one transaction, commits, and only then schedules the returned
+jobs. A repeated delivery of the same ``(instance, message id)`` inserts nothing and schedules
+nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from ingest.accounts import secret_matches
+from ingest.events import MediaEvent
+from ingest.media_rules import over_send_limit, queue_for
+from ingest.models import Instance, MediaItem, MediaState
+from ingest.queues import DownloadJob
+from ingest.settings import Settings
+
+SIGNATURE_HEADER = "X-Hub-Signature-256"
+SIGNATURE_PREFIX = "sha256="
+# The direct-download URL in a webhook is valid this long from receipt (provider docs).
+URL_LIFETIME = timedelta(minutes=5)
+# How long a worker process trusts its cached copy of an instance's route and secrets.
+INSTANCE_CACHE_SECONDS = 5.0
+# Rows per executemany call; SQLAlchemy splits further to stay under parameter limits.
+INSERT_CHUNK = 200
+
+
+class HeaderLookup(Protocol):
+    def get(self, key: str, /) -> str | None: ...
+
+
+class WebhookCredentials(Protocol):
+    """What authenticating a post needs of an instance (an ``Instance`` row or a cached
+    :class:`InstanceRoute`)."""
+
+    @property
+    def app_secret(self) -> str | None: ...
+    @property
+    def webhook_secret_header(self) -> str | None: ...
+    @property
+    def webhook_secret_hash(self) -> str | None: ...
+
+
+def signature_valid(raw_body: bytes, header_value: str | None, app_secret: str) -> bool:
+    """Meta's ``X-Hub-Signature-256: sha256=<hex HMAC-SHA256(app secret, body)>``.
+
+    Computed over the exact bytes received: Meta signs its own serialisation (non-ASCII
+    escaped), so re-serialising parsed JSON would not match.
+    """
+    if not header_value or not header_value.startswith(SIGNATURE_PREFIX):
+        return False
+    expected = hmac.new(app_secret.encode(), raw_body, hashlib.sha256).hexdigest()
+    given = header_value[len(SIGNATURE_PREFIX) :].strip().lower()
+    return hmac.compare_digest(expected.encode(), given.encode("ascii", "replace"))
+
+
+def sign(raw_body: bytes, app_secret: str) -> str:
+    """The header value Meta would send for this body (for tests, the demo and benchmarks)."""
+    digest = hmac.new(app_secret.encode(), raw_body, hashlib.sha256).hexdigest()
+    return SIGNATURE_PREFIX + digest
+
+
+def authenticate(instance: WebhookCredentials, raw_body: bytes, headers: HeaderLookup) -> bool:
+    """True if the request proves it comes from this instance's provider.
+
+    Every check the instance configures must pass: the Meta signature when it has an app
+    secret, the shared-secret header (360dialog) when it has one. An instance with neither
+    accepts unsigned posts, as the operator chose when adding it.
+    """
+    if instance.app_secret and not signature_valid(
+        raw_body, headers.get(SIGNATURE_HEADER), instance.app_secret
+    ):
+        return False
+    if instance.webhook_secret_header and instance.webhook_secret_hash:
+        presented = headers.get(instance.webhook_secret_header)
+        if not presented or not secret_matches(presented, instance.webhook_secret_hash):
+            return False
+    return True
+
+
+def verify_token_matches(presented: str, instances: Iterable[Instance]) -> bool:
+    """Meta's subscription handshake: does ``presented`` equal any instance's verify token?
+
+    Every candidate is compared (constant time each), so the answer's timing does not say
+    which instance, or how much of a token, matched.
+    """
+    results = [
+        hmac.compare_digest(presented.encode(), instance.verify_token.encode())
+        for instance in instances
+        if instance.verify_token
+    ]
+    return any(results)
+
+
+@dataclass(frozen=True)
+class InstanceRoute:
+    """The columns of an instance the receiver needs, detached from any session."""
+
+    id: int
+    name: str
+    phone_number_id: str
+    app_secret: str | None = field(repr=False)
+    webhook_secret_header: str | None
+    webhook_secret_hash: str | None = field(repr=False)
+
+    @classmethod
+    def of(cls, row: Instance) -> InstanceRoute:
+        return cls(
+            id=row.id,
+            name=row.name,
+            phone_number_id=row.phone_number_id,
+            app_secret=row.app_secret,
+            webhook_secret_header=row.webhook_secret_header,
+            webhook_secret_hash=row.webhook_secret_hash,
+        )
+
+
+class InstanceDirectory:
+    """A per-process read-through cache of instance routes, so a webhook costs one
+    transaction (the insert) instead of two.
+
+    Only instances that exist are cached, for ``ttl_seconds``: a new instance is found at
+    once; a rotated secret or a renamed instance is seen within the TTL. Recording never
+    depends on the cached ``connected`` flag (disconnected instances still record).
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        ttl_seconds: float = INSTANCE_CACHE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sessions = sessions
+        self._ttl = ttl_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._by_name: dict[str, tuple[float, InstanceRoute]] = {}
+        self._by_phone: dict[str, tuple[float, InstanceRoute]] = {}
+
+    def by_name(self, name: str) -> InstanceRoute | None:
+        cached = self._fresh(self._by_name, [name])
+        if name in cached:
+            return cached[name]
+        with self._sessions() as session:
+            row = session.scalar(select(Instance).where(Instance.name == name))
+            route = InstanceRoute.of(row) if row is not None else None
+        if route is not None:
+            self._remember([route])
+        return route
+
+    def by_phone_number_ids(self, phone_number_ids: Sequence[str]) -> dict[str, InstanceRoute]:
+        found = self._fresh(self._by_phone, phone_number_ids)
+        missing = [pid for pid in phone_number_ids if pid not in found]
+        if missing:
+            with self._sessions() as session:
+                rows = session.scalars(
+                    select(Instance).where(Instance.phone_number_id.in_(missing))
+                )
+                routes = [InstanceRoute.of(row) for row in rows]
+            self._remember(routes)
+            found.update((route.phone_number_id, route) for route in routes)
+        return found
+
+    def forget(self) -> None:
+        with self._lock:
+            self._by_name.clear()
+            self._by_phone.clear()
+
+    def _fresh(
+        self, index: dict[str, tuple[float, InstanceRoute]], keys: Sequence[str]
+    ) -> dict[str, InstanceRoute]:
+        now = self._clock()
+        with self._lock:
+            hits = {key: index[key] for key in keys if key in index}
+        return {key: route for key, (until, route) in hits.items() if until > now}
+
+    def _remember(self, routes: Iterable[InstanceRoute]) -> None:
+        until = self._clock() + self._ttl
+        with self._lock:
+            for route in routes:
+                self._by_name[route.name] = (until, route)
+                self._by_phone[route.phone_number_id] = (until, route)
+
+
+@dataclass(frozen=True)
+class RoutedEvent:
+    instance_id: int
+    event: MediaEvent
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What one webhook added: rows created (new), and the wake-ups to send after commit."""
+
+    media: int
+    new: int
+    failed: int
+    jobs: tuple[DownloadJob, ...]
+
+
+def record_events(
+    session: Session,
+    events: Sequence[RoutedEvent],
+    *,
+    settings: Settings,
+    received_at: datetime,
+) -> Recorded:
+    """Insert one row per ``(instance, message id)``, ignoring those that already exist.
+
+    Runs inside the caller's transaction (nothing is committed here). Uses the dialect's
+    ``INSERT .. ON CONFLICT DO NOTHING .. RETURNING``, so concurrent deliveries of one message
+    race safely in the database and exactly one of them learns the row is new. Provider error
+    events become ``failed`` rows and get no job.
+    """
+    unique: dict[tuple[int, str], RoutedEvent] = {}
+    for routed in events:
+        unique.setdefault((routed.instance_id, routed.event.message_id), routed)
+    rows = [_row(routed, settings, received_at) for routed in unique.values()]
+
+    # One statement, built once per dialect and cached compiled; the rows go as executemany
+    # parameters (SQLAlchemy's "insertmanyvalues" batches them into multi-row INSERTs, and
+    # RETURNING answers only the rows that were actually inserted).
+    stmt = _insert_statement(session.get_bind().dialect.name)
+    jobs: list[DownloadJob] = []
+    new = failed = 0
+    for start in range(0, len(rows), INSERT_CHUNK):
+        chunk = rows[start : start + INSERT_CHUNK]
+        for item_id, instance_id, message_id in session.execute(stmt, chunk):
+            new += 1
+            routed = unique[(instance_id, message_id)]
+            if routed.event.fault is not None:
+                failed += 1
+                continue
+            queue = queue_for(
+                routed.event.media_type, routed.event.file_size, settings.large_media_bytes
+            )
+            jobs.append(DownloadJob(media_item_id=item_id, queue=queue))
+    jobs.sort(key=lambda job: job.media_item_id)
+    return Recorded(media=len(events), new=new, failed=failed, jobs=tuple(jobs))
+
+
+def forget_enqueued(session: Session, jobs: Sequence[DownloadJob]) -> None:
+    """The wake-ups were not sent: mark the rows as never enqueued, so the reconciler picks
+    them up on its next pass rather than waiting for a wake-up that never left."""
+    if not jobs:
+        return
+    session.execute(
+        update(MediaItem)
+        .where(MediaItem.id.in_([job.media_item_id for job in jobs]))
+        .where(MediaItem.state == MediaState.PENDING)
+        .values(enqueued_at=None)
+    )
+
+
+@functools.cache
+def _insert_statement(dialect_name: str) -> Any:
+    table = MediaItem.__table__
+    if dialect_name == "postgresql":
+        insert: Any = postgresql.insert
+    elif dialect_name == "sqlite":
+        insert = sqlite.insert
+    else:
+        raise NotImplementedError(f"no conflict-ignoring insert for dialect {dialect_name!r}")
+    return (
+        insert(table)
+        .on_conflict_do_nothing(index_elements=["instance_id", "message_id"])
+        .returning(table.c.id, table.c.instance_id, table.c.message_id)
+    )
+
+
+def _row(routed: RoutedEvent, settings: Settings, received_at: datetime) -> dict[str, Any]:
+    event = routed.event
+    row: dict[str, Any] = {
+        "instance_id": routed.instance_id,
+        "message_id": event.message_id,
+        "media_id": event.media_id,
+        "media_type": event.media_type.value,
+        "declared_mime": event.mime_type,
+        "actual_mime": None,
+        "declared_sha256": event.sha256,
+        "actual_sha256": None,
+        "declared_size": event.file_size,
+        "size": None,
+        "filename": event.filename,
+        "caption": event.caption,
+        "sender": event.sender,
+        "voice": event.voice,
+        "animated": event.animated,
+        # Known only when the webhook states a size; otherwise the worker decides.
+        "over_send_limit": (
+            event.file_size is not None
+            and over_send_limit(event.media_type, event.file_size, animated=event.animated)
+        ),
+        "message_timestamp": event.timestamp,
+        "received_at": received_at,
+        "download_url": event.url,
+        "url_deadline": received_at + URL_LIFETIME if event.url else None,
+        "expires_at": received_at + timedelta(seconds=settings.media_retention_seconds),
+        "attempts": 0,
+        "next_attempt_at": received_at,
+        "lease_until": None,
+        "lease_owner": None,
+        "storage_backend": None,
+        "storage_key": None,
+        "stored_at": None,
+        "updated_at": received_at,
+    }
+    if event.fault is not None:
+        row.update(
+            state=MediaState.FAILED.value,
+            failure_reason=event.fault.reason,
+            last_error=event.fault.describe(),
+            download_url=None,
+            url_deadline=None,
+            enqueued_at=None,
+        )
+    else:
+        # Optimistic: the wake-up is sent right after the commit. If it cannot be,
+        # forget_enqueued() clears this so the reconciler does not wait for it.
+        row.update(
+            state=MediaState.PENDING.value,
+            failure_reason=None,
+            last_error=None,
+            enqueued_at=received_at,
+        )
+    return row

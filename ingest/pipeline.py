@@ -1,0 +1,571 @@
+"""One download attempt: claim -> locate -> download -> verify -> store -> mark.
+
+:meth:`Pipeline.run` takes a row id and is safe to call any number of times, from any number
+of threads or processes: it first claims the row with one conditional ``UPDATE`` (only a row
+that is due and holds no live lease can be claimed), loads plain values and closes the
+session before any network I/O, and finishes with an ``UPDATE`` guarded by its lease, so a
+worker that lost its lease never overwrites a newer attempt.
+
+The URL rule: the signed URL from the webhook is used while it is fresh (received less than
+``settings.url_fresh_seconds`` ago); otherwise, or when the CDN refuses it, the media id is
+resolved for a new one. Every provider call is guarded by the number's error budget.
+
+Nothing unverified is ever stored: the body is spooled while hashed (small in memory, large
+on disk, capped at 100 MB and at any stated size), compared with the webhook's and the
+lookup's sha256 and size (a mismatch is retried once with a fresh URL), its first bytes are
+checked against the declared MIME type, and only then is it put into storage, which checks
+the sha256 once more while writing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.dml import Update
+
+from ingest import metrics
+from ingest.db import session_scope
+from ingest.error_budget import (
+    BudgetExhausted,
+    BudgetUnavailable,
+    ErrorBudget,
+    budget_for,
+    guarded,
+    limits_for,
+)
+from ingest.integrity import (
+    BodyTooLarge,
+    Expectation,
+    HashingSpool,
+    check_mime,
+    checksum_problem,
+)
+from ingest.media_rules import object_key, over_send_limit
+from ingest.models import Instance, MediaItem, MediaState, MediaType, Provider, utcnow
+from ingest.providers import (
+    Credentials,
+    DisallowedHost,
+    MediaLocation,
+    MediaNotFound,
+    ProviderAuthError,
+    ProviderClient,
+    ProviderError,
+    ProviderRejected,
+    ProviderThrottled,
+    ProviderUnavailable,
+    TooLarge,
+    UrlRejected,
+)
+from ingest.retry_policy import Decision, Outcome, decide
+from ingest.services import Services
+from ingest.settings import Settings
+from ingest.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
+
+ClientFactory = Callable[[Credentials], ProviderClient]
+Clock = Callable[[], datetime]
+
+# last_error is for operators: short, and never a URL or a secret.
+MAX_ERROR_CHARS = 300
+SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """The plain values one attempt needs, loaded at claim time (no ORM object, no session)."""
+
+    id: int
+    owner: str
+    attempts: int
+    instance_id: int
+    instance_name: str
+    connected: bool
+    credentials: Credentials = field(repr=False)
+    message_id: str
+    media_id: str | None
+    media_type: MediaType
+    animated: bool
+    declared_mime: str | None
+    declared_sha256: str | None
+    declared_size: int | None
+    received_at: datetime
+    expires_at: datetime
+    # The webhook's signed URL, only while fresh. Confidential: never logged.
+    fresh_url: str | None = field(repr=False)
+    had_url: bool
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """What one call of :meth:`Pipeline.run` did; safe to log (no URL, no secret)."""
+
+    item_id: int
+    outcome: str  # an Outcome value, or "skipped" when the row could not be claimed
+    state: str | None  # the row's state afterwards (None when skipped)
+    reason: str | None = None  # failure_reason, for failed rows
+    size: int | None = None
+    seconds: float = 0.0
+    next_attempt_at: datetime | None = None
+
+
+class AttemptFailed(Exception):
+    """Ends an attempt with an outcome of the retry table. ``detail`` is safe to store."""
+
+    def __init__(
+        self,
+        outcome: Outcome,
+        detail: str,
+        *,
+        retry_after: float | None = None,
+        not_before: datetime | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.outcome = outcome
+        self.detail = detail
+        self.retry_after = retry_after
+        self.not_before = not_before
+
+
+@dataclass
+class _Verified:
+    spool: HashingSpool
+    mime: str
+
+
+@dataclass
+class _Attempt:
+    """Mutable bookkeeping of one attempt."""
+
+    work: WorkItem
+    client: ProviderClient
+    location: MediaLocation | None = None
+    url_used: bool = False
+    resolves: int = 0
+    downloads: int = 0
+
+
+def new_lease_owner() -> str:
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        storage: Storage,
+        budget: ErrorBudget,
+        clients: ClientFactory,
+        clock: Clock = utcnow,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.storage = storage
+        self.budget = budget
+        self.clients = clients
+        self.clock = clock
+        self.rng = rng or random.Random()
+
+    @classmethod
+    def for_services(
+        cls, services: Services, clients: ClientFactory, *, budget: ErrorBudget | None = None
+    ) -> Pipeline:
+        """The pipeline of one process: its SQL, storage and (Redis or SQL) error budget."""
+        return cls(
+            settings=services.settings,
+            sessions=services.sessions,
+            storage=services.storage,
+            budget=budget or budget_for(services.settings, services.sessions, services.redis),
+            clients=clients,
+        )
+
+    # --- the attempt ---------------------------------------------------------------------
+
+    def run(self, item_id: int) -> AttemptResult:
+        started = time.monotonic()
+        work = self.claim(item_id)
+        if work is None:
+            metrics.DOWNLOADS.labels(SKIPPED, "").inc()
+            log.info("download item=%s outcome=skipped (not due, leased or finished)", item_id)
+            return AttemptResult(item_id, SKIPPED, None)
+        attempt = _Attempt(work, self.clients(work.credentials))
+        try:
+            verified = self._fetch_verified(attempt)
+            try:
+                result = self._store(attempt, verified)
+            finally:
+                verified.spool.close()
+        except AttemptFailed as failure:
+            result = self._finish_unstored(attempt, failure)
+        result = replace(result, seconds=time.monotonic() - started)
+        self._record(work, result)
+        return result
+
+    def claim(self, item_id: int) -> WorkItem | None:
+        """Take the row with a lease, or return None if it is not ours to work on now.
+
+        A row stuck in ``downloading`` whose lease ran out ``max_attempts`` times is left for
+        the reconciler to fail as ``worker_lost`` rather than crash another worker.
+        """
+        now = self.clock()
+        owner = new_lease_owner()
+        with session_scope(self.sessions) as session:
+            claimed = session.execute(
+                update(MediaItem)
+                .where(MediaItem.id == item_id)
+                .where(MediaItem.state.in_([MediaState.PENDING, MediaState.DOWNLOADING]))
+                .where(MediaItem.next_attempt_at <= now)
+                .where((MediaItem.lease_until.is_(None)) | (MediaItem.lease_until < now))
+                .where(
+                    ~(
+                        (MediaItem.state == MediaState.DOWNLOADING)
+                        & (MediaItem.attempts >= self.settings.max_attempts)
+                    )
+                )
+                .values(
+                    state=MediaState.DOWNLOADING,
+                    lease_owner=owner,
+                    lease_until=now + timedelta(seconds=self.settings.lease_seconds),
+                    attempts=MediaItem.attempts + 1,
+                    updated_at=now,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if getattr(claimed, "rowcount", 0) != 1:
+                return None
+            item, instance = session.execute(
+                select(MediaItem, Instance)
+                .join(Instance, MediaItem.instance_id == Instance.id)
+                .where(MediaItem.id == item_id)
+            ).one()
+            fresh = (
+                item.download_url is not None
+                and now - item.received_at < timedelta(seconds=self.settings.url_fresh_seconds)
+                and (item.url_deadline is None or now < item.url_deadline)
+            )
+            return WorkItem(
+                id=item.id,
+                owner=owner,
+                attempts=item.attempts,
+                instance_id=instance.id,
+                instance_name=instance.name,
+                connected=instance.connected,
+                credentials=Credentials(
+                    provider=Provider(instance.provider),
+                    phone_number_id=instance.phone_number_id,
+                    api_key=instance.api_key,
+                ),
+                message_id=item.message_id,
+                media_id=item.media_id,
+                media_type=MediaType(item.media_type),
+                animated=item.animated,
+                declared_mime=item.declared_mime,
+                declared_sha256=item.declared_sha256,
+                declared_size=item.declared_size,
+                received_at=item.received_at,
+                expires_at=item.expires_at,
+                fresh_url=item.download_url if fresh else None,
+                had_url=item.download_url is not None,
+            )
+
+    # --- locate, download, verify ----------------------------------------------------------
+
+    def _fetch_verified(self, attempt: _Attempt) -> _Verified:
+        work = attempt.work
+        if self.clock() >= work.expires_at:
+            raise AttemptFailed(Outcome.EXPIRED, "media id expired before a copy was stored")
+        if not work.connected:
+            raise AttemptFailed(
+                Outcome.INSTANCE_DISCONNECTED, "instance is marked disconnected; no call made"
+            )
+        url = work.fresh_url
+        if url is not None:
+            attempt.url_used = True
+        else:
+            url = self._resolve(attempt)
+        # One fresh URL is allowed for a URL the CDN refused, and one for bytes that did not
+        # match: enough to get past a stale link or a corrupted transfer, never a loop.
+        refresh_for_rejection = refresh_for_mismatch = True
+        while True:
+            spool = HashingSpool(cap=self._cap(attempt))
+            try:
+                self._download(attempt, url, spool)
+                problem = checksum_problem(spool.size, spool.sha256, self._expected(attempt))
+                if problem is None:
+                    verdict = check_mime(self._declared_mime(attempt), spool.head)
+                    if not verdict.ok:
+                        raise AttemptFailed(Outcome.UNSUPPORTED_TYPE, verdict.problem or "")
+                    return _Verified(spool, verdict.mime)
+            except UrlRejected as exc:
+                spool.close()
+                if not (refresh_for_rejection and work.media_id):
+                    raise AttemptFailed(Outcome.URL_REJECTED, _describe(exc)) from None
+                refresh_for_rejection = False
+                url = self._resolve(attempt)
+                continue
+            except BaseException:
+                spool.close()
+                raise
+            spool.close()
+            if not (refresh_for_mismatch and work.media_id):
+                raise AttemptFailed(Outcome.CHECKSUM_MISMATCH, problem)
+            refresh_for_mismatch = False
+            log.warning(
+                "download item=%s checksum mismatch (%s); retrying with a fresh URL",
+                work.id,
+                problem,
+            )
+            url = self._resolve(attempt)
+
+    def _resolve(self, attempt: _Attempt) -> str:
+        work = attempt.work
+        if not work.media_id:
+            raise AttemptFailed(Outcome.MEDIA_NOT_FOUND, "URL is stale and there is no media id")
+        limits = limits_for(
+            self.settings, work.credentials.provider, work.credentials.phone_number_id, "lookup"
+        )
+        attempt.resolves += 1
+        try:
+            with guarded(self.budget, limits):
+                location = attempt.client.resolve(work.media_id)
+        except (ProviderError, BudgetExhausted, BudgetUnavailable) as exc:
+            raise _failure_for(exc, "lookup", work.credentials.provider) from None
+        attempt.location = location
+        return location.url
+
+    def _download(self, attempt: _Attempt, url: str, spool: HashingSpool) -> None:
+        work = attempt.work
+        limits = limits_for(
+            self.settings, work.credentials.provider, work.credentials.phone_number_id, "download"
+        )
+        attempt.downloads += 1
+        try:
+            with (
+                guarded(self.budget, limits),
+                attempt.client.download(url, max_bytes=spool.cap) as chunks,
+            ):
+                for chunk in chunks:
+                    spool.write(chunk)
+        except UrlRejected:
+            raise
+        except (ProviderError, BudgetExhausted, BudgetUnavailable) as exc:
+            raise _failure_for(exc, "download", work.credentials.provider) from None
+        except BodyTooLarge as exc:
+            raise AttemptFailed(Outcome.TOO_LARGE, str(exc)) from None
+        except OSError as exc:
+            # The local spool (temp disk) failed: this machine's problem, not the media's.
+            raise AttemptFailed(
+                Outcome.STORAGE_UNAVAILABLE, f"spooling failed: {exc.strerror or 'OSError'}"
+            ) from None
+
+    def _cap(self, attempt: _Attempt) -> int:
+        """100 MB, and never more than any size the provider stated."""
+        caps = [self.settings.max_media_bytes]
+        if attempt.work.declared_size is not None:
+            caps.append(attempt.work.declared_size)
+        if attempt.location is not None and attempt.location.file_size is not None:
+            caps.append(attempt.location.file_size)
+        return min(caps)
+
+    def _expected(self, attempt: _Attempt) -> list[Expectation]:
+        work = attempt.work
+        expected = [Expectation("webhook", work.declared_sha256, work.declared_size)]
+        if attempt.location is not None:
+            expected.append(
+                Expectation("lookup", attempt.location.sha256, attempt.location.file_size)
+            )
+        return expected
+
+    def _declared_mime(self, attempt: _Attempt) -> str | None:
+        if attempt.work.declared_mime:
+            return attempt.work.declared_mime
+        return attempt.location.mime_type if attempt.location is not None else None
+
+    # --- finish --------------------------------------------------------------------------
+
+    def _store(self, attempt: _Attempt, verified: _Verified) -> AttemptResult:
+        work = attempt.work
+        spool = verified.spool
+        key = object_key(
+            work.instance_name, work.media_type.value, work.media_id or work.message_id
+        )
+        try:
+            stored = self.storage.put(
+                key,
+                spool.reader(),
+                size=spool.size,
+                sha256=spool.sha256,
+                content_type=verified.mime,
+            )
+        except StorageError as exc:
+            raise AttemptFailed(Outcome.STORAGE_UNAVAILABLE, _short(str(exc))) from None
+        except OSError as exc:
+            raise AttemptFailed(
+                Outcome.STORAGE_UNAVAILABLE, f"storage failed: {exc.strerror or 'OSError'}"
+            ) from None
+        now = self.clock()
+        with session_scope(self.sessions) as session:
+            done = session.execute(
+                self._guarded_update(work)
+                .values(
+                    state=MediaState.STORED,
+                    storage_backend=stored.backend,
+                    storage_key=stored.key,
+                    size=spool.size,
+                    actual_sha256=spool.sha256,
+                    actual_mime=verified.mime,
+                    over_send_limit=over_send_limit(
+                        work.media_type, spool.size, animated=work.animated
+                    ),
+                    stored_at=now,
+                    download_url=None,
+                    failure_reason=None,
+                    last_error=None,
+                    lease_owner=None,
+                    lease_until=None,
+                    updated_at=now,
+                )
+                .execution_options(synchronize_session=False)
+            )
+        if getattr(done, "rowcount", 0) != 1:
+            # The object is in place under its deterministic key; whoever holds the lease
+            # now will find it there and record it.
+            log.warning("download item=%s lost its lease before recording the copy", work.id)
+        return AttemptResult(work.id, Outcome.STORED, MediaState.STORED, size=spool.size)
+
+    def _finish_unstored(self, attempt: _Attempt, failure: AttemptFailed) -> AttemptResult:
+        work = attempt.work
+        now = self.clock()
+        decision: Decision = decide(
+            failure.outcome,
+            attempts=work.attempts,
+            now=now,
+            expires_at=work.expires_at,
+            settings=self.settings,
+            rng=self.rng,
+            retry_after=failure.retry_after,
+            not_before=failure.not_before,
+        )
+        values: dict[str, object] = {
+            "state": decision.state,
+            "failure_reason": decision.failure_reason,
+            "last_error": _short(failure.detail),
+            "lease_owner": None,
+            "lease_until": None,
+            "updated_at": now,
+        }
+        if decision.next_attempt_at is not None:
+            values["next_attempt_at"] = decision.next_attempt_at
+        if decision.refund_attempt:
+            values["attempts"] = MediaItem.attempts - 1
+        if attempt.url_used or decision.state != MediaState.PENDING:
+            # Used once, or no longer needed: the signed URL is not kept.
+            values["download_url"] = None
+        with session_scope(self.sessions) as session:
+            session.execute(
+                self._guarded_update(work)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+            if decision.disconnect:
+                session.execute(
+                    update(Instance).where(Instance.id == work.instance_id).values(connected=False)
+                )
+        return AttemptResult(
+            work.id,
+            decision.outcome,
+            decision.state,
+            decision.failure_reason,
+            next_attempt_at=decision.next_attempt_at,
+        )
+
+    @staticmethod
+    def _guarded_update(work: WorkItem) -> Update:
+        return (
+            update(MediaItem)
+            .where(MediaItem.id == work.id)
+            .where(MediaItem.lease_owner == work.owner)
+            .where(MediaItem.state == MediaState.DOWNLOADING)
+        )
+
+    def _record(self, work: WorkItem, result: AttemptResult) -> None:
+        label = {
+            MediaState.STORED: "stored",
+            MediaState.PENDING: "retry",
+            MediaState.FAILED: "failed",
+            MediaState.EXPIRED: "expired",
+        }.get(MediaState(result.state) if result.state else MediaState.PENDING, "retry")
+        metrics.DOWNLOADS.labels(label, result.outcome).inc()
+        metrics.DOWNLOAD_SECONDS.observe(result.seconds)
+        if result.state == MediaState.STORED and result.size:
+            metrics.DOWNLOAD_BYTES.inc(result.size)
+        log.info(
+            "download item=%s instance=%s outcome=%s state=%s reason=%s size=%s duration=%.3fs",
+            work.id,
+            work.instance_name,
+            result.outcome,
+            result.state,
+            result.reason or "-",
+            result.size if result.size is not None else "-",
+            result.seconds,
+        )
+
+
+def _failure_for(exc: Exception, endpoint: str, provider: Provider) -> AttemptFailed:
+    """Provider and budget errors -> the outcome the retry table knows them by."""
+    if isinstance(exc, BudgetExhausted):
+        metrics.BUDGET_BLOCKED.labels(exc.key.split(":", 1)[0]).inc()
+        return AttemptFailed(
+            Outcome.BUDGET_EXHAUSTED,
+            f"error budget for this number is spent ({endpoint})",
+            not_before=exc.retry_at,
+        )
+    if isinstance(exc, BudgetUnavailable):
+        return AttemptFailed(Outcome.BUDGET_UNAVAILABLE, f"error budget unavailable: {exc}")
+    assert isinstance(exc, ProviderError)
+    metrics.PROVIDER_ERRORS.labels(
+        provider.value, endpoint, f"{exc.status // 100}xx" if exc.status else "none"
+    ).inc()
+    detail = _describe(exc)
+    if isinstance(exc, ProviderRejected):
+        return AttemptFailed(Outcome.PROVIDER_REJECTED, detail)
+    if isinstance(exc, ProviderAuthError):
+        return AttemptFailed(Outcome.INSTANCE_UNAUTHORIZED, detail)
+    if isinstance(exc, MediaNotFound):
+        return AttemptFailed(Outcome.MEDIA_NOT_FOUND, detail)
+    if isinstance(exc, UrlRejected):
+        return AttemptFailed(Outcome.URL_REJECTED, detail)
+    if isinstance(exc, ProviderThrottled):
+        return AttemptFailed(Outcome.THROTTLED, detail, retry_after=exc.retry_after)
+    if isinstance(exc, ProviderUnavailable):
+        return AttemptFailed(Outcome.PROVIDER_UNAVAILABLE, detail, retry_after=exc.retry_after)
+    if isinstance(exc, DisallowedHost):
+        return AttemptFailed(Outcome.DISALLOWED_HOST, detail)
+    if isinstance(exc, TooLarge):
+        return AttemptFailed(Outcome.TOO_LARGE, detail)
+    if exc.retryable:
+        return AttemptFailed(Outcome.PROVIDER_UNAVAILABLE, detail, retry_after=exc.retry_after)
+    return AttemptFailed(Outcome.PROVIDER_ERROR, detail)
+
+
+def _describe(exc: ProviderError) -> str:
+    # Provider error messages never contain a URL or a key (the providers' contract).
+    status = f"HTTP {exc.status}: " if exc.status else ""
+    return _short(f"{exc.endpoint} {status}{exc}")
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"

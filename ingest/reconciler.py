@@ -1,0 +1,215 @@
+"""The safety net, run by beat every minute: SQL says what must happen, the broker may forget.
+
+One pass, each step its own short transaction:
+
+1. expire rows whose media id passed its 7 days without a copy (and no live lease);
+2. give up on rows whose lease ran out after ``max_attempts`` claims: a row that keeps
+   killing its worker (``failed``, ``worker_lost``);
+3. put the other rows with a lapsed lease back to ``pending``, due now;
+4. purge signed URLs that are stale or no longer needed;
+5. wake the rows that are due and have no recent wake-up: ``enqueued_at`` older than the
+   moment they became due (a retry's backoff ended after its last wake-up), or older than
+   one lease (that wake-up was lost). A backlog thus gets one wake-up per row, not one per
+   minute per row.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from ingest.db import session_scope
+from ingest.intake import forget_enqueued
+from ingest.media_rules import queue_for
+from ingest.models import TERMINAL_STATES, MediaItem, MediaState, MediaType, utcnow
+from ingest.queues import DownloadJob, DownloadScheduler, SchedulerUnavailable
+from ingest.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Wake-ups published per pass; the next pass (a minute later) takes the rest.
+DEFAULT_BATCH = 1000
+
+ACTIVE_STATES = (MediaState.PENDING, MediaState.DOWNLOADING)
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    expired: int
+    worker_lost: int
+    released: int
+    purged_urls: int
+    woken: int
+    publish_failed: bool = False
+
+
+def reconcile(
+    sessions: sessionmaker[Session],
+    scheduler: DownloadScheduler,
+    settings: Settings,
+    *,
+    now: datetime | None = None,
+    batch: int = DEFAULT_BATCH,
+) -> ReconcileReport:
+    now = now or utcnow()
+    expired = expire_overdue(sessions, now)
+    lost, released = recover_lapsed_leases(sessions, settings, now)
+    purged = purge_urls(sessions, now)
+    woken, publish_failed = wake_due(sessions, scheduler, settings, now, batch=batch)
+    report = ReconcileReport(expired, lost, released, purged, woken, publish_failed)
+    log.info(
+        "reconcile expired=%d worker_lost=%d released=%d purged_urls=%d woken=%d%s",
+        expired,
+        lost,
+        released,
+        purged,
+        woken,
+        " (broker unavailable)" if publish_failed else "",
+    )
+    return report
+
+
+def expire_overdue(sessions: sessionmaker[Session], now: datetime) -> int:
+    with session_scope(sessions) as session:
+        result = session.execute(
+            update(MediaItem)
+            .where(MediaItem.state.in_(ACTIVE_STATES))
+            .where(MediaItem.expires_at <= now)
+            .where((MediaItem.lease_until.is_(None)) | (MediaItem.lease_until < now))
+            .values(
+                state=MediaState.EXPIRED,
+                last_error="media id expired (7 days) before a copy was stored",
+                download_url=None,
+                lease_owner=None,
+                lease_until=None,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return _count(result)
+
+
+def recover_lapsed_leases(
+    sessions: sessionmaker[Session], settings: Settings, now: datetime
+) -> tuple[int, int]:
+    """(rows failed as worker_lost, rows put back to pending), in one transaction."""
+    lapsed = (
+        (MediaItem.state == MediaState.DOWNLOADING)
+        & MediaItem.lease_until.is_not(None)
+        & (MediaItem.lease_until < now)
+    )
+    with session_scope(sessions) as session:
+        lost = session.execute(
+            update(MediaItem)
+            .where(lapsed)
+            .where(MediaItem.attempts >= settings.max_attempts)
+            .values(
+                state=MediaState.FAILED,
+                failure_reason="worker_lost",
+                last_error=(
+                    f"lease ran out {settings.max_attempts} times: the item keeps stopping "
+                    "its worker"
+                ),
+                download_url=None,
+                lease_owner=None,
+                lease_until=None,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        released = session.execute(
+            update(MediaItem)
+            .where(lapsed)
+            .values(
+                state=MediaState.PENDING,
+                last_error="lease ran out (worker lost or stopped)",
+                next_attempt_at=now,
+                lease_owner=None,
+                lease_until=None,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return _count(lost), _count(released)
+
+
+def purge_urls(sessions: sessionmaker[Session], now: datetime) -> int:
+    """Signed URLs are kept only until used or stale."""
+    with session_scope(sessions) as session:
+        result = session.execute(
+            update(MediaItem)
+            .where(MediaItem.download_url.is_not(None))
+            .where(
+                or_(
+                    MediaItem.url_deadline.is_(None),
+                    MediaItem.url_deadline <= now,
+                    MediaItem.state.in_(list(TERMINAL_STATES)),
+                )
+            )
+            .values(download_url=None)
+            .execution_options(synchronize_session=False)
+        )
+        return _count(result)
+
+
+def wake_due(
+    sessions: sessionmaker[Session],
+    scheduler: DownloadScheduler,
+    settings: Settings,
+    now: datetime,
+    *,
+    batch: int = DEFAULT_BATCH,
+) -> tuple[int, bool]:
+    """Publish one wake-up per due row without a recent one. Returns (woken, publish_failed).
+
+    ``enqueued_at`` is written before publishing; if the broker refuses, it is cleared again
+    so the next pass tries at once (a duplicate wake-up is harmless, a lost one only slow).
+    """
+    lost_after = now - timedelta(seconds=settings.lease_seconds)
+    with session_scope(sessions) as session:
+        rows = session.execute(
+            select(MediaItem.id, MediaItem.media_type, MediaItem.declared_size)
+            .where(MediaItem.state == MediaState.PENDING)
+            .where(MediaItem.next_attempt_at <= now)
+            .where(
+                or_(
+                    MediaItem.enqueued_at.is_(None),
+                    MediaItem.enqueued_at < MediaItem.next_attempt_at,
+                    MediaItem.enqueued_at < lost_after,
+                )
+            )
+            .order_by(MediaItem.next_attempt_at, MediaItem.id)
+            .limit(batch)
+        ).all()
+        jobs = [
+            DownloadJob(
+                media_item_id=item_id,
+                queue=queue_for(MediaType(media_type), size, settings.large_media_bytes),
+            )
+            for item_id, media_type, size in rows
+        ]
+        if jobs:
+            session.execute(
+                update(MediaItem)
+                .where(MediaItem.id.in_([job.media_item_id for job in jobs]))
+                .values(enqueued_at=now)
+                .execution_options(synchronize_session=False)
+            )
+    if not jobs:
+        return 0, False
+    try:
+        scheduler.schedule(jobs)
+    except SchedulerUnavailable as exc:
+        log.warning("reconcile: broker unavailable (%s); %d wake-up(s) not sent", exc, len(jobs))
+        with session_scope(sessions) as session:
+            forget_enqueued(session, jobs)
+        return 0, True
+    return len(jobs), False
+
+
+def _count(result: object) -> int:
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -1,0 +1,251 @@
+"""The webhook parser on its own: bytes in, typed records out, PayloadError for the rest."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+
+from ingest.events import (
+    MediaEvent,
+    PayloadError,
+    ProviderFault,
+    parse_body,
+    parse_payload,
+)
+from ingest.models import MediaType
+from tests.webhook.conftest import (
+    change,
+    encode,
+    envelope,
+    json_values,
+    media_message,
+    status_update,
+    text_message,
+    webhook_documents,
+)
+
+
+def only_event(document: Any) -> MediaEvent:
+    (event,) = parse_payload(document).media
+    return event
+
+
+def test_multi_entry_body_yields_media_in_order_and_counts_the_rest() -> None:
+    first = [media_message("image"), text_message(), media_message("sticker")]
+    second = [media_message("document")]
+    document = envelope(
+        change("111", first, statuses=[status_update()]),
+        change("222", second),
+        change("111", None, statuses=[status_update(), status_update()]),
+        entries=2,
+    )
+    parsed = parse_body(encode(document))
+    assert [event.message_id for event in parsed.media] == [
+        first[0]["id"],
+        first[2]["id"],
+        second[0]["id"],
+    ]
+    assert [event.phone_number_id for event in parsed.media] == ["111", "111", "222"]
+    assert parsed.phone_number_ids == ("111", "222")
+    assert parsed.ignored == 4  # one text message, three statuses
+    assert parsed.unattached_faults == ()
+
+
+@pytest.mark.parametrize("kind", list(MediaType))
+def test_each_media_type_is_read_with_its_fields(kind: MediaType) -> None:
+    message = media_message(
+        kind.value,
+        caption="hi",
+        filename="f.bin",
+        voice=True,
+        animated=True,
+        url="https://lookaside.fbsbx.com/x",
+        file_size=1234,
+    )
+    event = only_event(envelope(change("111", [message])))
+    assert event.media_type is kind
+    assert event.message_id == message["id"]
+    assert event.media_id == message[kind.value]["id"]
+    assert event.mime_type == message[kind.value]["mime_type"]
+    assert event.sha256 == "a" * 64
+    assert (event.caption, event.filename, event.voice, event.animated) == (
+        "hi",
+        "f.bin",
+        True,
+        True,
+    )
+    assert event.file_size == 1234
+    assert event.sender == "15551234567"
+    assert event.timestamp == datetime.fromtimestamp(1718000000, tz=UTC)
+    assert event.url == "https://lookaside.fbsbx.com/x"
+    assert event.fault is None
+
+
+def test_sha256_in_base64_is_normalised_and_garbage_is_dropped() -> None:
+    digest = bytes(range(32))
+    b64 = base64.b64encode(digest).decode()
+    assert only_event(envelope(change("1", [media_message(sha256=b64)]))).sha256 == digest.hex()
+    assert only_event(envelope(change("1", [media_message(sha256="not a hash")]))).sha256 is None
+
+
+def test_signed_url_is_kept_out_of_repr() -> None:
+    event = only_event(envelope(change("1", [media_message(url="https://cdn/x?sig=SECRET")])))
+    assert "SECRET" not in repr(event)
+
+
+def test_unsupported_media_message_becomes_a_fault_and_other_unsupported_are_ignored() -> None:
+    media = {
+        "id": "wamid.U1",
+        "type": "unsupported",
+        "unsupported": {"type": "video"},
+        "errors": [
+            {"code": 131051, "title": "Message type unknown", "error_data": {"details": "x"}}
+        ],
+    }
+    poll = {"id": "wamid.U2", "type": "unsupported", "unsupported": {"type": "poll_creation"}}
+    parsed = parse_payload(envelope(change("1", [media, poll])))
+    (event,) = parsed.media
+    assert event.media_type is MediaType.VIDEO
+    assert event.fault == ProviderFault(code=131051, title="Message type unknown", details="x")
+    assert event.fault.reason == "provider_error"
+    assert event.fault.describe() == "131051: Message type unknown"
+    assert parsed.ignored == 1
+
+
+def test_media_message_with_errors_and_no_media_object_is_a_fault() -> None:
+    message = {
+        "id": "wamid.BIG",
+        "type": "document",
+        "errors": [{"code": "131052", "message": "File size exceeds the 100 MB limit"}],
+    }
+    event = only_event(envelope(change("1", [message])))
+    assert event.fault is not None
+    assert event.fault.code == 131052
+    assert event.fault.reason == "too_large"
+    assert event.media_id is None
+
+
+@pytest.mark.parametrize(
+    ("title", "reason"),
+    [
+        ("Media file too large", "too_large"),
+        ("Media size exceeds the limit", "too_large"),
+        ("Message type unknown", "provider_error"),
+        ("Media download error", "provider_error"),
+    ],
+)
+def test_fault_reason_from_the_providers_words(title: str, reason: str) -> None:
+    assert ProviderFault(code=1, title=title).reason == reason
+
+
+def test_value_errors_attach_to_the_changes_messages_or_stay_unattached() -> None:
+    errors = [{"code": 131000, "title": "Something went wrong"}]
+    with_message = parse_payload(envelope(change("1", [media_message()], errors=errors)))
+    assert with_message.media[0].fault == ProviderFault(131000, "Something went wrong")
+    alone = parse_payload(envelope(change("1", None, errors=errors)))
+    assert alone.media == ()
+    assert alone.unattached_faults == (ProviderFault(131000, "Something went wrong"),)
+    assert alone.unattached_faults[0].describe() == "131000: Something went wrong"
+    assert ProviderFault(None, "t").describe() == "?: t"
+
+
+def test_non_message_fields_are_ignored() -> None:
+    document = {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "1", "changes": [{"field": "account_update", "value": {"event": "x"}}]}],
+    }
+    parsed = parse_payload(document)
+    assert (parsed.media, parsed.phone_number_ids, parsed.ignored) == ((), (), 1)
+
+
+def test_numeric_phone_number_id_and_timestamps() -> None:
+    message = media_message(timestamp="x")
+    message["timestamp"] = "not-a-time"
+    event = only_event(envelope(change(12345, [message])))  # type: ignore[arg-type]
+    assert event.phone_number_id == "12345"
+    assert event.timestamp is None
+    message["timestamp"] = 10**30
+    assert only_event(envelope(change("1", [message]))).timestamp is None
+    message["timestamp"] = 1718000000
+    assert only_event(envelope(change("1", [message]))).timestamp is not None
+
+
+def test_user_text_is_repaired_not_refused() -> None:
+    message = media_message(caption="a\x00b\ud800c", filename="x\x00.pdf")
+    event = only_event(envelope(change("1", [message])))
+    assert event.caption == "ab?c"
+    assert event.filename == "x.pdf"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "Malformed JSON"),
+        (b"\xff\xfe", "Malformed JSON"),
+        (b"[]", "body must be an object"),
+        (b"{}", "entry must be a list"),
+        (b'{"object": "page", "entry": []}', "Unsupported webhook object"),
+        (b'{"entry": [1]}', "entry[] must be an object"),
+        (b'{"entry": [{"changes": [{"value": []}]}]}', "changes[].value must be an object"),
+        (b'{"entry": [{"changes": [{"value": {"messages": {}}}]}]}', "value.messages"),
+        (b'{"entry": [{"changes": [{"value": {"messages": [{"id": "m"}]}}]}]}', "type"),
+        (b'{"entry": [{"changes": [{"value": {"messages": [{"type": "image"}]}}]}]}', "id"),
+        (b"[" * 100000, "Malformed JSON"),
+    ],
+)
+def test_unreadable_bodies_raise_payload_error(body: bytes, message: str) -> None:
+    with pytest.raises(PayloadError, match=re.escape(message)):
+        parse_body(body)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"id": "m" * 256},
+        {"id": "a\x00b"},
+        {"from": "1" * 65},
+        {"image": {"mime_type": "image/jpeg"}},  # no media id
+        {"image": {"id": "1", "mime_type": "x" * 256}},
+        {"image": {"id": "1", "file_size": -1}},
+        {"image": {"id": "1", "caption": 5}},
+        {"image": "not an object"},
+    ],
+)
+def test_fields_that_would_not_fit_the_row_are_refused(overrides: dict[str, Any]) -> None:
+    message = media_message("image")
+    message.update(overrides)
+    with pytest.raises(PayloadError):
+        parse_payload(envelope(change("1", [message])))
+
+
+@settings(max_examples=150, deadline=None)
+@given(json_values)
+def test_any_json_parses_or_raises_payload_error(document: Any) -> None:
+    with contextlib.suppress(PayloadError):
+        parse_body(json.dumps(document).encode())
+
+
+@settings(max_examples=150, deadline=None)
+@given(webhook_documents("555"))
+def test_near_valid_documents_parse_to_clean_records_or_payload_error(document: Any) -> None:
+    try:
+        parsed = parse_payload(document)
+    except PayloadError:
+        return
+    for event in parsed.media:
+        assert event.message_id and len(event.message_id) <= 255
+        assert event.phone_number_id in (None, "555")
+        assert event.sender is None or len(event.sender) <= 64
+        assert event.sha256 is None or len(event.sha256) == 64
+        assert event.fault is not None or event.media_id
+        for text in (event.caption, event.filename, event.mime_type, event.url):
+            if text is not None:
+                assert "\x00" not in text
+                text.encode("utf-8")  # no lone surrogates: every backend can store it

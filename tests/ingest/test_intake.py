@@ -1,0 +1,297 @@
+"""Signature checks and recording rows, against the parametrised databases."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ingest.events import MediaEvent, ProviderFault
+from ingest.intake import (
+    INSERT_CHUNK,
+    SIGNATURE_HEADER,
+    RoutedEvent,
+    authenticate,
+    forget_enqueued,
+    record_events,
+    sign,
+    signature_valid,
+    verify_token_matches,
+)
+from ingest.models import Instance, MediaItem, MediaState, MediaType
+from ingest.queues import LARGE_MEDIA, SMALL_MEDIA
+from ingest.settings import Settings
+from tests.factories import make_instance
+
+BODY = b'{"entry":[{"caption":"caf\\u00e9"}]}'
+NOW = datetime(2024, 6, 10, 12, 0, tzinfo=UTC)
+
+
+# --- signatures ------------------------------------------------------------------------
+
+
+def test_signature_valid_for_the_exact_bytes_only() -> None:
+    header = sign(BODY, "s3cret")
+    assert header.startswith("sha256=") and len(header) == 7 + 64
+    assert signature_valid(BODY, header, "s3cret")
+    assert signature_valid(BODY, header.upper().replace("SHA256=", "sha256="), "s3cret")
+    assert not signature_valid(BODY + b" ", header, "s3cret")
+    assert not signature_valid('{"entry":[{"caption":"café"}]}'.encode(), header, "s3cret")
+    assert not signature_valid(BODY, header, "other")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "", "sha256=", "sha1=" + "0" * 40, "0" * 64, "sha256=zz", "sha256=é" + "0" * 63],
+)
+def test_malformed_signature_headers_are_invalid_not_errors(header: str | None) -> None:
+    assert not signature_valid(BODY, header, "s3cret")
+
+
+class Headers(dict[str, str]):
+    """Case-insensitive enough for these tests, like werkzeug's Headers."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        for name, value in self.items():
+            if name.lower() == key.lower():
+                return value
+        return default
+
+
+def test_authenticate_requires_every_configured_check(session: Session) -> None:
+    both = make_instance(
+        session,
+        app_secret="app",
+        webhook_secret_header="X-Secret",
+        webhook_secret="shared",
+    )
+    signed = {SIGNATURE_HEADER: sign(BODY, "app")}
+    assert authenticate(both, BODY, Headers({**signed, "x-secret": "shared"}))
+    assert not authenticate(both, BODY, Headers(signed))
+    assert not authenticate(both, BODY, Headers({"X-Secret": "shared"}))
+    assert not authenticate(both, BODY, Headers({**signed, "X-Secret": "wrong"}))
+
+    unsigned = make_instance(session)
+    assert authenticate(unsigned, BODY, Headers())
+
+
+def test_verify_token_matches_any_instance_in_constant_time(session: Session) -> None:
+    instances = [
+        make_instance(session, verify_token="alpha"),
+        make_instance(session, verify_token=None),
+        make_instance(session, verify_token="beta"),
+    ]
+    assert verify_token_matches("beta", instances)
+    assert not verify_token_matches("gamma", instances)
+    assert not verify_token_matches("", instances)
+    assert not verify_token_matches("alpha", [])
+
+
+# --- recording -------------------------------------------------------------------------
+
+
+def image(message_id: str, **overrides: Any) -> MediaEvent:
+    values: dict[str, Any] = {
+        "phone_number_id": None,
+        "message_id": message_id,
+        "media_type": MediaType.IMAGE,
+        "media_id": "m-" + message_id,
+        "mime_type": "image/jpeg",
+        "sha256": "b" * 64,
+        "url": "https://lookaside.fbsbx.com/x",
+    }
+    values.update(overrides)
+    return MediaEvent(**values)
+
+
+@pytest.fixture
+def instance(session: Session) -> Instance:
+    row = make_instance(session)
+    session.commit()
+    return row
+
+
+def stored(session: Session) -> list[MediaItem]:
+    session.expire_all()
+    return list(session.scalars(select(MediaItem).order_by(MediaItem.id)))
+
+
+def test_record_inserts_pending_rows_and_returns_their_jobs(
+    session: Session, settings: Settings, instance: Instance
+) -> None:
+    events = [
+        RoutedEvent(instance.id, image("w1")),
+        RoutedEvent(instance.id, image("w2", media_type=MediaType.VIDEO, url=None)),
+    ]
+    recorded = record_events(session, events, settings=settings, received_at=NOW)
+    session.commit()
+    rows = stored(session)
+    assert (recorded.media, recorded.new, recorded.failed) == (2, 2, 0)
+    assert [(job.media_item_id, job.queue) for job in recorded.jobs] == [
+        (rows[0].id, SMALL_MEDIA),
+        (rows[1].id, LARGE_MEDIA),
+    ]
+    first, second = rows
+    assert first.state == MediaState.PENDING
+    assert first.received_at == NOW
+    assert first.next_attempt_at == NOW
+    assert first.enqueued_at == NOW
+    assert first.url_deadline == NOW + timedelta(minutes=5)
+    assert first.expires_at == NOW + timedelta(seconds=settings.media_retention_seconds)
+    assert first.download_url == "https://lookaside.fbsbx.com/x"
+    assert first.declared_sha256 == "b" * 64
+    assert first.attempts == 0
+    assert second.url_deadline is None
+    assert second.download_url is None
+
+
+def test_repeats_insert_nothing_and_schedule_nothing(
+    session: Session, settings: Settings, instance: Instance
+) -> None:
+    other = make_instance(session)
+    session.commit()
+    record_events(
+        session, [RoutedEvent(instance.id, image("w1"))], settings=settings, received_at=NOW
+    )
+    session.commit()
+    again = record_events(
+        session,
+        [
+            RoutedEvent(instance.id, image("w1")),
+            RoutedEvent(instance.id, image("w2")),
+            RoutedEvent(instance.id, image("w2")),  # twice in one body
+            RoutedEvent(other.id, image("w1")),  # same wamid, other instance: a new row
+        ],
+        settings=settings,
+        received_at=NOW,
+    )
+    session.commit()
+    assert (again.media, again.new) == (4, 2)
+    assert len(again.jobs) == 2
+    assert sorted((row.instance_id, row.message_id) for row in stored(session)) == sorted(
+        [(instance.id, "w1"), (instance.id, "w2"), (other.id, "w1")]
+    )
+
+
+def test_provider_faults_become_failed_rows_without_jobs(
+    session: Session, settings: Settings, instance: Instance
+) -> None:
+    fault = ProviderFault(code=131052, title="Media file too large")
+    recorded = record_events(
+        session,
+        [RoutedEvent(instance.id, image("w1", fault=fault, media_id=None))],
+        settings=settings,
+        received_at=NOW,
+    )
+    session.commit()
+    (row,) = stored(session)
+    assert (recorded.new, recorded.failed, recorded.jobs) == (1, 1, ())
+    assert row.state == MediaState.FAILED
+    assert row.failure_reason == "too_large"
+    assert row.last_error == "131052: Media file too large"
+    assert row.download_url is None
+    assert row.enqueued_at is None
+
+
+def test_stated_size_picks_the_queue_and_the_send_limit_flag(
+    session: Session, settings: Settings, instance: Instance
+) -> None:
+    big = settings.large_media_bytes
+    recorded = record_events(
+        session,
+        [
+            RoutedEvent(instance.id, image("small", file_size=1000)),
+            RoutedEvent(instance.id, image("big", file_size=big + 1)),
+            RoutedEvent(
+                instance.id,
+                image("doc", media_type=MediaType.DOCUMENT, file_size=10),
+            ),
+        ],
+        settings=settings,
+        received_at=NOW,
+    )
+    session.commit()
+    rows = {row.message_id: row for row in stored(session)}
+    queues = {job.media_item_id: job.queue for job in recorded.jobs}
+    assert queues[rows["small"].id] == SMALL_MEDIA
+    assert queues[rows["big"].id] == LARGE_MEDIA
+    assert queues[rows["doc"].id] == SMALL_MEDIA  # a stated size beats the type's default
+    assert rows["big"].over_send_limit is True  # over the 5 MB image sending limit
+    assert rows["small"].over_send_limit is False
+    assert rows["big"].declared_size == big + 1
+
+
+def test_large_batches_are_chunked_and_all_recorded(
+    session: Session, settings: Settings, instance: Instance
+) -> None:
+    count = INSERT_CHUNK * 2 + 3
+    events = [RoutedEvent(instance.id, image(f"w{i}")) for i in range(count)]
+    recorded = record_events(session, events, settings=settings, received_at=NOW)
+    session.commit()
+    assert recorded.new == count
+    assert len({job.media_item_id for job in recorded.jobs}) == count
+    assert len(stored(session)) == count
+
+
+def test_forget_enqueued_clears_only_pending_rows(
+    session: Session, settings: Settings, instance: Instance
+) -> None:
+    recorded = record_events(
+        session,
+        [RoutedEvent(instance.id, image("w1")), RoutedEvent(instance.id, image("w2"))],
+        settings=settings,
+        received_at=NOW,
+    )
+    session.commit()
+    first, second = stored(session)
+    second.state = MediaState.DOWNLOADING
+    session.commit()
+    forget_enqueued(session, recorded.jobs)
+    session.commit()
+    first, second = stored(session)
+    assert first.enqueued_at is None
+    assert second.enqueued_at == NOW
+
+
+# --- instance directory ----------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_directory_caches_hits_for_its_ttl_and_never_caches_misses(
+    sessions: Any, session: Session
+) -> None:
+    from ingest.intake import InstanceDirectory
+
+    row = make_instance(session, app_secret="old")
+    session.commit()
+    clock = Clock()
+    directory = InstanceDirectory(sessions, ttl_seconds=5.0, clock=clock)
+    assert directory.by_name("nobody") is None
+    route = directory.by_phone_number_ids([row.phone_number_id, "unknown"])
+    assert list(route) == [row.phone_number_id]
+    assert route[row.phone_number_id].app_secret == "old"
+    assert "old" not in repr(route[row.phone_number_id])
+
+    row.app_secret = "new"
+    late = make_instance(session)
+    session.commit()
+    assert directory.by_name(row.name).app_secret == "old"  # type: ignore[union-attr]
+    assert directory.by_name(late.name) is not None  # a miss goes to the database
+    clock.now = 5.1
+    assert directory.by_name(row.name).app_secret == "new"  # type: ignore[union-attr]
+    row.app_secret = "newer"
+    session.commit()
+    directory.forget()
+    assert directory.by_phone_number_ids([row.phone_number_id])[row.phone_number_id].app_secret == (
+        "newer"
+    )

@@ -1,0 +1,753 @@
+"""The download pipeline against a scripted fake provider, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from ingest.error_budget import BudgetLimit, SqlErrorBudget
+from ingest.models import Instance, MediaItem, MediaState, Provider, utcnow
+from ingest.pipeline import Pipeline
+from ingest.providers import (
+    Credentials,
+    MediaLocation,
+    MediaNotFound,
+    ProviderAuthError,
+    ProviderError,
+    ProviderRejected,
+    ProviderThrottled,
+    ProviderUnavailable,
+    TooLarge,
+    UrlRejected,
+)
+from ingest.settings import Settings
+from ingest.storage import MemoryStorage, StorageError
+from tests.factories import make_instance, make_media_item
+
+CHUNK = 64 * 1024
+SIGNATURE = "sig=SECRET-signature"
+
+
+def jpeg(size: int = 3000, seed: int = 0) -> bytes:
+    body = random.Random(seed).randbytes(max(size - 11, 0))
+    return b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + body
+
+
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + b"\x00" * 2000
+
+
+@dataclass
+class FakeMedia:
+    body: bytes
+    mime: str = "image/jpeg"
+    sha256: str | None = None  # what the lookup states; the real digest unless set
+    file_size: int | None = None
+
+    def __post_init__(self) -> None:
+        self.sha256 = self.sha256 or hashlib.sha256(self.body).hexdigest()
+        self.file_size = len(self.body) if self.file_size is None else self.file_size
+
+
+@dataclass
+class FakeProvider:
+    """Media ids and scripted failures; records every call (never a real network)."""
+
+    media: dict[str, FakeMedia] = field(default_factory=dict)
+    lookup_errors: list[ProviderError] = field(default_factory=list)
+    download_errors: list[ProviderError] = field(default_factory=list)
+    corrupt_downloads: int = 0
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    max_bytes_seen: list[int] = field(default_factory=list)
+    chunks_served: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _serial: int = 0
+
+    def add(self, media_id: str, body: bytes, **stated: Any) -> FakeMedia:
+        self.media[media_id] = FakeMedia(body, **stated)
+        return self.media[media_id]
+
+    @staticmethod
+    def webhook_url(media_id: str) -> str:
+        return f"https://cdn.test/webhook/{media_id}?{SIGNATURE}"
+
+    def client(self, credentials: Credentials) -> FakeClient:
+        return FakeClient(self, credentials)
+
+    def count(self, kind: str) -> int:
+        return sum(1 for call, _ in self.calls if call == kind)
+
+
+class FakeClient:
+    def __init__(self, provider: FakeProvider, credentials: Credentials) -> None:
+        self.provider = provider
+        self.credentials = credentials
+
+    def resolve(self, media_id: str) -> MediaLocation:
+        p = self.provider
+        with p._lock:
+            p.calls.append(("lookup", media_id))
+            if p.lookup_errors:
+                raise p.lookup_errors.pop(0)
+            p._serial += 1
+            media = p.media[media_id]
+            url = f"https://cdn.test/fresh/{media_id}?n={p._serial}&{SIGNATURE}"
+        return MediaLocation(url, media.mime, media.sha256, media.file_size)
+
+    @contextmanager
+    def download(self, url: str, *, max_bytes: int) -> Iterator[Iterator[bytes]]:
+        p = self.provider
+        media_id = url.split("?")[0].rsplit("/", 1)[1]
+        with p._lock:
+            p.calls.append(("download", url.split("/")[3]))
+            p.max_bytes_seen.append(max_bytes)
+            if p.download_errors:
+                raise p.download_errors.pop(0)
+            body = p.media[media_id].body
+            if p.corrupt_downloads:
+                p.corrupt_downloads -= 1
+                body = body[:-1] + bytes([body[-1] ^ 0xFF])
+
+        def chunks() -> Iterator[bytes]:
+            sent = 0
+            for start in range(0, len(body), CHUNK):
+                chunk = body[start : start + CHUNK]
+                if sent + len(chunk) > max_bytes:
+                    raise TooLarge(
+                        "body passed the cap", endpoint="download", counts_against_budget=False
+                    )
+                sent += len(chunk)
+                with p._lock:
+                    p.chunks_served += 1
+                yield chunk
+
+        yield chunks()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = utcnow()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@dataclass
+class Env:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    provider: FakeProvider
+    storage: MemoryStorage
+    budget: SqlErrorBudget
+    pipeline: Pipeline
+    clock: Clock
+    instance_id: int
+
+    def item(
+        self, media_id: str, *, fresh: bool = True, instance_id: int | None = None, **row: Any
+    ) -> int:
+        now = self.clock()
+        received = now if fresh else now - timedelta(minutes=10)
+        values: dict[str, Any] = {
+            "media_id": media_id,
+            "received_at": received,
+            "next_attempt_at": received,
+            "download_url": FakeProvider.webhook_url(media_id),
+            "url_deadline": received + timedelta(minutes=5),
+            "expires_at": received + timedelta(days=7),
+        }
+        values.update(row)
+        with self.sessions.begin() as session:
+            instance = session.get(Instance, instance_id or self.instance_id)
+            assert instance is not None
+            return make_media_item(session, instance, **values).id
+
+    def row(self, item_id: int) -> MediaItem:
+        with self.sessions() as session:
+            item = session.get(MediaItem, item_id)
+            assert item is not None
+            return item
+
+    def make_due(self, item_id: int) -> None:
+        """Move the clock past the row's next attempt."""
+        due = self.row(item_id).next_attempt_at
+        self.clock.now = max(self.clock.now, due + timedelta(seconds=1))
+
+
+def build_env(settings: Settings, sessions: sessionmaker[Session], **instance: Any) -> Env:
+    clock = Clock()
+    provider = FakeProvider()
+    storage = MemoryStorage()
+    budget = SqlErrorBudget.from_settings(sessions, settings, clock=clock)
+    pipeline = Pipeline(
+        settings=settings,
+        sessions=sessions,
+        storage=storage,
+        budget=budget,
+        clients=provider.client,
+        clock=clock,
+        rng=random.Random(0),
+    )
+    with sessions.begin() as session:
+        instance_id = make_instance(session, **instance).id
+    return Env(settings, sessions, provider, storage, budget, pipeline, clock, instance_id)
+
+
+@pytest.fixture
+def env(settings: Settings, sessions: sessionmaker[Session]) -> Env:
+    return build_env(settings, sessions)
+
+
+def stored_bytes(env: Env, item_id: int) -> bytes:
+    row = env.row(item_id)
+    assert row.storage_key is not None
+    with env.storage.open(row.storage_key) as body:
+        return body.read()
+
+
+# --- the happy paths and the URL rule ---------------------------------------------------
+
+
+def test_fresh_webhook_url_is_downloaded_verified_and_stored_without_a_lookup(env: Env) -> None:
+    body = jpeg()
+    env.provider.add("m1", body)
+    item_id = env.item(
+        "m1", declared_sha256=hashlib.sha256(body).hexdigest(), declared_size=len(body)
+    )
+
+    result = env.pipeline.run(item_id)
+
+    assert (result.outcome, result.state, result.size) == ("stored", "stored", len(body))
+    assert env.provider.calls == [("download", "webhook")]
+    row = env.row(item_id)
+    assert row.state == MediaState.STORED
+    assert (row.size, row.actual_sha256, row.actual_mime) == (
+        len(body),
+        hashlib.sha256(body).hexdigest(),
+        "image/jpeg",
+    )
+    assert row.storage_backend == "memory" and row.stored_at is not None
+    assert row.download_url is None and row.lease_owner is None and row.lease_until is None
+    assert row.attempts == 1 and not row.over_send_limit
+    assert stored_bytes(env, item_id) == body
+
+
+def test_stale_url_costs_exactly_one_lookup(env: Env) -> None:
+    env.provider.add("m2", jpeg())
+    item_id = env.item("m2", fresh=False)
+    assert env.pipeline.run(item_id).outcome == "stored"
+    assert env.provider.calls == [("lookup", "m2"), ("download", "fresh")]
+
+
+def test_a_fresh_url_the_cdn_refuses_is_resolved_once_more(env: Env) -> None:
+    env.provider.add("m3", jpeg())
+    env.provider.download_errors.append(
+        UrlRejected("cdn said 403", endpoint="download", status=403)
+    )
+    item_id = env.item("m3")
+    assert env.pipeline.run(item_id).outcome == "stored"
+    assert env.provider.calls == [("download", "webhook"), ("lookup", "m3"), ("download", "fresh")]
+
+
+def test_running_twice_is_harmless(env: Env) -> None:
+    env.provider.add("m4", jpeg())
+    item_id = env.item("m4")
+    assert env.pipeline.run(item_id).outcome == "stored"
+    assert env.pipeline.run(item_id).outcome == "skipped"
+    assert env.provider.count("download") == 1
+    assert len(env.storage.keys()) == 1
+
+
+def test_object_keys_are_deterministic_so_a_repeat_leaves_one_object(env: Env) -> None:
+    body = jpeg()
+    env.provider.add("same-media", body)
+    first = env.item("same-media")
+    assert env.pipeline.run(first).outcome == "stored"
+    # The same media id for the same instance (a re-sent message): same key, same bytes.
+    second = env.item("same-media")
+    assert env.pipeline.run(second).outcome == "stored"
+    assert env.row(first).storage_key == env.row(second).storage_key
+    assert env.storage.keys() == [env.row(first).storage_key]
+
+
+def test_a_sticker_over_its_sending_limit_is_archived_and_flagged(env: Env) -> None:
+    webp = b"RIFF\x00\x00\x00\x00WEBPVP8 " + b"\x00" * 150_000
+    env.provider.add("sticker", webp, mime="image/webp")
+    item_id = env.item("sticker", media_type="sticker", declared_mime="image/webp")
+    assert env.pipeline.run(item_id).outcome == "stored"
+    row = env.row(item_id)
+    assert row.over_send_limit and row.actual_mime == "image/webp"
+
+
+# --- the lease ------------------------------------------------------------------------------
+
+
+def test_a_live_lease_blocks_a_second_claim_and_a_lapsed_one_does_not(env: Env) -> None:
+    item_id = env.item("m5")
+    first = env.pipeline.claim(item_id)
+    assert first is not None
+    assert env.pipeline.claim(item_id) is None
+    env.clock.advance(env.settings.lease_seconds + 1)
+    second = env.pipeline.claim(item_id)
+    assert second is not None and second.owner != first.owner
+    assert env.row(item_id).attempts == 2
+
+
+def test_a_worker_that_lost_its_lease_cannot_record_its_result(env: Env) -> None:
+    env.provider.add("m6", jpeg())
+    item_id = env.item("m6")
+    stale = env.pipeline.claim(item_id)
+    assert stale is not None
+    env.clock.advance(env.settings.lease_seconds + 1)
+    assert env.pipeline.run(item_id).outcome == "stored"  # the new owner finishes
+    from ingest.pipeline import AttemptFailed, _Attempt
+    from ingest.retry_policy import Outcome
+
+    # The old owner's late failure changes nothing.
+    env.pipeline._finish_unstored(
+        _Attempt(stale, env.provider.client(stale.credentials)),
+        AttemptFailed(Outcome.PROVIDER_REJECTED, "late"),
+    )
+    assert env.row(item_id).state == MediaState.STORED
+
+
+def test_rows_not_yet_due_are_not_claimed(env: Env) -> None:
+    item_id = env.item("m7", next_attempt_at=env.clock() + timedelta(minutes=5))
+    assert env.pipeline.run(item_id).outcome == "skipped"
+    assert env.provider.calls == []
+
+
+def test_the_claim_leaves_a_row_that_keeps_killing_workers_to_the_reconciler(env: Env) -> None:
+    item_id = env.item(
+        "m8",
+        state=MediaState.DOWNLOADING,
+        attempts=env.settings.max_attempts,
+        lease_until=env.clock() - timedelta(seconds=1),
+        lease_owner="dead-worker",
+    )
+    assert env.pipeline.run(item_id).outcome == "skipped"
+
+
+# --- the outcome table, as the pipeline applies it --------------------------------------
+
+
+def test_400_is_never_retried(env: Env) -> None:
+    env.provider.add("bad", jpeg())
+    env.provider.lookup_errors.append(ProviderRejected("400", endpoint="lookup", status=400))
+    item_id = env.item("bad", fresh=False)
+    result = env.pipeline.run(item_id)
+    assert (result.state, result.reason) == ("failed", "provider_rejected")
+    row = env.row(item_id)
+    assert row.failure_reason == "provider_rejected" and "400" in (row.last_error or "")
+    env.clock.advance(7200)
+    assert env.pipeline.run(item_id).outcome == "skipped"
+    assert env.provider.calls == [("lookup", "bad")]
+
+
+def test_401_from_the_lookup_disconnects_the_instance_and_retries_later(env: Env) -> None:
+    env.provider.add("auth", jpeg())
+    env.provider.lookup_errors.append(ProviderAuthError("401", endpoint="lookup", status=401))
+    item_id = env.item("auth", fresh=False)
+    result = env.pipeline.run(item_id)
+    assert (result.outcome, result.state) == ("instance_unauthorized", "pending")
+    assert result.next_attempt_at is not None and result.next_attempt_at > env.clock()
+    with env.sessions() as session:
+        instance = session.get(Instance, env.instance_id)
+        assert instance is not None and not instance.connected
+    # While disconnected no call is made and the attempt is given back.
+    env.make_due(item_id)
+    attempts = env.row(item_id).attempts
+    assert env.pipeline.run(item_id).outcome == "instance_disconnected"
+    assert env.row(item_id).attempts == attempts
+    assert env.provider.count("lookup") == 1
+    # The operator reconnects: the row is stored.
+    with env.sessions.begin() as session:
+        instance = session.get(Instance, env.instance_id)
+        assert instance is not None
+        instance.connected = True
+    env.make_due(item_id)
+    assert env.pipeline.run(item_id).outcome == "stored"
+
+
+def test_404_from_the_lookup_after_the_url_went_stale_fails(env: Env) -> None:
+    env.provider.lookup_errors.append(MediaNotFound("404", endpoint="lookup", status=404))
+    item_id = env.item("gone", fresh=False)
+    result = env.pipeline.run(item_id)
+    assert (result.state, result.reason) == ("failed", "media_not_found")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ProviderThrottled("429", endpoint="lookup", status=429, retry_after=90),
+        ProviderUnavailable("503", endpoint="lookup", status=503),
+        ProviderUnavailable("timed out", endpoint="lookup", counts_against_budget=False),
+    ],
+)
+def test_throttling_and_outages_back_off_in_sql(env: Env, error: ProviderError) -> None:
+    env.provider.add("busy", jpeg())
+    env.provider.lookup_errors.append(error)
+    item_id = env.item("busy", fresh=False)
+    result = env.pipeline.run(item_id)
+    assert result.state == "pending"
+    row = env.row(item_id)
+    assert row.next_attempt_at > env.clock() and row.lease_owner is None
+    if error.retry_after:
+        assert row.next_attempt_at >= env.clock() + timedelta(seconds=error.retry_after)
+    env.make_due(item_id)
+    assert env.pipeline.run(item_id).outcome == "stored"
+    assert env.row(item_id).attempts == 2
+
+
+def test_retries_give_up_as_expired_when_the_seven_days_pass(env: Env) -> None:
+    env.provider.lookup_errors.append(ProviderUnavailable("503", endpoint="lookup", status=503))
+    item_id = env.item("late", fresh=False, expires_at=env.clock() + timedelta(seconds=2))
+    result = env.pipeline.run(item_id)
+    assert result.state == "expired"
+    assert env.row(item_id).download_url is None
+
+
+def test_an_item_past_its_seven_days_is_expired_without_a_call(env: Env) -> None:
+    item_id = env.item("old", fresh=False, expires_at=env.clock() - timedelta(seconds=1))
+    assert env.pipeline.run(item_id).state == "expired"
+    assert env.provider.calls == []
+
+
+def test_storage_failure_is_retried_and_nothing_is_recorded_as_stored(env: Env) -> None:
+    class BrokenStorage(MemoryStorage):
+        def put(self, *args: Any, **kwargs: Any) -> Any:
+            raise StorageError("s3 put failed: SlowDown")
+
+    env.pipeline.storage = BrokenStorage()
+    env.provider.add("m9", jpeg())
+    item_id = env.item("m9")
+    result = env.pipeline.run(item_id)
+    assert (result.outcome, result.state) == ("storage_unavailable", "pending")
+    assert env.row(item_id).storage_key is None
+
+
+# --- integrity: nothing unverified is stored ---------------------------------------------
+
+
+def test_a_checksum_mismatch_is_retried_with_a_fresh_url(env: Env) -> None:
+    body = jpeg()
+    env.provider.add("flaky", body)
+    env.provider.corrupt_downloads = 1
+    item_id = env.item("flaky", declared_sha256=hashlib.sha256(body).hexdigest())
+    assert env.pipeline.run(item_id).outcome == "stored"
+    assert env.provider.calls == [
+        ("download", "webhook"),
+        ("lookup", "flaky"),
+        ("download", "fresh"),
+    ]
+    assert stored_bytes(env, item_id) == body
+
+
+def test_a_persistent_checksum_mismatch_fails_and_is_never_stored(env: Env) -> None:
+    env.provider.add("corrupt", jpeg(), sha256="ab" * 32)
+    item_id = env.item("corrupt", fresh=False)
+    result = env.pipeline.run(item_id)
+    assert (result.state, result.reason) == ("failed", "checksum_mismatch")
+    assert env.storage.keys() == []
+    assert env.provider.count("download") == 2
+    assert env.row(item_id).actual_sha256 is None
+
+
+def test_bytes_that_contradict_the_declared_type_fail_as_unsupported(env: Env) -> None:
+    env.provider.add("png", PNG, mime="image/jpeg")
+    item_id = env.item("png")
+    result = env.pipeline.run(item_id)
+    assert (result.state, result.reason) == ("failed", "unsupported_type")
+    assert env.storage.keys() == []
+
+
+def test_an_html_error_page_served_as_media_is_never_stored(env: Env) -> None:
+    env.provider.add("html", b"<!DOCTYPE html><html>Session expired</html>", mime="video/mp4")
+    item_id = env.item("html", media_type="video", declared_mime="video/mp4")
+    assert env.pipeline.run(item_id).reason == "unsupported_type"
+    assert env.storage.keys() == []
+
+
+def test_a_stream_past_the_cap_is_aborted_at_the_cap(
+    make_settings: Any, database_url: str, sessions: sessionmaker[Session]
+) -> None:
+    settings = make_settings(database_url=database_url, max_media_bytes=4 * CHUNK)
+    env = build_env(settings, sessions)
+    env.provider.add("huge", jpeg(40 * CHUNK), mime="image/jpeg", file_size=None)
+    env.provider.media["huge"].file_size = None
+    item_id = env.item("huge")
+    result = env.pipeline.run(item_id)
+    assert (result.state, result.reason) == ("failed", "too_large")
+    assert env.provider.max_bytes_seen == [4 * CHUNK]
+    assert env.provider.chunks_served <= 4  # stopped reading at the cap, not at the end
+    assert env.storage.keys() == []
+
+
+def test_the_cap_is_also_the_size_the_lookup_stated(env: Env) -> None:
+    env.provider.add("liar", jpeg(10 * CHUNK), file_size=2 * CHUNK)
+    item_id = env.item("liar", fresh=False)
+    assert env.pipeline.run(item_id).reason == "too_large"
+    assert env.provider.max_bytes_seen == [2 * CHUNK]
+
+
+# --- the error budget --------------------------------------------------------------------
+
+
+def test_a_spent_budget_blocks_the_number_without_calling_and_without_an_attempt(
+    env: Env,
+) -> None:
+    env.provider.add("blocked", jpeg())
+    with env.sessions() as session:
+        instance = session.get(Instance, env.instance_id)
+        assert instance is not None
+        phone = instance.phone_number_id
+    limit = [BudgetLimit(f"media:{phone}", env.settings.error_budget_media)]
+    for _ in range(env.settings.error_budget_media):
+        env.budget.confirm(env.budget.reserve(limit))
+    item_id = env.item("blocked")
+    result = env.pipeline.run(item_id)
+    assert (result.outcome, result.state) == ("budget_exhausted", "pending")
+    assert env.provider.calls == []
+    row = env.row(item_id)
+    assert row.attempts == 0
+    window = timedelta(seconds=env.settings.error_budget_window_seconds)
+    assert row.next_attempt_at >= env.clock() + window - timedelta(seconds=5)
+    # When the window frees, the number resumes.
+    env.make_due(item_id)
+    assert env.pipeline.run(item_id).outcome == "stored"
+
+
+def test_errors_of_one_number_never_exceed_its_budget_and_others_keep_flowing(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    env = build_env(settings, sessions, provider=Provider.D360)
+    with sessions.begin() as session:
+        healthy_id = make_instance(session).id
+    # Every lookup for the 360dialog number fails; the healthy number's items need none.
+    env.provider.lookup_errors.extend(
+        ProviderUnavailable("503", endpoint="lookup", status=503) for _ in range(30)
+    )
+    failing = [env.item(f"f{n}", fresh=False) for n in range(30)]
+    healthy = []
+    for n in range(5):
+        env.provider.add(f"h{n}", jpeg(seed=n))
+        healthy.append(env.item(f"h{n}", instance_id=healthy_id))
+    for item_id in failing + healthy:
+        env.pipeline.run(item_id)
+    # 360dialog: at most error_budget_lookup_360dialog failed lookups, then no more calls.
+    assert env.provider.count("lookup") == env.settings.error_budget_lookup_360dialog
+    assert all(env.row(i).state == MediaState.STORED for i in healthy)
+    assert all(env.row(i).state == MediaState.PENDING for i in failing)
+
+
+def test_the_signed_url_never_appears_in_logs_or_errors(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    env.provider.add("s1", jpeg())
+    env.provider.download_errors.append(
+        UrlRejected("cdn said 403", endpoint="download", status=403)
+    )
+    env.provider.download_errors.append(
+        UrlRejected("cdn said 403", endpoint="download", status=403)
+    )
+    item_id = env.item("s1")
+    result = env.pipeline.run(item_id)
+    assert result.state == "pending"
+    row = env.row(item_id)
+    assert row.download_url is None  # used once: not kept
+    assert SIGNATURE not in (row.last_error or "")
+    assert SIGNATURE not in caplog.text and "cdn.test" not in caplog.text
+    line = next(r.getMessage() for r in caplog.records if "outcome=url_rejected" in r.getMessage())
+    assert f"item={item_id}" in line and "instance=instance-" in line and "duration=" in line
+
+
+# --- against the sandbox provider (real HTTP clients, in-process pipeline) ----------------
+
+
+@dataclass
+class SandboxEnv:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    sandbox: Any
+    storage: MemoryStorage
+    pipeline: Pipeline
+    egress: Any
+
+    def number(self, provider: str = "cloud") -> int:
+        with self.sessions.begin() as session:
+            instance = make_instance(session, provider=Provider(provider))
+            self.sandbox.add_number(instance.phone_number_id, instance.api_key, provider)
+            return instance.id
+
+    def item(
+        self, instance_id: int, media_type: str = "image", *, stale: bool = True, **media: Any
+    ) -> tuple[int, Any]:
+        with self.sessions.begin() as session:
+            instance = session.get(Instance, instance_id)
+            assert instance is not None
+            found = self.sandbox.add_media(instance.phone_number_id, media_type, **media)
+            now = utcnow()
+            received = now - timedelta(minutes=10) if stale else now
+            row = make_media_item(
+                session,
+                instance,
+                media_id=found.media_id,
+                media_type=media_type,
+                declared_mime=found.mime_type,
+                declared_sha256=found.sha256,
+                received_at=received,
+                next_attempt_at=received,
+                download_url=found.url,
+                url_deadline=received + timedelta(minutes=5),
+            )
+            return row.id, found
+
+    def state(self, item_id: int) -> tuple[str, str | None]:
+        with self.sessions() as session:
+            row = session.get(MediaItem, item_id)
+            assert row is not None
+            return row.state, row.failure_reason
+
+    def make_all_due(self) -> None:
+        with self.sessions.begin() as session:
+            session.execute(
+                update(MediaItem)
+                .where(MediaItem.state == MediaState.PENDING)
+                .values(next_attempt_at=utcnow() - timedelta(seconds=1))
+            )
+
+
+@pytest.fixture
+def build_sandbox_env(
+    sandbox: Any, make_settings: Any, sqlite_url: str, session_factory_for: Any
+) -> Iterator[Callable[..., SandboxEnv]]:
+    """SQLite only: the database rules are covered above on both backends."""
+    from ingest.egress import Egress
+    from ingest.providers import client_for
+
+    def build(**overrides: Any) -> SandboxEnv:
+        settings = make_settings(
+            database_url=sqlite_url,
+            graph_url=sandbox.graph_url,
+            d360_url=sandbox.d360_url,
+            media_hosts=["127.0.0.1", "localhost"],
+            http_timeout_seconds=5.0,
+            **overrides,
+        )
+        sessions = session_factory_for(sqlite_url)
+        egress = Egress(settings)
+        egresses.append(egress)
+        storage = MemoryStorage()
+        pipeline = Pipeline(
+            settings=settings,
+            sessions=sessions,
+            storage=storage,
+            budget=SqlErrorBudget.from_settings(sessions, settings),
+            clients=lambda credentials: client_for(credentials, settings, egress),
+            rng=random.Random(0),
+        )
+        return SandboxEnv(settings, sessions, sandbox, storage, pipeline, egress)
+
+    egresses: list[Any] = []
+    yield build
+    for egress in egresses:
+        egress.close()
+
+
+@pytest.fixture
+def sandbox_env(build_sandbox_env: Callable[..., SandboxEnv]) -> SandboxEnv:
+    return build_sandbox_env()
+
+
+def test_sandbox_stale_url_costs_exactly_one_lookup(sandbox_env: SandboxEnv) -> None:
+    instance_id = sandbox_env.number()
+    item_id, found = sandbox_env.item(instance_id)
+    result = sandbox_env.pipeline.run(item_id)
+    assert result.outcome == "stored", sandbox_env.state(item_id)
+    assert sandbox_env.sandbox.requests("graph_lookup") == 1
+    assert sandbox_env.sandbox.requests("cdn_download") == 1
+    with sandbox_env.pipeline.sessions() as session:
+        row = session.get(MediaItem, item_id)
+        assert row is not None and row.storage_key is not None
+    with sandbox_env.storage.open(row.storage_key) as stored:
+        assert stored.read() == sandbox_env.sandbox.media_bytes(found.media_id)
+
+
+def test_sandbox_fresh_url_needs_no_lookup(sandbox_env: SandboxEnv) -> None:
+    instance_id = sandbox_env.number("360dialog")
+    item_id, _ = sandbox_env.item(instance_id, "document", stale=False)
+    assert sandbox_env.pipeline.run(item_id).outcome == "stored"
+    assert sandbox_env.sandbox.requests("d360_lookup") == 0
+    assert sandbox_env.sandbox.requests("d360_download") == 1
+
+
+def test_sandbox_400_is_never_retried(sandbox_env: SandboxEnv) -> None:
+    instance_id = sandbox_env.number()
+    item_id, found = sandbox_env.item(instance_id)
+    sandbox_env.sandbox.set_faults(found.media_id, lookup_statuses=[400, 400, 400])
+    assert sandbox_env.pipeline.run(item_id).reason == "provider_rejected"
+    sandbox_env.make_all_due()
+    assert sandbox_env.pipeline.run(item_id).outcome == "skipped"
+    assert sandbox_env.sandbox.requests("graph_lookup") == 1
+
+
+def test_sandbox_checksum_mismatch_is_never_stored(sandbox_env: SandboxEnv) -> None:
+    instance_id = sandbox_env.number()
+    item_id, found = sandbox_env.item(instance_id)
+    sandbox_env.sandbox.set_faults(found.media_id, corrupt=True)
+    assert sandbox_env.pipeline.run(item_id).reason == "checksum_mismatch"
+    assert sandbox_env.sandbox.requests("cdn_download") == 2  # once more with a fresh URL
+    assert sandbox_env.storage.keys() == []
+
+
+def test_sandbox_oversized_stream_is_aborted_at_the_cap(
+    build_sandbox_env: Callable[..., SandboxEnv],
+) -> None:
+    small = build_sandbox_env(max_media_bytes=256 * 1024)
+    instance_id = small.number()
+    item_id, _ = small.item(instance_id, "document", size=2 * 1024 * 1024)
+    assert small.pipeline.run(item_id).reason == "too_large"
+    assert small.storage.keys() == []
+
+
+def test_sandbox_a_failing_number_never_exceeds_its_budget_and_others_still_flow(
+    sandbox_env: SandboxEnv,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    failing_id = sandbox_env.number()
+    healthy_id = sandbox_env.number()
+    failing = []
+    for _ in range(30):
+        item_id, found = sandbox_env.item(failing_id)
+        sandbox_env.sandbox.set_faults(found.media_id, lookup_statuses=[500] * 10)
+        failing.append(item_id)
+    healthy = [sandbox_env.item(healthy_id)[0] for _ in range(6)]
+    with sandbox_env.sessions() as session:
+        phone = session.get(Instance, failing_id).phone_number_id  # type: ignore[union-attr]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for _ in range(3):  # backoff "passes": every failing row is tried again
+            list(pool.map(sandbox_env.pipeline.run, failing + healthy))
+            sandbox_env.make_all_due()
+
+    assert (
+        sandbox_env.sandbox.max_errors_in_window(phone) <= sandbox_env.settings.error_budget_media
+    )
+    assert all(e.status != 429 for e in sandbox_env.sandbox.errors_served(phone))  # never blocked
+    assert all(sandbox_env.state(i) == ("stored", None) for i in healthy)
+    assert all(sandbox_env.state(i)[0] == "pending" for i in failing)

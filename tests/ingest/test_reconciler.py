@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from ingest.models import Instance, MediaItem, MediaState, utcnow
+from ingest.queues import (
+    LARGE_MEDIA,
+    SMALL_MEDIA,
+    DownloadJob,
+    RecordingScheduler,
+    SchedulerUnavailable,
+)
+from ingest.reconciler import reconcile
+from ingest.settings import Settings
+from tests.factories import make_instance, make_media_item
+
+
+class Rows:
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+        with sessions.begin() as session:
+            self.instance_id = make_instance(session).id
+
+    def add(self, **values: Any) -> int:
+        # Due a little before the reconciler's `now` unless the test says otherwise.
+        values.setdefault("next_attempt_at", utcnow() - timedelta(minutes=1))
+        with self.sessions.begin() as session:
+            instance = session.get(Instance, self.instance_id)
+            assert instance is not None
+            return make_media_item(session, instance, **values).id
+
+    def get(self, item_id: int) -> MediaItem:
+        with self.sessions() as session:
+            item = session.get(MediaItem, item_id)
+            assert item is not None
+            return item
+
+
+@pytest.fixture
+def rows(sessions: sessionmaker[Session]) -> Rows:
+    return Rows(sessions)
+
+
+def test_due_rows_without_a_wake_up_are_published_to_their_queue(
+    rows: Rows, sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    now = utcnow()
+    image = rows.add(enqueued_at=None, next_attempt_at=now - timedelta(seconds=5))
+    document = rows.add(media_type="document", declared_mime="application/pdf", enqueued_at=None)
+    big_image = rows.add(declared_size=settings.large_media_bytes, enqueued_at=None)
+    later = rows.add(enqueued_at=None, next_attempt_at=now + timedelta(minutes=5))
+    stored = rows.add(state=MediaState.STORED, enqueued_at=None)
+    scheduler = RecordingScheduler()
+
+    report = reconcile(sessions, scheduler, settings, now=now)
+
+    assert set(scheduler.jobs) == {
+        DownloadJob(image, SMALL_MEDIA),
+        DownloadJob(document, LARGE_MEDIA),
+        DownloadJob(big_image, LARGE_MEDIA),
+    }
+    assert report.woken == 3
+    assert rows.get(image).enqueued_at is not None
+    assert rows.get(later).enqueued_at is None and rows.get(stored).enqueued_at is None
+    # Woken once: the next pass a minute later publishes nothing new.
+    again = RecordingScheduler()
+    reconcile(sessions, again, settings, now=now + timedelta(minutes=1))
+    assert again.jobs == []
+
+
+def test_a_retry_whose_backoff_ended_is_woken_and_a_lost_wake_up_is_resent(
+    rows: Rows, sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    now = utcnow()
+    retry = rows.add(
+        enqueued_at=now - timedelta(minutes=2), next_attempt_at=now - timedelta(seconds=1)
+    )
+    recent = rows.add(
+        enqueued_at=now - timedelta(minutes=2), next_attempt_at=now - timedelta(minutes=3)
+    )
+    lost = rows.add(
+        enqueued_at=now - timedelta(seconds=settings.lease_seconds + 1),
+        next_attempt_at=now - timedelta(seconds=settings.lease_seconds + 1),
+    )
+    scheduler = RecordingScheduler()
+    reconcile(sessions, scheduler, settings, now=now)
+    assert {job.media_item_id for job in scheduler.jobs} == {retry, lost}
+    assert recent not in {job.media_item_id for job in scheduler.jobs}
+
+
+def test_rows_past_seven_days_expire_and_lose_their_url(
+    rows: Rows, sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    now = utcnow()
+    old = rows.add(expires_at=now - timedelta(seconds=1), download_url="https://x/?sig=s")
+    leased = rows.add(
+        expires_at=now - timedelta(seconds=1),
+        state=MediaState.DOWNLOADING,
+        lease_until=now + timedelta(minutes=5),
+        lease_owner="busy",
+    )
+    report = reconcile(sessions, RecordingScheduler(), settings, now=now)
+    assert report.expired == 1
+    assert rows.get(old).state == MediaState.EXPIRED and rows.get(old).download_url is None
+    assert rows.get(leased).state == MediaState.DOWNLOADING  # its worker decides
+
+
+def test_lapsed_leases_go_back_to_pending_until_the_attempt_cap(
+    rows: Rows, sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    now = utcnow()
+    lapsed = dict(
+        state=MediaState.DOWNLOADING,
+        lease_until=now - timedelta(seconds=1),
+        lease_owner="dead",
+        enqueued_at=now - timedelta(minutes=20),
+        next_attempt_at=now - timedelta(minutes=20),
+    )
+    retried = rows.add(attempts=1, **lapsed)
+    killer = rows.add(attempts=settings.max_attempts, **lapsed)
+    scheduler = RecordingScheduler()
+    report = reconcile(sessions, scheduler, settings, now=now)
+    assert (report.worker_lost, report.released) == (1, 1)
+    row = rows.get(retried)
+    assert row.state == MediaState.PENDING and row.lease_owner is None
+    assert [job.media_item_id for job in scheduler.jobs] == [retried]
+    dead = rows.get(killer)
+    assert (dead.state, dead.failure_reason) == (MediaState.FAILED, "worker_lost")
+
+
+def test_signed_urls_are_purged_once_stale_or_used(
+    rows: Rows, sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    now = utcnow()
+    url = "https://cdn.test/x?sig=secret"
+    fresh = rows.add(download_url=url, url_deadline=now + timedelta(minutes=3))
+    stale = rows.add(download_url=url, url_deadline=now - timedelta(seconds=1))
+    done = rows.add(
+        download_url=url, url_deadline=now + timedelta(minutes=3), state=MediaState.STORED
+    )
+    report = reconcile(sessions, RecordingScheduler(), settings, now=now)
+    assert report.purged_urls == 2
+    assert rows.get(fresh).download_url == url
+    assert rows.get(stale).download_url is None and rows.get(done).download_url is None
+
+
+def test_a_broker_outage_leaves_the_rows_for_the_next_pass(
+    rows: Rows, sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    class DownScheduler:
+        def schedule(self, jobs: Any) -> None:
+            raise SchedulerUnavailable("ConnectionRefusedError")
+
+    item = rows.add(enqueued_at=None)
+    report = reconcile(sessions, DownScheduler(), settings, now=utcnow())
+    assert report.publish_failed and report.woken == 0
+    assert rows.get(item).enqueued_at is None
+    scheduler = RecordingScheduler()
+    reconcile(sessions, scheduler, settings, now=utcnow())
+    assert [job.media_item_id for job in scheduler.jobs] == [item]

@@ -1,0 +1,621 @@
+"""The archive API over HTTP: the seed's contract, token reach, rate limit, streaming, ranges."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+
+from ingest import accounts
+from ingest.media_rules import object_key
+from ingest.models import MediaState, utcnow
+from ingest.queues import RecordingScheduler
+from ingest.services import Services
+from ingest.settings import Settings
+from ingest.storage import MemoryStorage
+from tests.factories import make_instance, make_media_item
+from webhook.app import create_app
+
+JPEG = b"\xff\xd8\xff\xe0" + os.urandom(3000)
+
+
+@dataclass
+class Archive:
+    """An app over a database with two instances in one account and one in another."""
+
+    services: Services
+    client: FlaskClient
+    instance: str
+    sibling: str
+    foreign: str
+    account_token: str
+    instance_token: str
+    sibling_token: str
+    foreign_account_token: str
+
+    def store(self, data: bytes = JPEG, *, instance: str | None = None, **row: Any) -> str:
+        """A stored media row whose bytes are in the app's storage; returns the message id."""
+        digest = hashlib.sha256(data).hexdigest()
+        with self.services.sessions.begin() as session:
+            owner = accounts.get_instance(session, instance or self.instance)
+            values: dict[str, Any] = {
+                "state": MediaState.STORED,
+                "size": len(data),
+                "actual_sha256": digest,
+                "actual_mime": "image/jpeg",
+                "stored_at": utcnow(),
+            }
+            values.update(row)
+            item = make_media_item(session, owner, **values)
+            key = object_key(owner.name, item.media_type, item.media_id or item.message_id)
+            item.storage_key = key
+            item.storage_backend = self.services.storage.backend
+            message_id = item.message_id
+        self.services.storage.put(
+            key,
+            io.BytesIO(data),
+            size=len(data),
+            sha256=digest,
+            content_type=str(values["actual_mime"]),
+        )
+        return message_id
+
+    def row(self, *, instance: str | None = None, **values: Any) -> str:
+        """A media row without bytes (pending, failed...); returns the message id."""
+        with self.services.sessions.begin() as session:
+            owner = accounts.get_instance(session, instance or self.instance)
+            return make_media_item(session, owner, **values).message_id
+
+    def get(self, path: str, token: str | None = None, **headers: str) -> Any:
+        if token is not None:
+            headers["token"] = token
+        return self.client.get(path, headers=headers, buffered=True)
+
+
+def build_archive(services: Services) -> Archive:
+    with services.sessions.begin() as session:
+        first = make_instance(session)
+        second = make_instance(session)
+        other_account = f"acct-{first.id}"
+        accounts.add_account(session, other_account)
+        third = make_instance(session, account=other_account)
+        tokens = {
+            "account_token": accounts.create_token(session, account=accounts.DEFAULT_ACCOUNT),
+            "instance_token": accounts.create_token(session, instance=first.name),
+            "sibling_token": accounts.create_token(session, instance=second.name),
+            "foreign_account_token": accounts.create_token(session, account=other_account),
+        }
+        names = (first.name, second.name, third.name)
+    app = create_app(services=services, scheduler=RecordingScheduler())
+    return Archive(services, app.test_client(), *names, **tokens)
+
+
+@pytest.fixture
+def api(services: Services) -> Archive:
+    return build_archive(services)
+
+
+@pytest.fixture
+def lite(make_settings: Any, sqlite_url: str) -> Iterator[Archive]:
+    """SQLite only: for tests about bodies and headers, where the database adds nothing."""
+    services = Services.from_settings(make_settings(database_url=sqlite_url))
+    yield build_archive(services)
+    services.close()
+
+
+def b64_path(instance: str, message_id: str) -> str:
+    return f"/api/chat/base64/{instance}?messageId={message_id}"
+
+
+def error_of(response: Any) -> tuple[int, str]:
+    body = response.get_json()
+    assert body["success"] is False
+    assert set(body) == {"success", "error"}
+    assert set(body["error"]) == {"message"}
+    return response.status_code, body["error"]["message"]
+
+
+# --- success -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["token", "bearer"])
+def test_base64_success_body_is_exactly_the_seed(api: Archive, form: str) -> None:
+    message_id = api.store()
+    headers = (
+        {"token": api.instance_token}
+        if form == "token"
+        else {"Authorization": f"Bearer {api.instance_token}"}
+    )
+    response = api.client.get(b64_path(api.instance, message_id), headers=headers, buffered=True)
+
+    assert response.status_code == 200
+    assert response.mimetype == "application/json"
+    body = json.loads(response.data)
+    assert list(body) == ["success", "message", "message_id", "mime_type", "media_type", "base64"]
+    assert body["success"] is True
+    assert body["message"] == "Base64 retrieved successfully"
+    assert body["message_id"] == message_id
+    assert body["mime_type"] == "image/jpeg"
+    assert body["media_type"] == "image"
+    assert base64.b64decode(body["base64"], validate=True) == JPEG
+    assert int(response.headers["Content-Length"]) == len(response.data)
+    assert hashlib.sha256(JPEG).hexdigest() in response.headers["ETag"]
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 4, 786431, 786432, 786433, 2 * 786432 + 5])
+def test_base64_round_trips_every_length(lite: Archive, size: int) -> None:
+    data = os.urandom(size)
+    message_id = lite.store(data, media_type="document", actual_mime="application/pdf")
+    response = lite.get(b64_path(lite.instance, message_id), lite.account_token)
+    body = json.loads(response.data)
+    assert base64.b64decode(body["base64"], validate=True) == data
+    assert body["media_type"] == "document"
+    assert int(response.headers["Content-Length"]) == len(response.data)
+
+
+def test_base64_body_is_streamed_in_bounded_chunks(lite: Archive) -> None:
+    data = os.urandom(5 * 1024 * 1024)
+    message_id = lite.store(data, media_type="video", actual_mime="video/mp4")
+    response = lite.client.get(
+        b64_path(lite.instance, message_id), headers={"token": lite.account_token}, buffered=False
+    )
+    assert response.is_streamed
+    chunks = list(response.response)
+    response.close()
+    # Nothing like the whole encoding (7 MB) ever exists as one piece.
+    assert len(chunks) > 5
+    assert max(len(chunk) for chunk in chunks) <= 1024 * 1024
+    body = json.loads(b"".join(chunks))
+    assert base64.b64decode(body["base64"]) == data
+
+
+def test_mime_type_falls_back_to_the_declared_one(lite: Archive) -> None:
+    message_id = lite.store(actual_mime=None, declared_mime="image/png")
+    body = lite.get(b64_path(lite.instance, message_id), lite.account_token).get_json()
+    assert body["mime_type"] == "image/png"
+
+
+def test_base64_on_s3(
+    make_settings: Any, sqlite_url: str, moto_server: Any, s3_storage_url: str
+) -> None:
+    settings = make_settings(
+        database_url=sqlite_url,
+        storage_url=s3_storage_url,
+        s3_endpoint_url=moto_server.endpoint_url,
+    )
+    services = Services.from_settings(settings)
+    try:
+        api = build_archive(services)
+        data = os.urandom(1024 * 1024 + 7)
+        message_id = api.store(data, media_type="audio", actual_mime="audio/ogg")
+        body = api.get(b64_path(api.instance, message_id), api.account_token).get_json()
+        assert base64.b64decode(body["base64"]) == data
+        assert body["media_type"] == "audio"
+
+        raw = api.get(f"/api/chat/media/{api.instance}?messageId={message_id}", api.account_token)
+        assert raw.data == data
+        redirect = api.get(
+            f"/api/chat/media/{api.instance}?messageId={message_id}&redirect=1", api.account_token
+        )
+        assert redirect.status_code == 302
+        assert redirect.headers["Location"].startswith(moto_server.endpoint_url)
+        assert redirect.headers["Cache-Control"] == "no-store"
+    finally:
+        services.close()
+
+
+def test_base64_is_idempotent_and_conditional(lite: Archive) -> None:
+    message_id = lite.store()
+    first = lite.get(b64_path(lite.instance, message_id), lite.account_token)
+    second = lite.get(b64_path(lite.instance, message_id), lite.account_token)
+    assert first.data == second.data
+    etag = first.headers["ETag"]
+    assert "private" in first.headers["Cache-Control"]
+    revalidated = lite.get(
+        b64_path(lite.instance, message_id), lite.account_token, **{"If-None-Match": etag}
+    )
+    assert revalidated.status_code == 304
+    assert revalidated.data == b""
+    assert revalidated.headers["ETag"] == etag
+    stale = lite.get(
+        b64_path(lite.instance, message_id), lite.account_token, **{"If-None-Match": '"other"'}
+    )
+    assert stale.status_code == 200
+
+
+# --- the seed's error table, each alone ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/chat/base64/?messageId=wamid.X",
+        "/api/chat/base64?messageId=wamid.X",
+        "/api/chat/base64/%20?messageId=wamid.X",
+    ],
+)
+def test_400_instance_name_is_required(api: Archive, path: str) -> None:
+    assert error_of(api.get(path, api.account_token)) == (400, "Instance name is required")
+
+
+@pytest.mark.parametrize("query", ["", "?messageId=", "?messageId=%20", "?other=1"])
+def test_400_message_id_is_required(api: Archive, query: str) -> None:
+    message_id = api.store()
+    assert message_id
+    response = api.get(f"/api/chat/base64/{api.instance}{query}", api.account_token)
+    assert error_of(response) == (400, "messageId query parameter is required")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"token": "not-a-token"},
+        {"Authorization": "Bearer not-a-token"},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        {"token": ""},
+    ],
+)
+def test_401_invalid_token(api: Archive, headers: dict[str, str]) -> None:
+    message_id = api.store()
+    response = api.client.get(b64_path(api.instance, message_id), headers=headers, buffered=True)
+    assert error_of(response) == (401, "Invalid token")
+
+
+def test_404_instance_not_found(api: Archive) -> None:
+    response = api.get(b64_path("no-such-instance", "wamid.X"), api.account_token)
+    assert error_of(response) == (404, "Instance not found")
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        None,
+        {"state": MediaState.PENDING},
+        {"state": MediaState.DOWNLOADING},
+        {"state": MediaState.FAILED, "failure_reason": "too_large"},
+        {"state": MediaState.EXPIRED},
+    ],
+)
+def test_404_message_not_found_or_no_media(api: Archive, row: dict[str, Any] | None) -> None:
+    message_id = "wamid.UNKNOWN" if row is None else api.row(**row)
+    response = api.get(b64_path(api.instance, message_id), api.account_token)
+    assert error_of(response) == (404, "Message not found or no media available")
+
+
+def test_404_when_the_object_is_missing_from_storage(lite: Archive) -> None:
+    message_id = lite.store()
+    for key in _storage_keys(lite):
+        lite.services.storage.delete(key)
+    response = lite.get(b64_path(lite.instance, message_id), lite.account_token)
+    assert error_of(response) == (404, "Message not found or no media available")
+
+
+def test_503_instance_not_connected(api: Archive) -> None:
+    message_id = api.store()
+    with api.services.sessions.begin() as session:
+        accounts.set_connected(session, api.instance, False)
+    response = api.get(b64_path(api.instance, message_id), api.account_token)
+    assert error_of(response) == (503, "Instance is not connected to WhatsApp")
+
+
+# --- which error wins --------------------------------------------------------------------
+
+
+def test_parameters_are_checked_before_the_token(api: Archive) -> None:
+    assert error_of(api.get("/api/chat/base64/?messageId=", "bad"))[0] == 400
+    assert error_of(api.get("/api/chat/base64/nowhere", None)) == (
+        400,
+        "messageId query parameter is required",
+    )
+
+
+def test_token_is_checked_before_the_instance(api: Archive) -> None:
+    assert error_of(api.get(b64_path("nowhere", "wamid.X"), "bad")) == (401, "Invalid token")
+
+
+def test_instance_connection_is_checked_before_the_message(api: Archive) -> None:
+    with api.services.sessions.begin() as session:
+        accounts.set_connected(session, api.instance, False)
+    response = api.get(b64_path(api.instance, "wamid.UNKNOWN"), api.account_token)
+    assert error_of(response)[0] == 503
+
+
+def test_a_disconnected_instance_is_not_revealed_to_a_stranger(api: Archive) -> None:
+    with api.services.sessions.begin() as session:
+        accounts.set_connected(session, api.instance, False)
+    assert error_of(api.get(b64_path(api.instance, "x"), api.sibling_token))[0] == 401
+    assert error_of(api.get(b64_path(api.instance, "x"), api.foreign_account_token))[0] == 404
+
+
+# --- token reach -------------------------------------------------------------------------
+
+
+def test_account_token_reaches_every_instance_of_its_account(api: Archive) -> None:
+    for name in (api.instance, api.sibling):
+        message_id = api.store(instance=name)
+        assert api.get(b64_path(name, message_id), api.account_token).status_code == 200
+
+
+def test_instance_token_reaches_only_its_instance(api: Archive) -> None:
+    own = api.store()
+    other = api.store(instance=api.sibling)
+    assert api.get(b64_path(api.instance, own), api.instance_token).status_code == 200
+    assert error_of(api.get(b64_path(api.sibling, other), api.instance_token)) == (
+        401,
+        "Invalid token",
+    )
+    # An unknown name is no different from a known one that is not its own.
+    assert error_of(api.get(b64_path("nowhere", own), api.instance_token)) == (
+        401,
+        "Invalid token",
+    )
+
+
+def test_account_token_does_not_see_other_accounts(api: Archive) -> None:
+    foreign = api.store(instance=api.foreign)
+    assert error_of(api.get(b64_path(api.foreign, foreign), api.account_token)) == (
+        404,
+        "Instance not found",
+    )
+    assert api.get(b64_path(api.foreign, foreign), api.foreign_account_token).status_code == 200
+
+
+# --- 413 -------------------------------------------------------------------------------
+
+
+def test_413_over_the_base64_ceiling_names_the_raw_route(
+    make_settings: Any, sqlite_url: str
+) -> None:
+    services = Services.from_settings(make_settings(database_url=sqlite_url, base64_max_bytes=10))
+    try:
+        api = build_archive(services)
+        message_id = api.store(b"x" * 11)
+        status, message = error_of(api.get(b64_path(api.instance, message_id), api.account_token))
+        assert status == 413
+        assert f"/api/chat/media/{api.instance}?messageId={message_id}" in message
+        small = api.store(b"y" * 10)
+        assert api.get(b64_path(api.instance, small), api.account_token).status_code == 200
+    finally:
+        services.close()
+
+
+# --- find-message ------------------------------------------------------------------------
+
+
+def test_find_message_answers_for_any_state(api: Archive) -> None:
+    pending = api.row(state=MediaState.PENDING, caption="hi", sender="15551234567")
+    failed = api.row(state=MediaState.FAILED, failure_reason="too_large", media_type="video")
+    stored = api.store(filename="photo.jpg")
+
+    body = api.get(f"/api/chat/find-message/{api.instance}?messageId={pending}", api.account_token)
+    assert body.status_code == 200
+    data = body.get_json()
+    assert data["success"] is True
+    assert (data["state"], data["available"], data["caption"]) == ("pending", False, "hi")
+    assert data["sender"] == "15551234567"
+
+    data = api.get(
+        f"/api/chat/find-message/{api.instance}?messageId={failed}", api.account_token
+    ).get_json()
+    assert (data["state"], data["failure_reason"], data["media_type"]) == (
+        "failed",
+        "too_large",
+        "video",
+    )
+
+    data = api.get(
+        f"/api/chat/find-message/{api.instance}?messageId={stored}", api.account_token
+    ).get_json()
+    assert data["available"] is True
+    assert data["size"] == len(JPEG)
+    assert data["sha256"] == hashlib.sha256(JPEG).hexdigest()
+    assert data["filename"] == "photo.jpg"
+    assert "storage_key" not in data
+
+
+def test_find_message_errors_follow_the_same_table(api: Archive) -> None:
+    base = "/api/chat/find-message"
+    assert error_of(api.get(f"{base}/?messageId=x", api.account_token))[0] == 400
+    assert error_of(api.get(f"{base}/{api.instance}", api.account_token))[0] == 400
+    assert error_of(api.get(f"{base}/{api.instance}?messageId=x", "bad"))[0] == 401
+    assert error_of(api.get(f"{base}/nowhere?messageId=x", api.account_token))[0] == 404
+    assert error_of(api.get(f"{base}/{api.instance}?messageId=x", api.account_token)) == (
+        404,
+        "Message not found or no media available",
+    )
+
+
+# --- raw media ---------------------------------------------------------------------------
+
+
+def media_path(api: Archive, message_id: str) -> str:
+    return f"/api/chat/media/{api.instance}?messageId={message_id}"
+
+
+def test_raw_media_headers(lite: Archive) -> None:
+    message_id = lite.store(filename='../evil"\r\nname.jpg')
+    response = lite.get(media_path(lite, message_id), lite.account_token)
+    assert response.status_code == 200
+    assert response.data == JPEG
+    assert response.headers["Content-Type"] == "image/jpeg"
+    assert int(response.headers["Content-Length"]) == len(JPEG)
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Accept-Ranges"] == "bytes"
+    assert response.headers["ETag"] == f'"{hashlib.sha256(JPEG).hexdigest()}"'
+    disposition = response.headers["Content-Disposition"]
+    assert disposition.startswith("attachment; ")
+    assert "/" not in disposition.split("filename*=")[0]
+    assert "\r" not in disposition and "\n" not in disposition
+
+
+def test_raw_media_without_a_filename_gets_one_from_the_message(lite: Archive) -> None:
+    message_id = lite.store()
+    disposition = lite.get(media_path(lite, message_id), lite.account_token).headers[
+        "Content-Disposition"
+    ]
+    assert message_id in disposition
+    assert ".jpg" in disposition
+
+
+@pytest.mark.parametrize(
+    ("header", "start", "stop"),
+    [("bytes=0-9", 0, 10), ("bytes=100-", 100, None), ("bytes=-16", -16, None)],
+)
+def test_single_range(lite: Archive, header: str, start: int, stop: int | None) -> None:
+    message_id = lite.store()
+    response = lite.get(media_path(lite, message_id), lite.account_token, Range=header)
+    expected = JPEG[start:stop]
+    assert response.status_code == 206
+    assert response.data == expected
+    first = start % len(JPEG)
+    assert response.headers["Content-Range"] == (
+        f"bytes {first}-{first + len(expected) - 1}/{len(JPEG)}"
+    )
+    assert int(response.headers["Content-Length"]) == len(expected)
+
+
+def test_unsatisfiable_range_is_416(lite: Archive) -> None:
+    message_id = lite.store()
+    response = lite.get(
+        media_path(lite, message_id), lite.account_token, Range=f"bytes={len(JPEG)}-"
+    )
+    assert error_of(response)[0] == 416
+    assert response.headers["Content-Range"] == f"bytes */{len(JPEG)}"
+
+
+def test_multiple_ranges_and_stale_if_range_get_the_whole_object(lite: Archive) -> None:
+    message_id = lite.store()
+    many = lite.get(media_path(lite, message_id), lite.account_token, Range="bytes=0-1,5-6")
+    assert (many.status_code, many.data) == (200, JPEG)
+    stale = lite.get(
+        media_path(lite, message_id),
+        lite.account_token,
+        Range="bytes=0-1",
+        **{"If-Range": '"not-the-etag"'},
+    )
+    assert (stale.status_code, stale.data) == (200, JPEG)
+    etag = many.headers["ETag"]
+    fresh = lite.get(
+        media_path(lite, message_id), lite.account_token, Range="bytes=0-1", **{"If-Range": etag}
+    )
+    assert (fresh.status_code, fresh.data) == (206, JPEG[:2])
+
+
+def test_raw_media_conditional_304(lite: Archive) -> None:
+    message_id = lite.store()
+    etag = lite.get(media_path(lite, message_id), lite.account_token).headers["ETag"]
+    response = lite.get(media_path(lite, message_id), lite.account_token, **{"If-None-Match": etag})
+    assert response.status_code == 304
+    assert response.data == b""
+
+
+def test_redirect_is_ignored_on_local_storage(lite: Archive) -> None:
+    message_id = lite.store()
+    response = lite.get(media_path(lite, message_id) + "&redirect=1", lite.account_token)
+    assert (response.status_code, response.data) == (200, JPEG)
+
+
+def test_raw_media_errors_follow_the_same_table(api: Archive) -> None:
+    pending = api.row(state=MediaState.PENDING)
+    assert error_of(api.get("/api/chat/media?messageId=x", api.account_token))[0] == 400
+    assert error_of(api.get(media_path(api, pending), None))[0] == 401
+    assert error_of(api.get(media_path(api, pending), api.account_token))[0] == 404
+
+
+# --- rate limit ------------------------------------------------------------------------
+
+
+def test_rate_limit_is_shared_by_two_apps_through_redis(
+    make_settings: Any, sqlite_url: str, redis_client: Any, redis_prefix: str
+) -> None:
+    settings: Settings = make_settings(
+        database_url=sqlite_url, api_rate_limit="4/minute", redis_prefix=redis_prefix
+    )
+    first = Services.from_settings(settings, redis=redis_client)
+    second = Services.from_settings(settings, redis=redis_client)
+    try:
+        api = build_archive(first)
+        other = create_app(services=second, scheduler=RecordingScheduler()).test_client()
+        message_id = api.store()
+        path = b64_path(api.instance, message_id)
+        headers = {"token": api.account_token}
+        answers = [
+            client.get(path, headers=headers, buffered=True).status_code
+            for client in (api.client, other, api.client, other)
+        ]
+        assert answers == [200, 200, 200, 200]
+
+        refused = other.get(path, headers=headers)
+        status, message = error_of(refused)
+        assert (status, message) == (429, "Too many requests")
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60
+        assert error_of(api.client.get(path, headers=headers, buffered=True))[0] == 429
+        # The header form does not matter: the limit belongs to the token.
+        bearer = {"Authorization": f"Bearer {api.account_token}"}
+        assert api.client.get(path, headers=bearer, buffered=True).status_code == 429
+        # Another token has its own budget.
+        assert api.get(path, api.instance_token).status_code == 200
+
+        keys = [key.decode() for key in redis_client.keys(f"{redis_prefix}:*")]
+        assert keys
+        assert all(api.account_token not in key for key in keys)
+        assert any(accounts.hash_secret(api.account_token) in key for key in keys)
+    finally:
+        for key in redis_client.keys(f"{redis_prefix}:*"):
+            redis_client.delete(key)
+        first.close()
+        second.close()
+
+
+def test_rate_limit_covers_every_archive_route_in_memory(
+    make_settings: Any, sqlite_url: str
+) -> None:
+    services = Services.from_settings(
+        make_settings(database_url=sqlite_url, api_rate_limit="2/minute")
+    )
+    try:
+        api = build_archive(services)
+        message_id = api.store()
+        routes = [
+            b64_path(api.instance, message_id),
+            f"/api/chat/find-message/{api.instance}?messageId={message_id}",
+            media_path(api, message_id),
+        ]
+        statuses = [api.get(path, api.account_token).status_code for path in routes]
+        assert statuses == [200, 200, 429]
+        # Outside the archive API nothing is limited.
+        assert (
+            api.client.get(
+                "/healthz", headers={"token": api.account_token}, buffered=True
+            ).status_code
+            == 200
+        )
+    finally:
+        services.close()
+
+
+def test_storage_memory_backend_serves_too(lite: Archive) -> None:
+    lite.services.storage = MemoryStorage()
+    message_id = lite.store(b"\x00\x01\x02")
+    body = lite.get(b64_path(lite.instance, message_id), lite.account_token).get_json()
+    assert body["base64"] == "AAEC"
+
+
+def _storage_keys(api: Archive) -> Iterator[str]:
+    from sqlalchemy import select
+
+    from ingest.models import MediaItem
+
+    with api.services.sessions() as session:
+        for key in session.scalars(select(MediaItem.storage_key)):
+            if key:
+                yield key

@@ -1,0 +1,158 @@
+"""``/openapi.json`` describes the live app: every route, and every answer a fuzzer can get."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import schemathesis
+from flask import Flask
+from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from ingest import accounts
+from ingest.media_rules import object_key
+from ingest.models import MediaState, utcnow
+from ingest.queues import RecordingScheduler
+from ingest.services import Services
+from tests.factories import make_instance, make_media_item
+from webhook.app import create_app
+
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+# Bounded so the whole fuzz stays well under 20 s on a 2-core machine.
+FUZZ_EXAMPLES = 120
+
+
+@dataclass
+class Live:
+    app: Flask
+    instance: str
+    token: str
+    stored: str
+    pending: str
+
+
+@pytest.fixture
+def live(make_settings: Any, sqlite_url: str) -> Iterator[Live]:
+    services = Services.from_settings(
+        make_settings(database_url=sqlite_url, api_rate_limit="100000/minute")
+    )
+    data = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+    digest = hashlib.sha256(data).hexdigest()
+    with services.sessions.begin() as session:
+        instance = make_instance(session, app_secret="app-secret", verify_token="verify-me")
+        token = accounts.create_token(session, account=accounts.DEFAULT_ACCOUNT)
+        key = object_key(instance.name, "image", "fuzz")
+        stored = make_media_item(
+            session,
+            instance,
+            state=MediaState.STORED,
+            storage_key=key,
+            size=len(data),
+            actual_sha256=digest,
+            actual_mime="image/png",
+            stored_at=utcnow(),
+        ).message_id
+        pending = make_media_item(session, instance).message_id
+        name = instance.name
+    services.storage.put(key, io.BytesIO(data), size=len(data), sha256=digest, content_type="x")
+    app = create_app(services=services, scheduler=RecordingScheduler())
+    yield Live(app, name, token, stored, pending)
+    services.close()
+
+
+def served_document(app: Flask) -> dict[str, Any]:
+    response = app.test_client().get("/openapi.json")
+    assert response.status_code == 200
+    document: dict[str, Any] = response.get_json()
+    return document
+
+
+def test_document_is_valid_openapi_3_1(live: Live) -> None:
+    document = served_document(live.app)
+    assert document["openapi"].startswith("3.1")
+    schema = schemathesis.openapi.from_dict(document)
+    schema.validate()  # raises on any violation of the OpenAPI 3.1 meta-schema
+
+
+def _openapi_path(rule: str) -> str:
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule)
+
+
+def test_every_route_of_the_app_is_described(live: Live) -> None:
+    paths = served_document(live.app)["paths"]
+    served = {
+        (_openapi_path(rule.rule), method.lower())
+        for rule in live.app.url_map.iter_rules()
+        if rule.endpoint != "static"
+        for method in rule.methods or ()
+        if method not in ("HEAD", "OPTIONS")
+    }
+    described = {(path, method) for path, item in paths.items() for method in item}
+    assert served - described == set(), "routes missing from /openapi.json"
+    assert described - served == set(), "documented routes the app does not serve"
+
+
+def test_the_seed_contract_is_in_the_document(live: Live) -> None:
+    document = served_document(live.app)
+    success = document["components"]["schemas"]["Base64Media"]
+    assert set(success["required"]) == {
+        "success",
+        "message",
+        "message_id",
+        "mime_type",
+        "media_type",
+        "base64",
+    }
+    assert success["properties"]["media_type"]["enum"] == [
+        "image",
+        "video",
+        "audio",
+        "document",
+        "sticker",
+    ]
+    responses = document["paths"]["/api/chat/base64/{instance}"]["get"]["responses"]
+    assert {"200", "400", "401", "404", "429", "503"} <= set(responses)
+
+
+def _fuzz(live: Live, **fixed: Any) -> None:
+    schema = schemathesis.openapi.from_wsgi("/openapi.json", live.app)
+    strategy = schema.as_strategy(headers={"token": live.token}, **fixed)
+
+    @settings(
+        max_examples=FUZZ_EXAMPLES,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=strategy)
+    def run(case: Any) -> None:
+        case.call_and_validate(checks=CHECKS)
+
+    run()
+
+
+def test_fuzzing_finds_no_server_error_and_no_schema_violation(live: Live) -> None:
+    _fuzz(live)
+
+
+def test_fuzzing_the_stored_message_conforms_too(live: Live) -> None:
+    # Fixed to a real row, so the fuzzer reaches the 200/206/304/416 answers as well.
+    _fuzz(live, path_parameters={"instance": live.instance}, query={"messageId": live.stored})

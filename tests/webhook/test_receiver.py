@@ -1,0 +1,587 @@
+"""The receiver end to end against the Flask app, on SQLite and (when configured) PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import event
+
+from ingest.intake import SIGNATURE_HEADER, sign
+from ingest.models import MediaState
+from ingest.queues import LARGE_MEDIA, SMALL_MEDIA, DownloadJob, SchedulerUnavailable
+from ingest.services import Services
+from tests.webhook.conftest import (
+    TestInstance,
+    change,
+    encode,
+    envelope,
+    media_message,
+    status_update,
+    text_message,
+    webhook_documents,
+)
+from webhook.app import create_app
+
+# --- handshake ---------------------------------------------------------------------------
+
+
+def handshake(client: FlaskClient, path: str, **params: str) -> Any:
+    query = {"hub.mode": "subscribe", "hub.challenge": "1158201444", **params}
+    return client.get(path, query_string=query)
+
+
+def test_handshake_echoes_challenge_as_plain_text(client: Any, instance: TestInstance) -> None:
+    response = handshake(client, f"/webhook/{instance.name}", **{"hub.verify_token": "verify-me"})
+    assert response.status_code == 200
+    assert response.mimetype == "text/plain"
+    assert response.get_data(as_text=True) == "1158201444"
+
+
+def test_handshake_without_instance_accepts_any_instances_token(
+    client: Any, add_instance: Any
+) -> None:
+    add_instance(verify_token="first-token")
+    add_instance(verify_token="second-token")
+    ok = handshake(client, "/webhook", **{"hub.verify_token": "second-token"})
+    assert ok.status_code == 200
+    assert ok.get_data(as_text=True) == "1158201444"
+    assert handshake(client, "/webhook", **{"hub.verify_token": "third"}).status_code == 403
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"hub.verify_token": "wrong"},
+        {"hub.verify_token": "verify-me", "hub.mode": "unsubscribe"},
+        {"hub.verify_token": "verify-me", "hub.challenge": ""},
+        {},
+    ],
+    ids=["wrong-token", "wrong-mode", "no-challenge", "no-token"],
+)
+def test_handshake_refuses_anything_else(
+    client: Any, instance: TestInstance, params: dict[str, str]
+) -> None:
+    response = handshake(client, f"/webhook/{instance.name}", **params)
+    assert response.status_code == 403
+    assert response.get_json() == {"success": False, "error": {"message": "Verification failed"}}
+
+
+def test_handshake_token_of_another_instance_is_refused(client: Any, add_instance: Any) -> None:
+    first = add_instance(verify_token="first-token")
+    add_instance(verify_token="second-token")
+    path = f"/webhook/{first.name}"
+    assert handshake(client, path, **{"hub.verify_token": "second-token"}).status_code == 403
+    assert handshake(client, "/webhook/nobody", **{"hub.verify_token": "x"}).status_code == 403
+
+
+# --- signatures ----------------------------------------------------------------------------
+
+
+def non_ascii_body(instance: TestInstance) -> bytes:
+    message = media_message("image", caption="café ☕ — 写真 📷")
+    return encode(envelope(change(instance.phone_number_id, [message])))
+
+
+def test_signature_over_exact_bytes_with_non_ascii_caption(
+    post: Any, instance: TestInstance, rows: Any
+) -> None:
+    body = non_ascii_body(instance)
+    assert b"\\u2615" in body  # escaped, as Meta sends it
+    response = post(body)
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json() == {
+        "success": True,
+        "message": "Webhook accepted",
+        "media": 1,
+        "new": 1,
+    }
+    assert rows()[0].caption == "café ☕ — 写真 📷"
+
+
+def flip_one_byte(body: bytes) -> bytes:
+    index = body.index(b"caf")
+    return body[:index] + b"C" + body[index + 1 :]
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        pytest.param(lambda body, sig: (flip_one_byte(body), sig), id="flipped-byte"),
+        pytest.param(lambda body, sig: (body, "sha1=" + sig[7:]), id="wrong-prefix"),
+        pytest.param(lambda body, sig: (body, sig[7:]), id="no-prefix"),
+        pytest.param(lambda body, sig: (body, ""), id="missing-header"),
+        pytest.param(
+            lambda body, sig: (json.dumps(json.loads(body), ensure_ascii=False).encode(), sig),
+            id="re-serialised-json",
+        ),
+        pytest.param(lambda body, sig: (body, sign(body, "other-secret")), id="wrong-secret"),
+    ],
+)
+def test_signature_rejections_write_nothing(
+    client: FlaskClient, instance: TestInstance, count_rows: Any, scheduler: Any, tamper: Any
+) -> None:
+    original = non_ascii_body(instance)
+    body, signature = tamper(original, sign(original, "app-secret"))
+    headers = {SIGNATURE_HEADER: signature} if signature else {}
+    for path in ("/webhook", f"/webhook/{instance.name}"):
+        response = client.post(path, data=body, headers=headers, content_type="application/json")
+        assert response.status_code == 401
+        assert response.get_json() == {"success": False, "error": {"message": "Invalid signature"}}
+    assert count_rows() == 0
+    assert scheduler.jobs == []
+
+
+def test_instance_without_secrets_accepts_unsigned_posts(
+    post: Any, add_instance: Any, count_rows: Any
+) -> None:
+    open_instance = add_instance(app_secret=None)
+    body = encode(envelope(change(open_instance.phone_number_id, [media_message()])))
+    assert post(body, secret=None).status_code == 200
+    assert count_rows() == 1
+
+
+def test_360dialog_shared_secret_header(post: Any, add_instance: Any, count_rows: Any) -> None:
+    d360 = add_instance(
+        provider="360dialog",
+        app_secret=None,
+        webhook_secret_header="X-D360-Secret",
+        webhook_secret="s3cret-value",
+    )
+    body = encode(envelope(change(d360.phone_number_id, [media_message()])))
+    path = f"/webhook/{d360.name}"
+    assert post(body, secret=None, path=path).status_code == 401
+    wrong = {"X-D360-Secret": "guess"}
+    assert post(body, secret=None, path=path, headers=wrong).status_code == 401
+    assert count_rows() == 0
+    right = {"X-D360-Secret": "s3cret-value"}
+    assert post(body, secret=None, path=path, headers=right).status_code == 200
+    assert count_rows() == 1
+
+
+def test_global_route_requires_every_routed_instances_signature(
+    post: Any, add_instance: Any, count_rows: Any
+) -> None:
+    first = add_instance(app_secret="secret-one")
+    second = add_instance(app_secret="secret-two")
+    body = encode(
+        envelope(
+            change(first.phone_number_id, [media_message()]),
+            change(second.phone_number_id, [media_message()]),
+        )
+    )
+    assert post(body, secret="secret-one").status_code == 401
+    assert count_rows() == 0
+
+
+# --- parsing and recording -----------------------------------------------------------------
+
+
+def test_multi_entry_payload_records_each_media_message_once(
+    post: Any, add_instance: Any, rows: Any, scheduler: Any
+) -> None:
+    first = add_instance()
+    second = add_instance()
+    body = encode(
+        envelope(
+            change(first.phone_number_id, [media_message("image"), text_message()]),
+            change(second.phone_number_id, [media_message("document"), media_message("audio")]),
+            change(first.phone_number_id, None, statuses=[status_update(), status_update()]),
+            change(first.phone_number_id, [media_message("video")]),
+            entries=3,
+        )
+    )
+    response = post(body)
+    assert response.status_code == 200
+    assert response.get_json()["media"] == 4
+    assert response.get_json()["new"] == 4
+    stored = rows()
+    by_instance = {(row.instance_id, row.media_type) for row in stored}
+    assert by_instance == {
+        (first.id, "image"),
+        (first.id, "video"),
+        (second.id, "document"),
+        (second.id, "audio"),
+    }
+    assert sorted(job.media_item_id for job in scheduler.jobs) == [row.id for row in stored]
+
+    again = post(body)
+    assert again.get_json() == {
+        "success": True,
+        "message": "Webhook accepted",
+        "media": 4,
+        "new": 0,
+    }
+    assert len(rows()) == 4
+    assert len(scheduler.jobs) == 4  # nothing re-scheduled for a repeated delivery
+
+
+@pytest.mark.parametrize("kind", ["image", "video", "audio", "document", "sticker"])
+def test_every_media_type_is_recorded_pending_with_its_fields(
+    post: Any, instance: TestInstance, rows: Any, scheduler: Any, kind: str
+) -> None:
+    base64_sha = "q" * 43 + "="  # 32 bytes in base64: normalised to hex
+    extra: dict[str, Any] = {"animated": True} if kind == "sticker" else {}
+    message = media_message(
+        kind, sha256=base64_sha, url="https://lookaside.fbsbx.com/signed?x=1", **extra
+    )
+    response = post(encode(envelope(change(instance.phone_number_id, [message]))))
+    assert response.status_code == 200
+    (row,) = rows()
+    media = message[kind]
+    assert row.state == MediaState.PENDING
+    assert row.media_type == kind
+    assert row.message_id == message["id"]
+    assert row.media_id == media["id"]
+    assert row.declared_mime == media["mime_type"]
+    assert row.declared_sha256 is not None and len(row.declared_sha256) == 64
+    assert row.caption == media.get("caption")
+    assert row.filename == media.get("filename")
+    assert row.voice is (kind == "audio")
+    assert row.animated is (kind == "sticker")
+    assert row.sender == "15551234567"
+    assert row.message_timestamp is not None and row.message_timestamp.year == 2024
+    assert row.download_url == "https://lookaside.fbsbx.com/signed?x=1"
+    assert row.url_deadline == row.received_at + timedelta(minutes=5)
+    assert row.expires_at == row.received_at + timedelta(days=7)
+    assert row.enqueued_at == row.received_at
+    expected_queue = LARGE_MEDIA if kind in ("video", "document") else SMALL_MEDIA
+    assert scheduler.jobs == [DownloadJob(row.id, expected_queue)]
+
+
+def test_provider_error_events_become_failed_rows_without_jobs(
+    post: Any, instance: TestInstance, rows: Any, scheduler: Any
+) -> None:
+    unsupported = {
+        "from": "15551234567",
+        "id": "wamid.UNSUPPORTED",
+        "timestamp": "1718000000",
+        "type": "unsupported",
+        "unsupported": {"type": "video"},
+        "errors": [{"code": 131051, "title": "Message type unknown"}],
+    }
+    too_large = media_message("document", message_id="wamid.HUGE")
+    too_large["errors"] = [
+        {"code": 131052, "title": "Media file too large", "error_data": {"details": "101 MB"}}
+    ]
+    value_level = change(
+        instance.phone_number_id,
+        [media_message("image", message_id="wamid.VALUE")],
+        errors=[{"code": 131000, "title": "Something went wrong"}],
+    )
+    body = encode(envelope(change(instance.phone_number_id, [unsupported, too_large]), value_level))
+    response = post(body)
+    assert response.status_code == 200
+    assert response.get_json()["new"] == 3
+    failed = {row.message_id: row for row in rows()}
+    assert {row.state for row in failed.values()} == {MediaState.FAILED}
+    assert failed["wamid.UNSUPPORTED"].media_type == "video"
+    assert failed["wamid.UNSUPPORTED"].failure_reason == "provider_error"
+    assert failed["wamid.UNSUPPORTED"].last_error == "131051: Message type unknown"
+    assert failed["wamid.HUGE"].failure_reason == "too_large"
+    assert failed["wamid.HUGE"].last_error == "131052: Media file too large"
+    assert failed["wamid.VALUE"].last_error == "131000: Something went wrong"
+    assert all(row.download_url is None for row in failed.values())
+    assert scheduler.jobs == []
+
+
+def test_statuses_and_text_are_acknowledged_and_ignored(
+    post: Any, instance: TestInstance, count_rows: Any
+) -> None:
+    body = encode(
+        envelope(change(instance.phone_number_id, [text_message()], statuses=[status_update()]))
+    )
+    response = post(body)
+    assert response.status_code == 200
+    assert response.get_json() == {
+        "success": True,
+        "message": "Webhook accepted",
+        "media": 0,
+        "new": 0,
+    }
+    assert count_rows() == 0
+
+
+def test_disconnected_instance_still_records(
+    post: Any, instance: TestInstance, services: Services, count_rows: Any
+) -> None:
+    from ingest.accounts import set_connected
+
+    with services.sessions.begin() as session:
+        set_connected(session, instance.name, False)
+    body = encode(envelope(change(instance.phone_number_id, [media_message()])))
+    assert post(body).status_code == 200
+    assert count_rows() == 1
+
+
+def test_unknown_phone_number_ids_beside_known_ones_are_skipped(
+    post: Any, instance: TestInstance, rows: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = encode(
+        envelope(
+            change("999999999", [media_message()]),
+            change(instance.phone_number_id, [media_message()]),
+        )
+    )
+    with caplog.at_level(logging.WARNING, logger="webhook.receiver"):
+        response = post(body)
+    assert response.status_code == 200
+    assert [row.instance_id for row in rows()] == [instance.id]
+    assert "unknown phone number" in caplog.text
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def assert_error(response: Any, status: int) -> None:
+    assert response.status_code == status
+    document = response.get_json()
+    assert document["success"] is False
+    assert isinstance(document["error"]["message"], str)
+    assert "Traceback" not in response.get_data(as_text=True)
+
+
+def test_bad_requests_answer_in_the_seed_shape_and_write_nothing(
+    post: Any, instance: TestInstance, add_instance: Any, count_rows: Any, scheduler: Any
+) -> None:
+    good = encode(envelope(change(instance.phone_number_id, [media_message()])))
+    assert_error(post(b'{"object": "whatsapp_business_account", "entry": ['), 400)
+    assert_error(post(b"\xff\xfe not utf-8"), 400)
+    assert_error(post(b'{"entry": {}}'), 400)
+    assert_error(post(good, content_type="text/plain"), 415)
+    assert_error(post(good, content_type="application/x-www-form-urlencoded"), 415)
+    unknown = encode(envelope(change("424242", [media_message()])))
+    assert_error(post(unknown), 404)
+    assert_error(post(good, path="/webhook/no-such-instance"), 404)
+    other = add_instance()
+    foreign = encode(envelope(change(other.phone_number_id, [media_message()])))
+    assert_error(post(foreign, path=f"/webhook/{instance.name}"), 400)
+    assert count_rows() == 0
+    assert scheduler.jobs == []
+
+
+def test_body_over_the_limit_is_413(make_settings: Any, database_url: str) -> None:
+    small = make_settings(database_url=database_url, webhook_max_bytes=1024)
+    services = Services.from_settings(small)
+    try:
+        client = create_app(services=services, scheduler=_FailingScheduler()).test_client()
+        response = client.post(
+            "/webhook", data=b"{" + b" " * 2048 + b"}", content_type="application/json"
+        )
+        assert_error(response, 413)
+    finally:
+        services.close()
+
+
+def test_per_instance_url_accepts_changes_without_metadata(
+    post: Any, instance: TestInstance, rows: Any
+) -> None:
+    body = encode(envelope(change(None, [media_message()])))
+    assert post(body, path=f"/webhook/{instance.name}").status_code == 200
+    assert [row.instance_id for row in rows()] == [instance.id]
+    assert_error(post(body), 404)  # the shared URL cannot route it
+
+
+# --- durability ----------------------------------------------------------------------------
+
+
+class _FailingScheduler:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def schedule(self, jobs: Any) -> None:
+        self.calls += 1
+        raise SchedulerUnavailable("ConnectionRefusedError")
+
+
+def test_broker_down_after_commit_still_200_and_row_stays_pending(
+    services: Services, instance: TestInstance, rows: Any
+) -> None:
+    failing = _FailingScheduler()
+    client = create_app(services=services, scheduler=failing).test_client()
+    body = encode(envelope(change(instance.phone_number_id, [media_message()])))
+    response = client.post(
+        "/webhook",
+        data=body,
+        headers={SIGNATURE_HEADER: sign(body, "app-secret")},
+        content_type="application/json",
+    )
+    assert response.status_code == 200
+    assert response.get_json()["new"] == 1
+    assert failing.calls == 1
+    (row,) = rows()
+    assert row.state == MediaState.PENDING
+    assert row.enqueued_at is None  # the reconciler must not wait for a wake-up never sent
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_real_celery_scheduler_with_broker_down_still_200(
+    services: Services, instance: TestInstance, rows: Any
+) -> None:
+    from tasks.dispatch import CeleryScheduler
+
+    broker = f"redis://127.0.0.1:{_closed_port()}/0"
+    scheduler = CeleryScheduler.from_settings(
+        services.settings.model_copy(update={"broker_url": broker})
+    )
+    client = create_app(services=services, scheduler=scheduler).test_client()
+    body = encode(envelope(change(instance.phone_number_id, [media_message()])))
+    response = client.post(
+        "/webhook",
+        data=body,
+        headers={SIGNATURE_HEADER: sign(body, "app-secret")},
+        content_type="application/json",
+    )
+    assert response.status_code == 200
+    assert [row.state for row in rows()] == [MediaState.PENDING]
+
+
+def test_database_unreachable_gives_503(make_settings: Any) -> None:
+    down = make_settings(database_url=f"postgresql+psycopg://nobody@127.0.0.1:{_closed_port()}/x")
+    services = Services.from_settings(down)
+    try:
+        client = create_app(services=services, scheduler=_FailingScheduler()).test_client()
+        body = encode(envelope(change("123", [media_message()])))
+        response = client.post(
+            "/webhook",
+            data=body,
+            headers={SIGNATURE_HEADER: sign(body, "s")},
+            content_type="application/json",
+        )
+        assert_error(response, 503)
+        assert response.headers["Retry-After"]
+        for path in ("/webhook/any", "/webhook"):
+            query = {"hub.mode": "subscribe", "hub.verify_token": "t", "hub.challenge": "1"}
+            assert_error(client.get(path, query_string=query), 503)
+    finally:
+        services.close()
+
+
+@pytest.fixture
+def database_fails_on_second_insert(services: Services) -> Iterator[None]:
+    """The database dies in the middle of the webhook's transaction."""
+    inserts = 0
+
+    def fail(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        nonlocal inserts
+        if statement.lstrip().upper().startswith("INSERT INTO MEDIA_ITEMS"):
+            inserts += 1
+            if inserts == 2:
+                raise services.engine.dialect.loaded_dbapi.OperationalError("connection lost")
+
+    event.listen(services.engine, "before_cursor_execute", fail)
+    yield
+    event.remove(services.engine, "before_cursor_execute", fail)
+
+
+@pytest.mark.usefixtures("database_fails_on_second_insert")
+def test_database_failure_mid_transaction_gives_503_and_writes_nothing(
+    post: Any, instance: TestInstance, count_rows: Any, scheduler: Any
+) -> None:
+    from ingest.intake import INSERT_CHUNK
+
+    messages = [media_message() for _ in range(INSERT_CHUNK + 5)]
+    response = post(encode(envelope(change(instance.phone_number_id, messages))))
+    assert_error(response, 503)
+    assert count_rows() == 0
+    assert scheduler.jobs == []
+
+
+def test_same_payload_posted_50_times_concurrently_yields_one_row_per_message(
+    app: Any, instance: TestInstance, rows: Any, scheduler: Any
+) -> None:
+    messages = [media_message(kind) for kind in ("image", "document", "audio")]
+    body = encode(envelope(change(instance.phone_number_id, messages)))
+    headers = {SIGNATURE_HEADER: sign(body, "app-secret")}
+    barrier = threading.Barrier(50)
+    results: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def deliver() -> None:
+        client = app.test_client()
+        barrier.wait()
+        response = client.post(
+            "/webhook", data=body, headers=headers, content_type="application/json"
+        )
+        with lock:
+            results.append((response.status_code, (response.get_json() or {}).get("new", -1)))
+
+    threads = [threading.Thread(target=deliver) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert [status for status, _ in results] == [200] * 50
+    assert sum(new for _, new in results) == 3
+    stored = rows()
+    assert sorted(row.message_id for row in stored) == sorted(m["id"] for m in messages)
+    assert sorted(job.media_item_id for job in scheduler.jobs) == [row.id for row in stored]
+
+
+# --- logs ----------------------------------------------------------------------------------
+
+
+def test_one_log_line_per_request_without_url_or_secrets(
+    post: Any, instance: TestInstance, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = "https://lookaside.fbsbx.com/whatsapp_business/attachments/?mid=1&hash=SECRETHASH"
+    body = encode(envelope(change(instance.phone_number_id, [media_message(url=url)])))
+    with caplog.at_level(logging.DEBUG):
+        post(body)
+        post(body, signature="sha256=" + "0" * 64)
+    lines = [r.getMessage() for r in caplog.records if r.name == "webhook.receiver"]
+    assert len(lines) == 2
+    assert f"instance={instance.name}" in lines[0]
+    assert "status=200" in lines[0] and "media=1" in lines[0] and "new=1" in lines[0]
+    assert "latency_ms=" in lines[0]
+    assert "status=401" in lines[1]
+    everything = caplog.text
+    for secret in ("SECRETHASH", "lookaside", "app-secret", sign(body, "app-secret")[7:]):
+        assert secret not in everything
+
+
+# --- property: no input is a 500 -----------------------------------------------------------
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_no_payload_shape_produces_a_500(
+    data: st.DataObject, post: Any, instance: TestInstance
+) -> None:
+    document = data.draw(webhook_documents(instance.phone_number_id))
+    body = json.dumps(document).encode()
+    path = data.draw(st.sampled_from(["/webhook", f"/webhook/{instance.name}"]))
+    response = post(body, path=path)
+    assert response.status_code in (200, 400, 404), response.get_data(as_text=True)
+    assert response.is_json
+
+
+def test_instance_removed_behind_the_cache_gives_503_then_404(
+    post: Any, instance: TestInstance, services: Services, count_rows: Any
+) -> None:
+    from ingest.models import Instance
+
+    body = encode(envelope(change(instance.phone_number_id, [media_message()])))
+    assert post(body, secret=None, signature="sha256=" + "0" * 64).status_code == 401  # cached
+    with services.sessions.begin() as session:
+        session.delete(session.get(Instance, instance.id))
+    assert_error(post(body), 503)
+    assert_error(post(body), 404)
+    assert count_rows() == 0

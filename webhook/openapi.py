@@ -1,0 +1,421 @@
+"""The OpenAPI 3.1 document of every route the web process serves.
+
+Written by hand rather than generated from the views: the contract (the seed's bodies and
+messages) is the fixed point, and the tests hold the live app to this document (every rule
+of the URL map is described here, and a schemathesis run finds no answer outside it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ingest import archive
+from ingest.models import MediaState, MediaType
+
+JSON = "application/json"
+
+ARCHIVE_SECURITY: list[dict[str, list[str]]] = [{"token": []}, {"bearer": []}]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str, **extra: Any) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}, **extra}
+
+
+def _error(description: str, **extra: Any) -> dict[str, Any]:
+    return _json(_ref("Error"), description, **extra)
+
+
+def _retry_after(description: str) -> dict[str, Any]:
+    return {
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before trying again.",
+                "schema": {"type": "string"},
+            }
+        },
+        **_error(description),
+    }
+
+
+_INSTANCE_PARAM = {
+    "name": "instance",
+    "in": "path",
+    "required": True,
+    "description": "Instance name.",
+    "schema": {"type": "string"},
+}
+_MESSAGE_ID_PARAM = {
+    "name": "messageId",
+    "in": "query",
+    "required": True,
+    "description": "ID of the message that contains the media (wamid).",
+    "schema": {"type": "string"},
+}
+_VALIDATORS = [
+    {
+        "name": "If-None-Match",
+        "in": "header",
+        "required": False,
+        "description": "ETag of a copy the caller holds; answered 304 if it still matches.",
+        "schema": {"type": "string"},
+    }
+]
+
+
+def _archive_errors(*, with_413: bool = False) -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        "400": _error(
+            f"`{archive.INSTANCE_REQUIRED}` or `{archive.MESSAGE_ID_REQUIRED}` (missing or empty)."
+        ),
+        "401": _error(f"`{archive.INVALID_TOKEN}`: missing, unknown, or not valid here."),
+        "404": _error(f"`{archive.INSTANCE_NOT_FOUND}` or `{archive.NO_MEDIA}`."),
+        "429": _retry_after("Over the per-token rate limit."),
+        "503": _retry_after(
+            f"`{archive.NOT_CONNECTED}`, or the database or storage is unavailable."
+        ),
+    }
+    if with_413:
+        responses["413"] = _error("Over the base64 size ceiling; the message names the raw route.")
+    return responses
+
+
+def _archive_operation(
+    operation_id: str, summary: str, ok: dict[str, Any], *, instance: bool = True, **more: Any
+) -> dict[str, Any]:
+    parameters: list[dict[str, Any]] = [_MESSAGE_ID_PARAM, *_VALIDATORS]
+    if instance:
+        parameters.insert(0, _INSTANCE_PARAM)
+    responses = {**ok, **_archive_errors(with_413=operation_id.startswith("base64"))}
+    responses.update(more)
+    return {
+        "get": {
+            "operationId": operation_id,
+            "summary": summary,
+            "tags": ["archive"],
+            "security": ARCHIVE_SECURITY,
+            "parameters": parameters,
+            "responses": responses,
+        }
+    }
+
+
+def _cached_headers() -> dict[str, Any]:
+    return {
+        "ETag": {"description": "Derived from the stored sha256.", "schema": {"type": "string"}},
+        "Cache-Control": {"schema": {"type": "string"}},
+    }
+
+
+def _not_modified() -> dict[str, Any]:
+    return {"304": {"description": "The caller's copy is current.", "headers": _cached_headers()}}
+
+
+def _archive_paths() -> dict[str, Any]:
+    base64_ok = {
+        "200": _json(_ref("Base64Media"), "The media, base64 encoded.", headers=_cached_headers()),
+        **_not_modified(),
+    }
+    find_ok = {"200": _json(_ref("MessageMetadata"), "The row, in any state.")}
+    binary = {"*/*": {"schema": {"type": "string", "format": "binary"}}}
+    media_headers = {
+        **_cached_headers(),
+        "Content-Disposition": {"schema": {"type": "string"}},
+        "Accept-Ranges": {"schema": {"type": "string"}},
+    }
+    media_ok = {
+        "200": {"description": "The raw bytes.", "headers": media_headers, "content": binary},
+        "206": {
+            "description": "One byte range (single `Range` requests only).",
+            "headers": {**media_headers, "Content-Range": {"schema": {"type": "string"}}},
+            "content": binary,
+        },
+        "302": {
+            "description": "With `redirect=1` on S3: a presigned URL valid for 60 seconds.",
+            "headers": {"Location": {"schema": {"type": "string"}}},
+        },
+        **_not_modified(),
+        "416": _error(
+            "The range starts past the end.",
+            headers={"Content-Range": {"schema": {"type": "string"}}},
+        ),
+    }
+    media_params = [
+        {
+            "name": "Range",
+            "in": "header",
+            "required": False,
+            "description": "One byte range, e.g. `bytes=0-1023`.",
+            "schema": {"type": "string"},
+        },
+        {
+            "name": "redirect",
+            "in": "query",
+            "required": False,
+            "description": "`1` asks for a redirect to a presigned URL when the store is S3.",
+            "schema": {"type": "string", "enum": ["0", "1"]},
+        },
+    ]
+    routes = {
+        "base64": (
+            "base64",
+            "Media as base64 (the seed contract).",
+            base64_ok,
+        ),
+        "find-message": ("findMessage", "Metadata and state of a message's media.", find_ok),
+        "media": ("media", "The raw bytes, with Range and conditional requests.", media_ok),
+    }
+    paths: dict[str, Any] = {}
+    for segment, (operation_id, summary, ok) in routes.items():
+        full = _archive_operation(operation_id, summary, ok)
+        if segment == "media":
+            full["get"]["parameters"] = full["get"]["parameters"] + media_params
+        paths[f"/api/chat/{segment}/{{instance}}"] = full
+        missing = {"400": _error(f"`{archive.INSTANCE_REQUIRED}`.")}
+        for suffix, name in (("", "NoInstance"), ("/", "NoInstanceSlash")):
+            paths[f"/api/chat/{segment}{suffix}"] = {
+                "get": {
+                    "operationId": f"{operation_id}{name}",
+                    "summary": "Without an instance name: always 400.",
+                    "tags": ["archive"],
+                    "security": ARCHIVE_SECURITY,
+                    "parameters": [{**_MESSAGE_ID_PARAM, "required": False}],
+                    "responses": {
+                        **missing,
+                        "429": _retry_after("Over the per-token rate limit."),
+                    },
+                }
+            }
+    return paths
+
+
+def _webhook_paths() -> dict[str, Any]:
+    handshake_params = [
+        {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+        for name in ("hub.mode", "hub.verify_token", "hub.challenge")
+    ]
+    handshake = {
+        "tags": ["webhook"],
+        "summary": "Meta's verification handshake: echoes `hub.challenge` as plain text.",
+        "parameters": handshake_params,
+        "responses": {
+            "200": {
+                "description": "The challenge, echoed.",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            "403": _error("Not `subscribe`, or the verify token does not match."),
+            "503": _retry_after("The database is unavailable."),
+        },
+    }
+    receive = {
+        "tags": ["webhook"],
+        "summary": "Inbound messages. Answered only after the media rows are committed.",
+        "parameters": [
+            {
+                "name": "X-Hub-Signature-256",
+                "in": "header",
+                "required": False,
+                "description": "`sha256=<hex HMAC of the raw body>`, where the instance has "
+                "an app secret.",
+                "schema": {"type": "string"},
+            }
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {JSON: {"schema": {"type": "object"}}},
+        },
+        "responses": {
+            "200": _json(_ref("WebhookAccepted"), "Accepted (media rows committed)."),
+            "400": _error("Not JSON, or not a WhatsApp webhook body."),
+            "401": _error("Missing or forged signature."),
+            "404": _error("Unknown phone number id (or instance)."),
+            "413": _error("Body over the limit."),
+            "415": _error("Not `application/json`."),
+            "503": _retry_after("The database is unavailable: the provider retries."),
+        },
+    }
+    instance_param = {**_INSTANCE_PARAM, "description": "Per-instance URL (360dialog style)."}
+    return {
+        "/webhook": {
+            "get": {**handshake, "operationId": "webhookVerify"},
+            "post": {**receive, "operationId": "webhookReceive"},
+        },
+        "/webhook/{instance}": {
+            "get": {
+                **handshake,
+                "operationId": "webhookVerifyInstance",
+                "parameters": [instance_param, *handshake_params],
+            },
+            "post": {
+                **receive,
+                "operationId": "webhookReceiveInstance",
+                "parameters": [instance_param, *receive["parameters"]],
+            },
+        },
+    }
+
+
+def _operations_paths() -> dict[str, Any]:
+    return {
+        "/healthz": {
+            "get": {
+                "operationId": "healthz",
+                "tags": ["operations"],
+                "summary": "Liveness: the process answers.",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["status"],
+                            "properties": {"status": {"const": "ok"}},
+                        },
+                        "Alive.",
+                    )
+                },
+            }
+        },
+        "/readyz": {
+            "get": {
+                "operationId": "readyz",
+                "tags": ["operations"],
+                "summary": "Readiness: database, storage, broker and Redis answer.",
+                "responses": {
+                    "200": _json(_ref("Readiness"), "Every dependency answers."),
+                    "503": _json(_ref("Readiness"), "At least one dependency does not."),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "tags": ["operations"],
+                "summary": "Prometheus metrics (every process of the machine).",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text exposition format.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "tags": ["operations"],
+                "summary": "This document.",
+                "responses": {"200": _json({"type": "object"}, "The OpenAPI 3.1 document.")},
+            }
+        },
+    }
+
+
+def _schemas() -> dict[str, Any]:
+    nullable_string = {"type": ["string", "null"]}
+    nullable_int = {"type": ["integer", "null"]}
+    timestamp = {"type": ["string", "null"], "format": "date-time"}
+    media_type = {"type": "string", "enum": [str(t) for t in MediaType]}
+    return {
+        "Error": {
+            "type": "object",
+            "required": ["success", "error"],
+            "properties": {
+                "success": {"const": False},
+                "error": {
+                    "type": "object",
+                    "required": ["message"],
+                    "properties": {"message": {"type": "string"}},
+                },
+            },
+        },
+        "Base64Media": {
+            "type": "object",
+            "required": ["success", "message", "message_id", "mime_type", "media_type", "base64"],
+            "additionalProperties": False,
+            "properties": {
+                "success": {"const": True},
+                "message": {"const": archive.BASE64_OK},
+                "message_id": {"type": "string"},
+                "mime_type": {"type": "string"},
+                "media_type": media_type,
+                "base64": {"type": "string", "contentEncoding": "base64"},
+            },
+        },
+        "MessageMetadata": {
+            "type": "object",
+            "required": ["success", "message", "message_id", "state", "media_type"],
+            "properties": {
+                "success": {"const": True},
+                "message": {"const": archive.FOUND},
+                "instance": {"type": "string"},
+                "message_id": {"type": "string"},
+                "state": {"type": "string", "enum": [str(s) for s in MediaState]},
+                "available": {"type": "boolean"},
+                "failure_reason": nullable_string,
+                "media_type": media_type,
+                "mime_type": {"type": "string"},
+                "declared_mime": nullable_string,
+                "sniffed_mime": nullable_string,
+                "size": nullable_int,
+                "declared_size": nullable_int,
+                "sha256": nullable_string,
+                "declared_sha256": nullable_string,
+                "filename": nullable_string,
+                "caption": nullable_string,
+                "sender": nullable_string,
+                "voice": {"type": "boolean"},
+                "animated": {"type": "boolean"},
+                "over_send_limit": {"type": "boolean"},
+                "message_timestamp": timestamp,
+                "received_at": timestamp,
+                "stored_at": timestamp,
+                "expires_at": timestamp,
+                "attempts": {"type": "integer"},
+            },
+        },
+        "WebhookAccepted": {
+            "type": "object",
+            "required": ["success", "message", "media", "new"],
+            "properties": {
+                "success": {"const": True},
+                "message": {"const": "Webhook accepted"},
+                "media": {"type": "integer", "minimum": 0},
+                "new": {"type": "integer", "minimum": 0},
+            },
+        },
+        "Readiness": {
+            "type": "object",
+            "required": ["status", "checks"],
+            "properties": {
+                "status": {"type": "string", "enum": ["ok", "unavailable"]},
+                "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
+    }
+
+
+def build_document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "WhatsApp media ingestion",
+            "version": "0.1.0",
+            "description": "Webhook receiver for WhatsApp Business media, and the archive "
+            "API that serves the stored media back (`media-as-base64-api`).",
+        },
+        "tags": [
+            {"name": "archive", "description": "Stored media, per instance and message id."},
+            {"name": "webhook", "description": "Provider deliveries (Meta, 360dialog)."},
+            {"name": "operations", "description": "Health, readiness, metrics."},
+        ],
+        "paths": {**_webhook_paths(), **_archive_paths(), **_operations_paths()},
+        "components": {
+            "schemas": _schemas(),
+            "securitySchemes": {
+                "token": {"type": "apiKey", "in": "header", "name": "token"},
+                "bearer": {"type": "http", "scheme": "bearer"},
+            },
+        },
+    }
