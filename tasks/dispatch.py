@@ -24,7 +24,15 @@ class CeleryScheduler:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CeleryScheduler:
-        return cls(make_celery(settings))
+        app = make_celery(settings)
+        # The publisher is on the webhook's request path: one quick connection attempt, not
+        # kombu's default back-off (seconds). A failure leaves the row to the reconciler.
+        app.conf.broker_transport_options = {
+            **app.conf.broker_transport_options,
+            "max_retries": 0,
+        }
+        app.conf.broker_connection_timeout = 1
+        return cls(app)
 
     def schedule(self, jobs: Sequence[DownloadJob]) -> None:
         if not jobs:
