@@ -10,6 +10,9 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+# Execution option for a unit of work that only reads (see the SQLite BEGIN hook below).
+READ_ONLY_OPTION = "ingest_read_only"
+
 
 def make_engine(database_url: str, **kwargs: Any) -> Engine:
     if database_url.startswith("sqlite"):
@@ -34,8 +37,12 @@ def make_engine(database_url: str, **kwargs: Any) -> Engine:
         @event.listens_for(engine, "begin")
         def _sqlite_begin(connection: Any) -> None:
             # IMMEDIATE takes the write lock up front, so two writers never deadlock on a
-            # read-lock upgrade (SQLITE_BUSY that busy_timeout cannot wait out).
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # read-lock upgrade (SQLITE_BUSY that busy_timeout cannot wait out). Units of work
+            # that only read say so (READ_ONLY) and run beside the writer under WAL.
+            if connection.get_execution_options().get(READ_ONLY_OPTION):
+                connection.exec_driver_sql("BEGIN DEFERRED")
+            else:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(database_url, pool_pre_ping=True, **kwargs)

@@ -20,6 +20,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ingest import archive, metrics
 from ingest.archive import ArchiveError, MediaRecord
+from ingest.db import READ_ONLY_OPTION
 from ingest.rate_limit import Decision, RateLimiter
 from ingest.services import Services
 from ingest.storage import StorageError
@@ -39,6 +40,8 @@ PRESIGN_SECONDS = 60
 # Stored objects never change (written once, by sha256), but access can be revoked (a token
 # deleted, an instance disconnected): caches may keep them a while, privately.
 CACHE_CONTROL = "private, max-age=3600"
+# Lookups only read: SQLite then begins DEFERRED instead of IMMEDIATE (see ingest.db).
+READ_ONLY: dict[str, object] = {READ_ONLY_OPTION: True}
 
 
 @bp.record_once
@@ -72,7 +75,6 @@ def _annotate(response: Response) -> Response:
     if decision is not None:
         response.headers["X-RateLimit-Limit"] = str(decision.limit)
         response.headers["X-RateLimit-Remaining"] = str(decision.remaining)
-        response.headers["X-RateLimit-Reset"] = str(decision.retry_after)
     if request.path.startswith(API_PREFIX):
         # Answers depend on who asks: a shared cache must key on the credentials.
         response.vary.update(("token", "Authorization"))
@@ -209,6 +211,14 @@ def _token() -> str | None:
     )
 
 
+def _read_only(services: Services) -> dict[str, object]:
+    """A lookup is one SELECT: on PostgreSQL it needs no transaction around it (saves the
+    BEGIN and ROLLBACK round trips); SQLite keeps its transaction, deferred (READ_ONLY)."""
+    if services.engine.dialect.name == "postgresql":
+        return {**READ_ONLY, "isolation_level": "AUTOCOMMIT"}
+    return READ_ONLY
+
+
 def _find(services: Services, instance: str | None) -> MediaRecord:
     token = _token()
     message_id = request.args.get("messageId")
@@ -216,6 +226,9 @@ def _find(services: Services, instance: str | None) -> MediaRecord:
     archive.require_parameters(instance, message_id)
     try:
         with services.sessions() as session:
+            # Lookups only read: on SQLite this asks db.py for a deferred BEGIN, so readers
+            # do not queue behind each other for the write lock (see _read_only).
+            session.connection(execution_options=_read_only(services))
             return archive.find_record(session, token, instance, message_id)
     except DATABASE_DOWN:
         log.warning("archive api: database unavailable")
