@@ -8,8 +8,9 @@ through the base64 API. Exit status 1 when anything was lost or corrupted.
 Which service: the one answering at ``--url``; when none answers, the demo starts the
 embedded one itself (web, worker and beat subprocesses on a temporary ``var`` directory)
 wired to its own sandbox. Which sandbox: the one ``INGEST_GRAPH_URL`` points at when it
-answers the sandbox control API (so a running service already configured for a sandbox
-downloads from it), otherwise one started in this process.
+answers the sandbox control API, else the one ``make run`` starts on port 8090 (so a running
+service already configured for a sandbox downloads from it), otherwise one started in this
+process.
 """
 
 from __future__ import annotations
@@ -172,6 +173,10 @@ def embedded_service(env: dict[str, str], var_dir: Path) -> Iterator[str]:
 
 
 # --- the sandbox provider --------------------------------------------------------------
+
+
+# `make run` starts a sandbox here and points the service at it (see Procfile.dev).
+MAKE_RUN_SANDBOX = f"http://127.0.0.1:{os.environ.get('SANDBOX_PORT', '8090')}/v21.0"
 
 
 def _sandbox_base_from_graph_url(graph_url: str) -> str | None:
@@ -429,7 +434,15 @@ def follow(
     engine = make_engine(settings.database_url)
     sessions = make_session_factory(engine)
     deadline = time.monotonic() + timeout
-    bar = tqdm(total=len(by_wamid), desc="to stored", unit="item", disable=quiet, file=sys.stderr)
+    bar = tqdm(
+        total=len(by_wamid),
+        desc="to stored",
+        unit="item",
+        # A bar is for a person at a terminal; in a pipe or a log it is only noise.
+        disable=quiet or not sys.stderr.isatty(),
+        file=sys.stderr,
+        mininterval=0.5,
+    )
     try:
         done = 0
         while done < len(by_wamid) and time.monotonic() < deadline:
@@ -631,7 +644,9 @@ def demo(events: int, provider: str, url: str, timeout: float, seed: int, as_jso
         if answers(url):
             embedded = False
             settings = load_settings()
-            sandbox_root = _sandbox_base_from_graph_url(settings.graph_url)
+            sandbox_root = _sandbox_base_from_graph_url(
+                settings.graph_url
+            ) or _sandbox_base_from_graph_url(MAKE_RUN_SANDBOX)
             if sandbox_root is None:
                 sandbox_root = stack.enter_context(in_process_sandbox())
                 note(

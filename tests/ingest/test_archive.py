@@ -5,18 +5,22 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
+from pathlib import Path
 from typing import Any
 
+import limits.storage.memory
+import limits.storage.redis
 import pytest
+import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.orm import Session
 
-from ingest import accounts, archive
+from ingest import accounts, archive, rate_limit
 from ingest.archive import ArchiveError, MediaRecord
 from ingest.models import MediaState
-from ingest.rate_limit import RateLimiter, SharedCounterStorage
+from ingest.rate_limit import RateLimiter, redis_storage
 from ingest.storage import StorageIntegrityError
 from tests.factories import make_instance, make_media_item
 
@@ -271,9 +275,12 @@ def test_limiter_counts_per_token_and_shares_through_redis(
         decisions = [one.hit("h1"), two.hit("h1"), one.hit("h1"), two.hit("h1")]
         assert [d.allowed for d in decisions] == [True, True, True, False]
         assert [d.remaining for d in decisions] == [2, 1, 0, 0]
+        assert decisions[0].retry_after == 0
         assert 1 <= decisions[-1].retry_after <= 60
         assert one.hit("h2").allowed
-        keys = redis_client.keys(f"{redis_prefix}:*")
+        keys = sorted(key.decode() for key in redis_client.keys(f"{redis_prefix}:*"))
+        assert [key.split("/")[1] for key in keys] == ["h1", "h2"]
+        assert all(key.startswith(f"{redis_prefix}:api-rate:") for key in keys)
         assert all(0 < redis_client.ttl(key) <= 60 for key in keys)
     finally:
         for key in redis_client.keys(f"{redis_prefix}:*"):
@@ -283,15 +290,68 @@ def test_limiter_counts_per_token_and_shares_through_redis(
 def test_limiter_in_memory_without_redis() -> None:
     limiter = RateLimiter.from_parts("2/minute", redis=None, prefix="unused")
     assert [limiter.hit("h").allowed for _ in range(3)] == [True, True, False]
+    assert limiter.hit("other").allowed
 
 
-def test_limiter_fails_open_when_redis_is_down() -> None:
-    class Down:
-        def pipeline(self, **_: Any) -> Any:
-            raise RedisConnectionError("down")
+class Clock:
+    """Stands in for the ``time`` module where the limiter and its storages read the time."""
 
-        def __getattr__(self, name: str) -> Any:
-            raise RedisConnectionError("down")
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
 
-    limiter = RateLimiter(SharedCounterStorage(Down(), prefix="p"), "1/minute")  # type: ignore[arg-type]
-    assert all(limiter.hit("h").allowed for _ in range(3))
+    def time(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock()
+    for module in (rate_limit, limits.storage.memory, limits.storage.redis):
+        monkeypatch.setattr(module, "time", clock)
+    return clock
+
+
+def assert_window_moves_hit_by_hit(limiter: RateLimiter, clock: Clock) -> None:
+    """A 2/minute limit, hits at 0 s and 30 s."""
+    assert limiter.hit("h").allowed
+    clock.now += 30
+    assert limiter.hit("h").allowed
+    clock.now += 29
+    refused = limiter.hit("h")
+    # Refused until the first hit is a minute old, not until a window boundary.
+    assert (refused.allowed, refused.remaining, refused.retry_after) == (False, 0, 1)
+    clock.now += 2
+    # Only the first hit left the window: one request fits (at 61 s), and the next waits
+    # for the 30 s hit to age out.
+    assert limiter.hit("h").allowed
+    again = limiter.hit("h")
+    assert (again.allowed, again.retry_after) == (False, 29)
+
+
+def test_limiter_window_moves_hit_by_hit_in_memory(clock: Clock) -> None:
+    limiter = RateLimiter.from_parts("2/minute", redis=None, prefix="unused")
+    assert_window_moves_hit_by_hit(limiter, clock)
+
+
+def test_limiter_window_moves_hit_by_hit_in_redis(
+    clock: Clock, redis_client: Any, redis_prefix: str
+) -> None:
+    limiter = RateLimiter.from_parts("2/minute", redis=redis_client, prefix=redis_prefix)
+    try:
+        assert_window_moves_hit_by_hit(limiter, clock)
+    finally:
+        for key in redis_client.keys(f"{redis_prefix}:*"):
+            redis_client.delete(key)
+
+
+def test_limiter_fails_open_with_a_warning_when_redis_is_down(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    down = redis.Redis(unix_socket_path=str(tmp_path / "no-redis.sock"))
+    limiter = RateLimiter(redis_storage(down, prefix="p"), "1/minute")
+    with caplog.at_level(logging.WARNING, logger="ingest.rate_limit"):
+        decisions = [limiter.hit("secret-hash") for _ in range(3)]
+    assert all(d.allowed and d.remaining == 1 for d in decisions)
+    assert len(caplog.records) == 3
+    assert all("request allowed" in r.getMessage() for r in caplog.records)
+    down.close()
