@@ -4,12 +4,12 @@
 ``bench/results/api.json``.
 
 1. Large: a stored 100 MB document served by ``GET /api/chat/base64/...`` from a real
-   gunicorn process (the same factory and settings as ``ingest web``), on the embedded
-   defaults (SQLite, local files). While it streams, the RSS of every gunicorn worker is
-   sampled with psutil; the goal is growth under 32 MB. Its throughput (raw MB/s) is set
-   against ``base64.b64encode`` over the same bytes read from the same store in the same
-   run; the goal is at least 0.8 of it. The client reads the body in 1 MiB pieces and keeps
-   none of it.
+   gunicorn process (the same factory and settings as ``ingest web``), on PostgreSQL with
+   the rate limit counted in Redis (``--embedded``: SQLite and in-process counters) and local
+   files. While it streams, the RSS of every gunicorn worker is sampled with psutil; the
+   goal is growth under 32 MB. Its throughput (raw MB/s) is set against
+   ``base64.b64encode`` over the same bytes read from the same store in the same run; the
+   goal is at least 0.8 of it. The client reads the body in 1 MiB pieces and keeps none.
 2. Small: a 50 KB image looked up as base64 at 16 keep-alive-capable connections (gunicorn's
    sync worker closes after each answer; the generator reconnects), requests per second and
    p99, beside a bare Flask endpoint returning the same body from memory under the same
@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import os
 import platform
+import queue as queue_module
 import sys
 import tempfile
 import threading
@@ -45,6 +46,8 @@ INSTANCE = "bench"
 GOAL_RSS_MB = 32.0
 GOAL_THROUGHPUT_RATIO = 0.8
 SMALL_BYTES = 50 * 1024
+DEFAULT_DATABASE = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ TINY = Plan(
     seconds=1.0,
     warmup_seconds=0.2,
     connections=4,
-    load_processes=1,
+    load_processes=0,
     web_workers=1,
 )
 
@@ -154,17 +157,15 @@ def _sha256_of(make: Any) -> str:
     return digest.hexdigest()
 
 
-def _prepare(workdir: Path, plan: Plan) -> dict[str, str]:
-    """Migrate a SQLite database, store both media, create a token; return names and ids."""
-    from ingest import accounts, migrate
+def _prepare(workdir: Path, plan: Plan, database_url: str) -> dict[str, str]:
+    """Store both media, register their rows and a token in the (migrated) database."""
+    from ingest import accounts
     from ingest.models import MediaItem, MediaState, Provider, utcnow
     from ingest.services import Services
     from ingest.settings import Settings
 
     var = workdir / "var"
-    var.mkdir(parents=True)
-    database_url = f"sqlite:///{var / 'ingest.sqlite3'}"
-    migrate.upgrade(database_url)
+    var.mkdir(parents=True, exist_ok=True)
     settings = Settings(
         var_dir=var,
         database_url=database_url,
@@ -184,7 +185,7 @@ def _prepare(workdir: Path, plan: Plan) -> dict[str, str]:
         small_sha = hashlib.sha256(small).hexdigest()
         services.storage.put(
             "bench/document/big",
-            document(),  # type: ignore[arg-type]
+            document(),
             size=plan.document_bytes,
             sha256=document_sha,
             content_type="application/pdf",
@@ -235,7 +236,6 @@ def _prepare(workdir: Path, plan: Plan) -> dict[str, str]:
     finally:
         services.close()
     return {
-        "database_url": database_url,
         "storage_url": settings.storage_url,
         "var": str(var),
         "token": token,
@@ -303,7 +303,8 @@ class RssSampler:
 
     @property
     def growth_mb(self) -> float:
-        return max(self.peak[pid] - self.before[pid] for pid in self.before) / MiB
+        growth: int = max(self.peak[pid] - self.before[pid] for pid in self.before)
+        return growth / MiB
 
 
 def fetch_large(port: int, path: str, token: str, verify_sha: str | None) -> tuple[float, int]:
@@ -397,6 +398,13 @@ def _load_process(
 
 
 def generate_load(port: int, path: str, token: str, plan: Plan) -> dict[str, Any]:
+    if plan.load_processes == 0:
+        # Tiny runs: threads in this process, sparing the seconds a spawned process costs.
+        inline: queue_module.Queue[LoadResult] = queue_module.Queue()
+        _load_process(
+            port, path, token, plan.connections, plan.seconds, plan.warmup_seconds, inline
+        )
+        return _summarise([inline.get()], plan)
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     per_process = max(1, plan.connections // plan.load_processes)
@@ -412,6 +420,10 @@ def generate_load(port: int, path: str, token: str, plan: Plan) -> dict[str, Any
     results = [queue.get(timeout=plan.seconds + plan.warmup_seconds + 120) for _ in processes]
     for process in processes:
         process.join(timeout=30)
+    return _summarise(results, plan)
+
+
+def _summarise(results: list[LoadResult], plan: Plan) -> dict[str, Any]:
     latencies = sorted(v for result in results for v in result.latencies_ms)
     statuses: dict[int, int] = {}
     for result in results:
@@ -467,15 +479,24 @@ def _gunicorn(group: Any, name: str, factory: str, workers: int, env: dict[str, 
 # --- the run -------------------------------------------------------------------------------
 
 
-def run(plan: Plan) -> dict[str, Any]:
-    from tests.plugins.processes import ProcessGroup
+def run(plan: Plan, database_server: str | None, redis_url: str | None) -> dict[str, Any]:
+    """PostgreSQL and Redis (the production shape) when given, else the embedded defaults."""
+    from ingest import migrate
+    from tests.plugins.processes import ProcessGroup, create_postgres_database
 
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="api-bench-")))
-        prepared = _prepare(workdir, plan)
+        if database_server:
+            database_url, drop = create_postgres_database(database_server)
+            stack.callback(drop)
+        else:
+            (workdir / "var").mkdir()
+            database_url = f"sqlite:///{workdir / 'var' / 'ingest.sqlite3'}"
+            migrate.upgrade(database_url)
+        prepared = _prepare(workdir, plan, database_url)
         token = prepared["token"]
         env = {
-            "INGEST_DATABASE_URL": prepared["database_url"],
+            "INGEST_DATABASE_URL": database_url,
             "INGEST_BROKER_URL": "memory://",
             "INGEST_VAR_DIR": prepared["var"],
             "INGEST_STORAGE_URL": prepared["storage_url"],
@@ -485,6 +506,10 @@ def run(plan: Plan) -> dict[str, Any]:
             "INGEST_BASE64_MAX_BYTES": str(plan.document_bytes * 2),
             "PROMETHEUS_MULTIPROC_DIR": str(workdir / "metrics"),
         }
+        if redis_url:
+            # The rate limit's counters, shared by the workers: part of every lookup's cost.
+            env["INGEST_REDIS_URL"] = redis_url
+            env["INGEST_REDIS_PREFIX"] = f"api-bench-{os.getpid()}-{time.time_ns()}"
         (workdir / "metrics").mkdir()
         group = ProcessGroup(log_dir=workdir / "logs")
         stack.callback(group.stop_all)
@@ -568,6 +593,8 @@ def run(plan: Plan) -> dict[str, Any]:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}",
         "plan": plan.__dict__,
+        "database": "postgresql" if database_server else "sqlite",
+        "rate_limit_counters": "redis" if redis_url else "in-process",
         "figures": figures,
         "large": {
             "document_bytes": plan.document_bytes,
@@ -585,8 +612,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--tiny", action="store_true", help="a few seconds: smoke test only")
     parser.add_argument("--output", type=Path, default=RESULTS / "api.json")
+    parser.add_argument(
+        "--database-server",
+        default=os.environ.get("INGEST_TEST_DATABASE_URL", DEFAULT_DATABASE),
+        help="PostgreSQL server URL; a scratch database is created and dropped",
+    )
+    parser.add_argument("--redis", default=os.environ.get("INGEST_TEST_REDIS_URL", DEFAULT_REDIS))
+    parser.add_argument(
+        "--embedded",
+        action="store_true",
+        help="SQLite and in-process rate limit counters instead of PostgreSQL and Redis",
+    )
     args = parser.parse_args(argv)
-    result = run(TINY if args.tiny else FULL)
+    plan = TINY if args.tiny else FULL
+    database, redis = (None, None) if args.embedded else (args.database_server, args.redis)
+    result = run(plan, database, redis)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, separators=(",", ":")))

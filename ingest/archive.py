@@ -16,16 +16,16 @@ import binascii
 import hmac
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, BinaryIO
 from urllib.parse import quote
 
-from sqlalchemy import select
+from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
-from ingest.accounts import find_instance, hash_secret
+from ingest.accounts import hash_secret
 from ingest.models import ApiToken, Instance, MediaItem, MediaState
 from ingest.storage import StorageIntegrityError
 
@@ -162,40 +162,63 @@ def require_parameters(instance_name: str | None, message_id: str | None) -> tup
 
 def authorize(session: Session, token: str | None, instance_name: str) -> Instance:
     """The instance ``token`` may read, or the 401/404/503 that applies (in that order)."""
-    if not token:
-        raise ArchiveError(401, INVALID_TOKEN)
-    digest = hash_secret(token)
-    row = session.scalar(select(ApiToken).where(ApiToken.token_hash == digest))
-    if row is None or not hmac.compare_digest(row.token_hash, digest):
-        raise ArchiveError(401, INVALID_TOKEN)
-    instance = find_instance(session, instance_name)
-    if row.instance_id is not None:
-        # An instance token says nothing about any other name, known or not.
-        if instance is None or instance.id != row.instance_id:
-            raise ArchiveError(401, INVALID_TOKEN)
-    elif instance is None or instance.account_id != row.account_id:
-        # An account token sees its own account only; another account's instance is as
-        # unknown to it as a name nobody registered.
-        raise ArchiveError(404, INSTANCE_NOT_FOUND)
-    if not instance.connected:
-        raise ArchiveError(503, NOT_CONNECTED)
-    return instance
+    return _check_reach(_lookup(session, token, instance_name, None))[0]
 
 
 def find_record(
     session: Session, token: str | None, instance_name: str | None, message_id: str | None
 ) -> MediaRecord:
-    """Every check up to the message row; the row may be in any state."""
+    """Every check up to the message row; the row may be in any state.
+
+    One round trip: the token, the instance and the message come back from a single query,
+    and the decisions are made here, in the documented order.
+    """
     name, message = require_parameters(instance_name, message_id)
-    instance = authorize(session, token, name)
-    item = session.scalar(
-        select(MediaItem).where(
-            MediaItem.instance_id == instance.id, MediaItem.message_id == message
-        )
-    )
+    instance, item = _check_reach(_lookup(session, token, name, message))
     if item is None:
         raise ArchiveError(404, NO_MEDIA)
     return MediaRecord.of(item, instance)
+
+
+_Found = tuple[ApiToken, Instance | None, MediaItem | None]
+
+
+def _lookup(
+    session: Session, token: str | None, instance_name: str, message_id: str | None
+) -> _Found:
+    if not token:
+        raise ArchiveError(401, INVALID_TOKEN)
+    digest = hash_secret(token)
+    query = (
+        select(ApiToken, Instance)
+        .select_from(ApiToken)
+        .outerjoin(Instance, Instance.name == instance_name)
+        .where(ApiToken.token_hash == digest)
+    )
+    if message_id is not None:
+        query = query.add_columns(MediaItem).outerjoin(
+            MediaItem,
+            and_(MediaItem.instance_id == Instance.id, MediaItem.message_id == message_id),
+        )
+    row: Sequence[Any] | None = session.execute(query).first()
+    if row is None or not hmac.compare_digest(row[0].token_hash, digest):
+        raise ArchiveError(401, INVALID_TOKEN)
+    return row[0], row[1], (row[2] if message_id is not None else None)
+
+
+def _check_reach(found: _Found) -> tuple[Instance, MediaItem | None]:
+    token, instance, item = found
+    if token.instance_id is not None:
+        # An instance token says nothing about any other name, known or not.
+        if instance is None or instance.id != token.instance_id:
+            raise ArchiveError(401, INVALID_TOKEN)
+    elif instance is None or instance.account_id != token.account_id:
+        # An account token sees its own account only; another account's instance is as
+        # unknown to it as a name nobody registered.
+        raise ArchiveError(404, INSTANCE_NOT_FOUND)
+    if not instance.connected:
+        raise ArchiveError(503, NOT_CONNECTED)
+    return instance, item
 
 
 def require_available(record: MediaRecord) -> MediaRecord:

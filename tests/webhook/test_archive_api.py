@@ -619,3 +619,14 @@ def _storage_keys(api: Archive) -> Iterator[str]:
         for key in session.scalars(select(MediaItem.storage_key)):
             if key:
                 yield key
+
+
+def test_head_answers_the_headers_without_a_body(lite: Archive) -> None:
+    message_id = lite.store()
+    full = lite.get(b64_path(lite.instance, message_id), lite.account_token)
+    head = lite.client.head(
+        b64_path(lite.instance, message_id), headers={"token": lite.account_token}, buffered=True
+    )
+    assert head.status_code == 200
+    assert head.data == b""
+    assert head.headers["Content-Length"] == full.headers["Content-Length"]
