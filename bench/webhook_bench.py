@@ -8,7 +8,7 @@ Both endpoints run under gunicorn with the same settings as ``ingest web`` (sync
 same run, loaded by the same generator: separate processes, each with threads holding
 ``http.client`` connections (re-opened whenever the server closes them, as gunicorn's sync
 worker does after every response). The receiver runs against a scratch PostgreSQL database and
-a Redis broker database leased for the run; every request is a new, signed image message.
+a Redis key prefix of its own for the run; every request is a new, signed image message.
 
 Goals: at least 0.35 of the bare endpoint's throughput, p99 under 50 ms at 16 connections, and
 every acknowledged event committed (rows are counted after the run).
@@ -346,18 +346,19 @@ def _count_rows(database_url: str) -> int:
 
 
 def run(plan: Plan, database_server: str, redis_url: str, tiny: bool) -> dict[str, Any]:
-    from tests.plugins.processes import ProcessGroup, RedisDbLease, create_postgres_database
+    from tests.plugins.processes import ProcessGroup, RedisKeyspace, create_postgres_database
 
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="webhook-bench-")))
         database_url, drop = create_postgres_database(database_server)
         stack.callback(drop)
-        lease = RedisDbLease(redis_url)
-        stack.callback(lease.release)
+        keyspace = RedisKeyspace(redis_url)
+        stack.callback(keyspace.release)
         _register_instance(database_url)
         env = {
             "INGEST_DATABASE_URL": database_url,
-            "INGEST_BROKER_URL": lease.url(redis_url),
+            "INGEST_BROKER_URL": redis_url,
+            **keyspace.env(),
             "INGEST_VAR_DIR": str(workdir / "var"),
             "INGEST_STORAGE_URL": (workdir / "media").as_uri(),
             "INGEST_LOG_LEVEL": "INFO",

@@ -6,6 +6,8 @@
    real ``ingest worker`` into S3 (moto server), against a baseline measured in the same run:
    a thread pool of the same size that GETs each URL with httpx and puts it with boto3.
    Goal: at least 0.8 of the baseline's items per second. Worker CPU per item is reported.
+   ``ingest worker`` runs one Celery process per CPU by default, each with its share of the
+   threads: the total concurrency is the baseline's (recorded as ``worker_processes``).
 2. Memory: one 100 MB document archived; the worker's peak RSS (process tree) grows by less
    than 32 MB.
 3. Latency: 100 events per second for 60 s through the real receiver; p99 from webhook
@@ -343,6 +345,7 @@ def throughput(
             "items_per_second": done / elapsed,
             "worker_cpu_ms_per_item": 1000 * cpu / max(done, 1),
             "concurrency": plan.concurrency,
+            "worker_processes": min(os.cpu_count() or 1, plan.concurrency),
         },
         worker,
     )

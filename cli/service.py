@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +78,31 @@ def web(host: str, port: int, workers: int | None) -> None:
 
 @click.command()
 @click.option("--queues", default=",".join(ALL_QUEUES), show_default=True)
-@click.option("--concurrency", type=int, help="threads per worker [INGEST_WORKER_CONCURRENCY]")
+@click.option(
+    "--concurrency", type=int, help="threads in all, over every process [INGEST_WORKER_CONCURRENCY]"
+)
 @click.option("--pool", help="Celery pool [INGEST_WORKER_POOL]")
-def worker(queues: str, concurrency: int | None, pool: str | None) -> None:
-    """Run a Celery download worker (I/O pool, high concurrency)."""
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    help="Celery worker processes sharing the concurrency [CPU count]",
+)
+def worker(queues: str, concurrency: int | None, pool: str | None, processes: int | None) -> None:
+    """Run Celery download workers (I/O pool, high concurrency).
+
+    One worker process is bound by its GIL to one core, so by default one runs per CPU, each
+    with its share of the threads: the total concurrency stays what was asked for.
+    """
     settings = load_settings()
     settings.ensure_var_dir()
+    total = concurrency or settings.worker_concurrency
+    count = min(processes or os.cpu_count() or 1, total)
+    if count > 1:
+        sys.exit(_run_worker_processes(count, total, queues, pool))
+    if _NODE_NAME in os.environ:
+        _end_with_parent()
+    # The runtime sizes its SQL pool from the settings: make them agree with the flag.
+    os.environ["INGEST_WORKER_CONCURRENCY"] = str(total)
     _configure_multiprocess_metrics(settings.var_dir)
     from tasks.worker import app
 
@@ -87,12 +111,71 @@ def worker(queues: str, concurrency: int | None, pool: str | None) -> None:
             "worker",
             f"--loglevel={settings.log_level}",
             f"--pool={pool or settings.worker_pool}",
-            f"--concurrency={concurrency or settings.worker_concurrency}",
+            f"--concurrency={total}",
             f"--queues={queues}",
             "--without-gossip",
             "--without-mingle",
+            *([f"--hostname={os.environ[_NODE_NAME]}"] if _NODE_NAME in os.environ else []),
         ]
     )
+
+
+_NODE_NAME = "INGEST_WORKER_NODE_NAME"
+_ENTRY = "from cli.main import main; main()"
+
+
+def _end_with_parent() -> None:
+    """A child worker gets SIGTERM when its parent dies, even by SIGKILL (Linux only):
+    an orphan would keep consuming tasks that nobody supervises."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _run_worker_processes(count: int, total: int, queues: str, pool: str | None) -> int:
+    """Start ``count`` single-process workers and stay until they end.
+
+    A signal is passed on to every child; when one child ends the others are stopped too,
+    so a supervisor sees the failure and restarts the whole worker.
+    """
+    shares = [total // count + (1 if n < total % count else 0) for n in range(count)]
+    children: list[subprocess.Popen[bytes]] = []
+    for n, share in enumerate(shares):
+        argv = [sys.executable, "-c", _ENTRY, "worker", "--processes", "1"]
+        argv += ["--concurrency", str(share), "--queues", queues]
+        if pool:
+            argv += ["--pool", pool]
+        env = {**os.environ, _NODE_NAME: f"worker{n + 1}@{socket.gethostname()}"}
+        children.append(subprocess.Popen(argv, env=env))  # noqa: S603 - our own command
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {
+        signum: signal.signal(signum, forward)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+    }
+    code = 0
+    try:
+        while children:
+            for child in list(children):
+                status = child.poll()
+                if status is None:
+                    continue
+                children.remove(child)
+                if status != 0 and code == 0:
+                    code = status if status > 0 else 1
+                    forward(signal.SIGTERM, None)
+            time.sleep(0.2)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return code
 
 
 @click.command()

@@ -612,6 +612,7 @@ class S3Storage:
             events = self.client.meta.events
             events.register("before-parameter-build.s3.PutObject", _if_none_match)
             events.register("before-parameter-build.s3.CompleteMultipartUpload", _if_none_match)
+        self._conditional = conditional_writes
         self._threshold = max(multipart_threshold, 1)
         self._chunksize = multipart_chunksize
         self._in_memory_limit = in_memory_limit
@@ -645,7 +646,7 @@ class S3Storage:
 
         sha256 = _normalise_sha256(sha256)
         full = self.full_key(key)
-        existing = self._existing_before_write(key)
+        existing = self._existing_before_write(key, size)
         if existing is not None:
             return _same_or_conflict(existing, sha256)
         reader = _VerifyingReader(stream, size=size, sha256=sha256)
@@ -829,8 +830,14 @@ class S3Storage:
         except BotoCoreError as exc:
             raise StorageError(f"creating s3 bucket {self.bucket!r}: {type(exc).__name__}") from exc
 
-    def _existing_before_write(self, key: str) -> StoredObject | None:
-        # Saves uploading bytes that are already there; IfNoneMatch settles races.
+    def _existing_before_write(self, key: str, size: int) -> StoredObject | None:
+        # With conditional writes a single-request put needs no look-up first: IfNoneMatch
+        # refuses an existing key (412/409) and only then is it looked at. The look-up still
+        # runs before a multipart upload, where it saves sending every part of a large object
+        # that is already there, and on stores without conditional writes, where it is the
+        # only check before writing.
+        if self._conditional and size < self._threshold:
+            return None
         return self._head_or_none(key)
 
     def _head_or_none(self, key: str) -> StoredObject | None:

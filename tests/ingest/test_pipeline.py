@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from ingest import metrics
 from ingest.error_budget import BudgetLimit, SqlErrorBudget
 from ingest.models import Instance, MediaItem, MediaState, Provider, utcnow
 from ingest.pipeline import Pipeline
@@ -243,6 +244,31 @@ def test_fresh_webhook_url_is_downloaded_verified_and_stored_without_a_lookup(en
     assert row.download_url is None and row.lease_owner is None and row.lease_until is None
     assert row.attempts == 1 and not row.over_send_limit
     assert stored_bytes(env, item_id) == body
+
+
+def _downloads_counted(outcome: str, reason: str) -> float:
+    for family in metrics.DOWNLOADS.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels == {
+                "outcome": outcome,
+                "reason": reason,
+            }:
+                return sample.value
+    return 0.0
+
+
+def test_a_stored_download_is_counted_under_its_outcome(env: Env) -> None:
+    body = jpeg()
+    env.provider.add("m-metrics", body)
+    item_id = env.item("m-metrics", declared_sha256=hashlib.sha256(body).hexdigest())
+    stored_before = _downloads_counted("stored", "stored")
+    skipped_before = _downloads_counted("skipped", "")
+
+    env.pipeline.run(item_id)
+    env.pipeline.run(item_id)  # already stored: skipped, not counted twice as stored
+
+    assert _downloads_counted("stored", "stored") == stored_before + 1
+    assert _downloads_counted("skipped", "") == skipped_before + 1
 
 
 def test_stale_url_costs_exactly_one_lookup(env: Env) -> None:

@@ -452,6 +452,28 @@ def test_s3_keys_live_under_the_prefix(moto_server: MotoServer, s3_bucket: str) 
     bare.client.close()
 
 
+def test_s3_small_put_is_one_request_and_looks_only_after_a_refusal(
+    moto_server: MotoServer, s3_bucket: str
+) -> None:
+    """IfNoneMatch guards the write, so no HEAD precedes it; one follows a 412 only."""
+    storage = S3Storage(s3_bucket, endpoint_url=moto_server.endpoint_url)
+    calls: list[str] = []
+    storage.client.meta.events.register(
+        "before-call.s3", lambda model, **_: calls.append(model.name)
+    )
+    put_bytes(storage, "once", b"first copy")
+    assert calls == ["PutObject"]
+    calls.clear()
+    put_bytes(storage, "once", b"first copy")
+    assert calls == ["PutObject", "HeadObject"]
+    calls.clear()
+    with pytest.raises(StorageError):
+        put_bytes(storage, "once", b"other bytes")
+    assert calls == ["PutObject", "HeadObject"]
+    assert read(storage, "once") == b"first copy"
+    storage.client.close()
+
+
 def test_s3_check_fails_for_missing_bucket(moto_server: MotoServer, aws_credentials: Any) -> None:
     storage = S3Storage(unique_bucket_name(), endpoint_url=moto_server.endpoint_url)
     with pytest.raises(StorageError):

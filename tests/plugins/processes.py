@@ -6,11 +6,11 @@ readiness and is always terminated (SIGTERM, then SIGKILL). Two flavours of envi
 - :func:`embedded_stack_env`: the embedded defaults (SQLite file, ``sqla+sqlite`` broker,
   local files) under one temporary ``var`` directory;
 - :func:`service_stack_env`: a fresh PostgreSQL database on ``INGEST_TEST_DATABASE_URL``'s
-  server, a Redis database leased for this run on ``INGEST_TEST_REDIS_URL``'s server, and a
-  fresh bucket on a moto server.
+  server, a key prefix of its own on ``INGEST_TEST_REDIS_URL``'s Redis, and a fresh bucket on
+  a moto server.
 
 Other engineers run tests on this machine at the same time: every port is free-found, every
-name is unique, and the Redis broker database is leased (see :class:`RedisDbLease`).
+name is unique, and Redis keys live under a prefix per stack (see :class:`RedisKeyspace`).
 
 Fixtures: ``stack_processes`` (a :class:`ProcessGroup` that prints the tail of every log when
 the test failed), ``embedded_stack`` (an environment), ``service_stack`` (an environment;
@@ -43,9 +43,6 @@ LOG_TAIL_LINES = 60
 # task and needs no result backend (results are disabled by design).
 WORKER_READY_MARKER = " ready."
 BEAT_READY_MARKER = "beat: Starting..."
-_LEASE_KEY = "ingest-e2e:broker-db:{}"
-# Databases 8..15 are leased to e2e runs; lower ones are left to ad-hoc use and benches.
-_LEASABLE_DBS = range(15, 7, -1)
 
 # Variables of the parent that must not reach a child: a developer's INGEST_* settings, and
 # prometheus' multi-process directory (each stack has its own under its var dir), and AWS
@@ -302,44 +299,30 @@ def embedded_stack_env(root: Path, **extra: str) -> StackEnv:
     )
 
 
-class RedisDbLease:
-    """One Redis database number held for one stack, so parallel runs never share queues.
+class RedisKeyspace:
+    """A key prefix of its own on a shared Redis, so parallel runs never share queues.
 
-    Celery's queue names are fixed, so two stacks on one Redis database would consume each
-    other's messages. Until the service has a broker key prefix, each stack leases a whole
-    database number with ``SET NX EX`` in database 0 and releases it when done.
+    Celery's queue names are fixed; ``INGEST_BROKER_PREFIX`` (kombu's ``global_keyprefix``)
+    and ``INGEST_REDIS_PREFIX`` put every key of one stack under one unique prefix, and
+    :meth:`release` deletes them, so no stale wake-up survives for anyone else.
     """
 
-    def __init__(self, redis_url: str, ttl_seconds: int = 1800) -> None:
-        import redis
-
+    def __init__(self, redis_url: str) -> None:
         self._redis_url = redis_url
-        self._client = redis.Redis.from_url(redis_url, db=0)
-        self._token = uuid.uuid4().hex
-        self.db: int | None = None
-        for n in _LEASABLE_DBS:
-            if self._client.set(_LEASE_KEY.format(n), self._token, nx=True, ex=ttl_seconds):
-                self.db = n
-                break
-        if self.db is None:
-            raise RuntimeError("every leasable Redis database is in use by another run")
+        self.prefix = f"ingest-e2e-{uuid.uuid4().hex[:12]}"
 
-    def url(self, redis_url: str) -> str:
-        from urllib.parse import urlsplit, urlunsplit
-
-        return urlunsplit(urlsplit(redis_url)._replace(path=f"/{self.db}"))
+    def env(self) -> dict[str, str]:
+        return {"INGEST_BROKER_PREFIX": self.prefix, "INGEST_REDIS_PREFIX": self.prefix}
 
     def release(self) -> None:
-        key = _LEASE_KEY.format(self.db)
-        if self._client.get(key) == self._token.encode():
-            # Leave the database as we found it: no stale wake-ups for the next holder.
-            import redis
+        import redis
 
-            leased = redis.Redis.from_url(self._redis_url, db=self.db)
-            leased.flushdb()
-            leased.close()
-            self._client.delete(key)
-        self._client.close()
+        client = redis.Redis.from_url(self._redis_url)
+        try:
+            for key in client.scan_iter(f"{self.prefix}*", count=1000):
+                client.delete(key)
+        finally:
+            client.close()
 
 
 def create_postgres_database(server_url: str) -> tuple[str, Callable[[], None]]:
@@ -401,8 +384,8 @@ def service_stack_env(
     try:
         database_url, drop = create_postgres_database(database_server_url)
         stack.cleanup.append(drop)
-        lease = RedisDbLease(redis_url)
-        stack.cleanup.append(lease.release)
+        keyspace = RedisKeyspace(redis_url)
+        stack.cleanup.append(keyspace.release)
         bucket = f"ingest-e2e-{uuid.uuid4().hex[:16]}"
         create_bucket(s3_endpoint_url, bucket)
     except BaseException:
@@ -412,9 +395,9 @@ def service_stack_env(
     stack.storage_url = f"s3://{bucket}/media"
     stack.env = {
         "INGEST_DATABASE_URL": database_url,
-        "INGEST_BROKER_URL": lease.url(redis_url),
+        "INGEST_BROKER_URL": redis_url,
         "INGEST_REDIS_URL": redis_url,
-        "INGEST_REDIS_PREFIX": f"ingest-e2e-{uuid.uuid4().hex[:10]}",
+        **keyspace.env(),
         "INGEST_STORAGE_URL": stack.storage_url,
         "INGEST_S3_ENDPOINT_URL": s3_endpoint_url,
         "INGEST_MEDIA_HOSTS": "127.0.0.1,localhost",
