@@ -30,11 +30,17 @@ class Services:
     redis: Redis | None = field(default=None)
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, redis: Redis | None = None) -> Services:
+    def from_settings(
+        cls, settings: Settings, *, redis: Redis | None = None, pool_size: int | None = None
+    ) -> Services:
+        """``pool_size``: SQL connections kept open (a threaded worker wants one per thread)."""
         from ingest.storage import storage_from_settings
 
         settings.ensure_var_dir()
-        engine = make_engine(settings.database_url)
+        pool: dict[str, int] = {}
+        if pool_size is not None and not settings.database_url.startswith("sqlite"):
+            pool = {"pool_size": pool_size, "max_overflow": pool_size}
+        engine = make_engine(settings.database_url, **pool)
         if redis is None and settings.redis_url:
             from redis import Redis as RedisClient
 

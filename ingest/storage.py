@@ -315,10 +315,10 @@ class LocalStorage:
         with raw:
             if start:
                 raw.seek(start)
-            if length is None:
-                yield io.BufferedReader(raw)
-            else:
-                yield io.BufferedReader(_BoundedReader(raw, length))
+            source = raw if length is None else _BoundedReader(raw, length)
+            # Closed with the context, so a caller that lets go early leaks no file handle.
+            with io.BufferedReader(source) as buffered:
+                yield buffered
 
     def head(self, key: str) -> StoredObject:
         found = self._head_or_none(key, self.path_for(key))

@@ -50,29 +50,7 @@ def _worker_services(settings: Settings) -> Services:
     fifth was opened and closed again for almost every claim and finish (a server process
     forked each time), which cost more CPU than the rest of the SQL work.
     """
-    if settings.database_url.startswith("sqlite"):
-        return Services.from_settings(settings)
-    from ingest.db import make_engine, make_session_factory
-    from ingest.storage import storage_from_settings
-
-    settings.ensure_var_dir()
-    engine = make_engine(
-        settings.database_url,
-        pool_size=settings.worker_concurrency + 2,
-        max_overflow=settings.worker_concurrency,
-    )
-    redis = None
-    if settings.redis_url:
-        from redis import Redis
-
-        redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
-    return Services(
-        settings=settings,
-        engine=engine,
-        sessions=make_session_factory(engine),
-        storage=storage_from_settings(settings),
-        redis=redis,
-    )
+    return Services.from_settings(settings, pool_size=settings.worker_concurrency + 2)
 
 
 def build_runtime(settings: Settings, *, scheduler: DownloadScheduler) -> WorkerRuntime:
