@@ -7,6 +7,7 @@ trace on the first request. Tests build :class:`Settings` explicitly instead.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -90,7 +91,9 @@ class Settings(BaseSettings):
     worker_pool: str = "threads"
 
     # Web processes.
-    web_workers: int = Field(default=4, gt=0)
+    # gunicorn's own rule of thumb, (2 x cores) + 1: the receiver waits on the database's
+    # commit, so more processes than cores keep the CPUs busy.
+    web_workers: int = Field(default_factory=lambda: 2 * (os.cpu_count() or 1) + 1, gt=0)
     web_threads: int = Field(default=1, gt=0)
 
     # Archive API.
