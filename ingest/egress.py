@@ -21,6 +21,7 @@ Errors are the provider contract's exceptions; their messages name a host, never
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import threading
 import zlib
@@ -36,6 +37,12 @@ import httpx
 # contract's errors are only looked up when raised, so either module may be imported first.
 from ingest import providers
 from ingest.settings import Settings
+
+# httpx and httpcore log every request line, full URL and query included, at INFO/DEBUG.
+# Signed media URLs are confidential, so their loggers never pass anything below WARNING,
+# whatever the process's log level is.
+for _noisy in ("httpx", "httpcore"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 if TYPE_CHECKING:
     from ingest.providers import Endpoint

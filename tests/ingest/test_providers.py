@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -294,3 +295,25 @@ def test_size_stated_by_lookup_is_reported(
     numbers.set_faults(media.media_id, size_delta=-10)
     location = client(Provider.D360, sandbox_settings, egress).resolve(media.media_id)
     assert location.file_size == media.file_size - 10
+
+
+@BOTH
+def test_no_log_record_carries_a_signed_url_or_a_key(
+    provider: Provider,
+    numbers: SandboxServer,
+    sandbox_settings: Any,
+    egress: Egress,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Everything at DEBUG, from every logger (httpx and httpcore log request lines).
+    caplog.set_level(logging.DEBUG)
+    media = add(numbers, provider)
+    c = client(provider, sandbox_settings, egress)
+    location = c.resolve(media.media_id)
+    assert download(c, location.url) == numbers.media_bytes(media.media_id)
+    assert download(c, numbers.signed_url(media.media_id))
+
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    for secret in (location.url, location.url.split("?", 1)[-1], KEY[provider]):
+        assert secret not in logged
+    assert "hash=" not in logged
