@@ -59,6 +59,9 @@ def web(host: str, port: int, workers: int | None) -> None:
                 "workers": workers or settings.web_workers,
                 "threads": settings.web_threads,
                 "accesslog": "-",
+                # Path without the query string: the handshake's query carries the verify
+                # token, and secrets never reach a log line.
+                "access_log_format": '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms',
                 "loglevel": settings.log_level.lower(),
                 "timeout": 60,
                 "graceful_timeout": 20,

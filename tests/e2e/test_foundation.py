@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from sqlalchemy import select
@@ -36,6 +38,18 @@ def test_web_worker_and_beat_start_and_report_ready(
         assert body["checks"]["redis"] == "ok"
 
     assert worker.alive() and beat.alive()
+
+    # The handshake's query carries the verify token: the access log shows the path only.
+    httpx.get(
+        f"{web.base_url}/webhook",
+        params={"hub.mode": "subscribe", "hub.verify_token": "tok-SECRET", "hub.challenge": "1"},
+        timeout=5,
+    )
+    deadline = time.monotonic() + 10  # gunicorn writes the line after the response
+    while '"GET /webhook HTTP/1.1" 403' not in web.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert '"GET /webhook HTTP/1.1" 403' in web.log()
+    assert "tok-SECRET" not in web.log()
 
 
 def test_registry_commands_reach_the_stack_database(
