@@ -7,6 +7,7 @@ from werkzeug.serving import make_server
 
 from sandbox.app import create_sandbox_app
 from sandbox.provider import SandboxConfig, SandboxProvider
+from sandbox.server import PathOnlyHandler
 
 
 @click.command()
@@ -28,7 +29,13 @@ def sandbox(
         url_lifetime_seconds=url_lifetime, latency_ms=latency_ms, bandwidth=bandwidth
     )
     provider = SandboxProvider(config)
-    server = make_server(host, port, create_sandbox_app(provider=provider), threaded=True)
+    server = make_server(
+        host,
+        port,
+        create_sandbox_app(provider=provider),
+        threaded=True,
+        request_handler=PathOnlyHandler,
+    )
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
     base = f"http://{shown}:{server.port}"
     click.echo(f"INGEST_GRAPH_URL={base}/{config.graph_version}")

@@ -36,6 +36,14 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
+class PathOnlyHandler(WSGIRequestHandler):
+    """Access log without query strings: the CDN's signed URLs are confidential there too."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        path = self.path.split("?", 1)[0]
+        self.log("info", '"%s %s" %s %s', self.command, path, code, size)
+
+
 class SandboxServer:
     def __init__(self, provider: SandboxProvider, server: BaseWSGIServer) -> None:
         self.provider = provider
