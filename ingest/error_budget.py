@@ -149,6 +149,13 @@ end
 return {0, '0'}
 """
 
+_RELEASE = """
+for i, key in ipairs(KEYS) do
+  redis.call('ZREM', key, 'p:' .. ARGV[1])
+end
+return 0
+"""
+
 _CONFIRM = """
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
@@ -177,6 +184,9 @@ class RedisErrorBudget:
         self._clock = clock
         self._in_flight_retry_ms = int(in_flight_retry_seconds * 1000)
         self._reserve = redis.register_script(_RESERVE)
+        # Release runs after every successful provider call: one script call is one command,
+        # cheaper on the client than a pipeline of ZREMs.
+        self._release = redis.register_script(_RELEASE)
         self._confirm = redis.register_script(_CONFIRM)
 
     @classmethod
@@ -207,11 +217,9 @@ class RedisErrorBudget:
     def release(self, reservation: Reservation) -> None:
         from redis import RedisError
 
+        keys = [self._prefix + key for key in reservation.keys]
         try:
-            pipe = self._redis.pipeline(transaction=False)
-            for key in reservation.keys:
-                pipe.zrem(self._prefix + key, "p:" + reservation.token)
-            pipe.execute()
+            self._release(keys=keys, args=[reservation.token])
         except RedisError as exc:
             raise BudgetUnavailable(f"redis: {type(exc).__name__}") from exc
 

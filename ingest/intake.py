@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -213,7 +213,7 @@ class Recorded:
 
 
 def record_events(
-    session: Session,
+    session: Session | Connection,
     events: Sequence[RoutedEvent],
     *,
     settings: Settings,
@@ -221,7 +221,8 @@ def record_events(
 ) -> Recorded:
     """Insert one row per ``(instance, message id)``, ignoring those that already exist.
 
-    Runs inside the caller's transaction (nothing is committed here). Uses the dialect's
+    Runs inside the caller's transaction (nothing is committed here), on an ORM session or a
+    bare Core connection (the receiver's choice: it has no ORM objects to track). Uses the dialect's
     ``INSERT .. ON CONFLICT DO NOTHING .. RETURNING``, so concurrent deliveries of one message
     race safely in the database and exactly one of them learns the row is new. Provider error
     events become ``failed`` rows and get no job.
@@ -234,7 +235,8 @@ def record_events(
     # One statement, built once per dialect and cached compiled; the rows go as executemany
     # parameters (SQLAlchemy's "insertmanyvalues" batches them into multi-row INSERTs, and
     # RETURNING answers only the rows that were actually inserted).
-    stmt = _insert_statement(session.get_bind().dialect.name)
+    dialect = session.dialect if isinstance(session, Connection) else session.get_bind().dialect
+    stmt = _insert_statement(dialect.name)
     jobs: list[DownloadJob] = []
     new = failed = 0
     for start in range(0, len(rows), INSERT_CHUNK):
@@ -253,7 +255,7 @@ def record_events(
     return Recorded(media=len(events), new=new, failed=failed, jobs=tuple(jobs))
 
 
-def forget_enqueued(session: Session, jobs: Sequence[DownloadJob]) -> None:
+def forget_enqueued(session: Session | Connection, jobs: Sequence[DownloadJob]) -> None:
     """The wake-ups were not sent: mark the rows as never enqueued, so the reconciler picks
     them up on its next pass rather than waiting for a wake-up that never left."""
     if not jobs:

@@ -31,16 +31,23 @@ class Services:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, *, redis: Redis | None = None, pool_size: int | None = None
+        cls,
+        settings: Settings,
+        *,
+        redis: Redis | None = None,
+        pool_size: int | None = None,
+        ping_after_idle: float | None = None,
     ) -> Services:
-        """``pool_size``: SQL connections kept open (a threaded worker wants one per thread)."""
+        """``pool_size``: SQL connections kept open (a threaded worker wants one per thread).
+        ``ping_after_idle``: see :func:`ingest.db.make_engine` (default: ping every checkout).
+        """
         from ingest.storage import storage_from_settings
 
         settings.ensure_var_dir()
         pool: dict[str, int] = {}
         if pool_size is not None and not settings.database_url.startswith("sqlite"):
             pool = {"pool_size": pool_size, "max_overflow": pool_size}
-        engine = make_engine(settings.database_url, **pool)
+        engine = make_engine(settings.database_url, ping_after_idle=ping_after_idle, **pool)
         if redis is None and settings.redis_url:
             from redis import Redis as RedisClient
 

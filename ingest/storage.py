@@ -631,6 +631,10 @@ class S3Storage:
             signature_version="s3v4",
             # Custom endpoints (MinIO, moto) usually have no per-bucket DNS names.
             s3={"addressing_style": "path" if endpoint_url else "auto"},
+            # Every request is built here from checked values (validate_key, sizes, hex
+            # sha256); botocore's client-side model walk was a large share of the worker's
+            # CPU per stored object. The service still rejects a malformed request.
+            parameter_validation=False,
         )
         session = boto3.session.Session(botocore_session=_botocore_session())
         return session.client("s3", endpoint_url=endpoint_url, config=config)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from celery import Celery, Task, shared_task
-from celery.signals import worker_shutdown
+from celery.signals import worker_init, worker_shutdown
 
 from ingest.egress import Egress
 from ingest.pipeline import Pipeline
@@ -28,6 +28,10 @@ from tasks.celery_app import DOWNLOAD_TASK, RECONCILE_TASK
 from tasks.dispatch import CeleryScheduler
 
 log = logging.getLogger(__name__)
+
+# Under load a worker's connections go back and forth within milliseconds; one that sat this
+# long may have been cut by a server restart, a proxy or a firewall, and is checked first.
+WORKER_PING_AFTER_IDLE_SECONDS = 5.0
 
 
 @dataclass
@@ -48,9 +52,15 @@ def _worker_services(settings: Settings) -> Services:
 
     The default pool keeps 5 idle connections: with 16 threads, every connection past the
     fifth was opened and closed again for almost every claim and finish (a server process
-    forked each time), which cost more CPU than the rest of the SQL work.
+    forked each time), which cost more CPU than the rest of the SQL work. A connection is
+    pinged only after sitting idle (:data:`WORKER_PING_AFTER_IDLE_SECONDS`), not on every one
+    of the two checkouts per item.
     """
-    return Services.from_settings(settings, pool_size=settings.worker_concurrency + 2)
+    return Services.from_settings(
+        settings,
+        pool_size=settings.worker_concurrency + 2,
+        ping_after_idle=WORKER_PING_AFTER_IDLE_SECONDS,
+    )
 
 
 def build_runtime(settings: Settings, *, scheduler: DownloadScheduler) -> WorkerRuntime:
@@ -84,6 +94,16 @@ def install_runtime(new: WorkerRuntime | None) -> WorkerRuntime | None:
     with _lock:
         previous, _runtime = _runtime, new
     return previous
+
+
+@worker_init.connect
+def _build_runtime_at_start(sender: Any = None, **_: Any) -> None:
+    # Build before the worker reports ready, not inside the first tasks: the S3 client and
+    # the egress pool cost about a second of CPU, which otherwise lands on the first wave
+    # of downloads, and a worker that cannot build its runtime should fail at start.
+    app = getattr(sender, "app", None)
+    if app is not None and getattr(app.conf, "ingest_settings", None) is not None:
+        runtime(app)
 
 
 @worker_shutdown.connect

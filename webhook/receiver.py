@@ -17,7 +17,6 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.orm import Session
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ingest import metrics
@@ -138,7 +137,7 @@ def _receive(instance_name: str | None, outcome: Outcome) -> Response:
     received_at = utcnow()
     directory = _directory(services)
 
-    with _database(services, directory) as session:
+    with _database_errors(directory):
         if instance_name is not None:
             parsed, routed = _route_to_instance(directory, instance_name, raw)
         else:
@@ -146,10 +145,13 @@ def _receive(instance_name: str | None, outcome: Outcome) -> Response:
         outcome.ignored = parsed.ignored
         for fault in parsed.unattached_faults:
             log.warning("webhook provider error without a message: %s", fault.describe())
-        recorded = record_events(
-            session, routed, settings=services.settings, received_at=received_at
-        )
-        session.commit()
+        # One Core transaction, opened only once the request is authenticated and parsed (a
+        # rejection writes nothing); the insert tracks no ORM objects, so a Session would
+        # only add bookkeeping. Committed on leaving the block, rolled back on any error.
+        with services.engine.begin() as connection:
+            recorded = record_events(
+                connection, routed, settings=services.settings, received_at=received_at
+            )
 
     outcome.media = recorded.media
     outcome.new = recorded.new
@@ -185,28 +187,19 @@ def _directory(services: Services) -> InstanceDirectory:
 
 
 @contextmanager
-def _database(services: Services, directory: InstanceDirectory) -> Iterator[Session]:
-    """One session for the request; a database that is down becomes a 503, and an early
-    exit (any rejection) rolls back, so a rejected request writes nothing."""
-    session = services.sessions()
+def _database_errors(directory: InstanceDirectory) -> Iterator[None]:
+    """A database that is down becomes a 503; so does an instance deleted under us."""
     try:
-        yield session
+        yield
     except DATABASE_DOWN:
-        session.rollback()
         log.warning("webhook: database unavailable")
         raise Rejected(503, "Service unavailable") from None
     except IntegrityError:
         # Only the instance foreign key can fail (conflicts are ignored): the instance went
         # away after we cached it. Forget the cache; the provider's retry gets a fresh answer.
-        session.rollback()
         directory.forget()
         log.warning("webhook: instance vanished while recording; asking for a retry")
         raise Rejected(503, "Service unavailable") from None
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 def _route_to_instance(

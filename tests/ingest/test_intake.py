@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from ingest.events import MediaEvent, ProviderFault
@@ -146,6 +146,30 @@ def test_record_inserts_pending_rows_and_returns_their_jobs(
     assert first.attempts == 0
     assert second.url_deadline is None
     assert second.download_url is None
+
+
+def test_record_on_a_core_connection_commits_with_it(
+    session: Session, settings: Settings, instance: Instance
+) -> None:
+    # The receiver records on a bare Core connection, not an ORM session.
+    engine = session.get_bind()
+    assert isinstance(engine, Engine)
+    with engine.begin() as connection:
+        recorded = record_events(
+            connection,
+            [RoutedEvent(instance.id, image("c1")), RoutedEvent(instance.id, image("c1"))],
+            settings=settings,
+            received_at=NOW,
+        )
+    with engine.begin() as connection:
+        again = record_events(
+            connection, [RoutedEvent(instance.id, image("c1"))], settings=settings, received_at=NOW
+        )
+    rows = stored(session)
+    assert (recorded.media, recorded.new) == (2, 1)
+    assert [job.media_item_id for job in recorded.jobs] == [rows[0].id]
+    assert (again.new, again.jobs) == (0, ())
+    assert [(row.message_id, row.state) for row in rows] == [("c1", MediaState.PENDING)]
 
 
 def test_repeats_insert_nothing_and_schedule_nothing(

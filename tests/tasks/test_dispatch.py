@@ -7,10 +7,11 @@ import uuid
 from typing import Any
 
 import pytest
+from celery.worker.request import Request
 
 from ingest.queues import LARGE_MEDIA, SMALL_MEDIA, DownloadJob, SchedulerUnavailable
-from tasks.celery_app import DOWNLOAD_TASK
-from tasks.dispatch import CeleryScheduler
+from tasks.celery_app import DOWNLOAD_TASK, make_celery
+from tasks.dispatch import CeleryScheduler, PublishingRedisChannel, download_message
 from tests.conftest import skip_or_fail
 
 
@@ -58,3 +59,53 @@ def test_an_unreachable_broker_is_reported_not_retried(make_settings: Any, broke
 def test_an_empty_batch_touches_no_broker(make_settings: Any) -> None:
     scheduler = CeleryScheduler.from_settings(make_settings(broker_url="redis://127.0.0.1:1/0"))
     scheduler.schedule([])
+
+
+def test_the_prebuilt_message_has_the_fields_send_task_writes(make_settings: Any) -> None:
+    scheduler = CeleryScheduler.from_settings(make_settings())
+    reference = scheduler.app.amqp.as_task_v2(
+        "id-1", DOWNLOAD_TASK, args=[42], kwargs={}, ignore_result=True
+    )
+    task_id, body, headers = download_message(DownloadJob(42, SMALL_MEDIA), "1@host")
+    assert set(headers) == set(reference.headers)
+    assert headers["task"] == DOWNLOAD_TASK
+    assert headers["id"] == headers["root_id"] == task_id
+    assert headers["ignore_result"] is True
+    assert headers["argsrepr"] == "[42]"
+    args, kwargs, embed = reference.body
+    assert body == [list(args), kwargs, embed]
+
+
+def test_a_celery_worker_runs_the_published_message(make_settings: Any) -> None:
+    url = _redis_broker()
+    prefix = f"ingest-test-{uuid.uuid4().hex[:8]}"
+    settings = make_settings(broker_url=url, broker_prefix=prefix)
+    scheduler = CeleryScheduler.from_settings(settings)
+    scheduler.schedule([DownloadJob(7, SMALL_MEDIA)])
+
+    # An ordinary worker-side app (kombu's stock Redis transport) decodes it as a task request.
+    worker_app = make_celery(settings)
+    with worker_app.connection_for_read() as conn:
+        channel = conn.default_channel
+        try:
+            assert type(channel).__name__ == "Channel"
+            message = channel.basic_get(SMALL_MEDIA)
+            assert message is not None
+            request = Request(message, app=worker_app, task=worker_app.tasks[DOWNLOAD_TASK])
+            assert request.task_name == DOWNLOAD_TASK
+            assert request.args == [7]
+            assert request.kwargs == {}
+        finally:
+            client = channel.client
+            for key in client.scan_iter(f"{prefix}:*"):
+                client.delete(key)
+
+
+def test_the_redis_publisher_reuses_one_client(make_settings: Any) -> None:
+    url = _redis_broker()
+    scheduler = CeleryScheduler.from_settings(make_settings(broker_url=url))
+    with scheduler.app.producer_or_acquire() as producer:
+        channel = producer.channel
+        assert isinstance(channel, PublishingRedisChannel)
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second
