@@ -24,10 +24,8 @@ import hashlib
 import http.client
 import io
 import json
-import multiprocessing
 import os
 import platform
-import queue as queue_module
 import sys
 import tempfile
 import threading
@@ -39,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response
+
+from bench.harness import Request, generate_load, gunicorn, summarise
 
 RESULTS = Path(__file__).parent / "results"
 MiB = 1024 * 1024
@@ -346,136 +346,6 @@ def fetch_large(port: int, path: str, token: str, verify_sha: str | None) -> tup
     return elapsed, received
 
 
-@dataclass
-class LoadResult:
-    latencies_ms: list[float]
-    statuses: dict[int, int]
-    errors: int
-    seconds: float
-
-
-def _load_process(
-    port: int, path: str, token: str, connections: int, seconds: float, warmup: float, queue: Any
-) -> None:
-    start = time.monotonic() + 0.2
-    measure_from = start + warmup
-    stop = measure_from + seconds
-    latencies: list[list[float]] = [[] for _ in range(connections)]
-    statuses: list[dict[int, int]] = [{} for _ in range(connections)]
-    errors = [0] * connections
-
-    def run(slot: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        while time.monotonic() < start:
-            time.sleep(0.001)
-        while (now := time.monotonic()) < stop:
-            began = time.perf_counter()
-            try:
-                conn.request("GET", path, headers={"token": token})
-                response = conn.getresponse()
-                response.read()
-                if response.will_close:
-                    conn.close()
-            except (OSError, http.client.HTTPException):
-                conn.close()
-                errors[slot] += 1
-                continue
-            if now >= measure_from:
-                latencies[slot].append((time.perf_counter() - began) * 1000)
-                statuses[slot][response.status] = statuses[slot].get(response.status, 0) + 1
-        conn.close()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(connections)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    merged: dict[int, int] = {}
-    for counts in statuses:
-        for status, count in counts.items():
-            merged[status] = merged.get(status, 0) + count
-    queue.put(LoadResult([v for slot in latencies for v in slot], merged, sum(errors), seconds))
-
-
-def generate_load(port: int, path: str, token: str, plan: Plan) -> dict[str, Any]:
-    if plan.load_processes == 0:
-        # Tiny runs: threads in this process, sparing the seconds a spawned process costs.
-        inline: queue_module.Queue[LoadResult] = queue_module.Queue()
-        _load_process(
-            port, path, token, plan.connections, plan.seconds, plan.warmup_seconds, inline
-        )
-        return _summarise([inline.get()], plan)
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    per_process = max(1, plan.connections // plan.load_processes)
-    processes = [
-        context.Process(
-            target=_load_process,
-            args=(port, path, token, per_process, plan.seconds, plan.warmup_seconds, queue),
-        )
-        for _ in range(plan.load_processes)
-    ]
-    for process in processes:
-        process.start()
-    results = [queue.get(timeout=plan.seconds + plan.warmup_seconds + 120) for _ in processes]
-    for process in processes:
-        process.join(timeout=30)
-    return _summarise(results, plan)
-
-
-def _summarise(results: list[LoadResult], plan: Plan) -> dict[str, Any]:
-    latencies = sorted(v for result in results for v in result.latencies_ms)
-    statuses: dict[int, int] = {}
-    for result in results:
-        for status, count in result.statuses.items():
-            statuses[status] = statuses.get(status, 0) + count
-
-    def percentile(p: float) -> float | None:
-        if not latencies:
-            return None
-        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 2)
-
-    return {
-        "requests": len(latencies),
-        "rps": round(len(latencies) / plan.seconds, 1),
-        "p50_ms": percentile(0.50),
-        "p99_ms": percentile(0.99),
-        "statuses": {str(k): v for k, v in sorted(statuses.items())},
-        "transport_errors": sum(result.errors for result in results),
-    }
-
-
-def _gunicorn(group: Any, name: str, factory: str, workers: int, env: dict[str, str]) -> Any:
-    """``factory`` under gunicorn with ``ingest web``'s settings, on a free port."""
-    from tests.plugins.processes import ProcessError, free_port, http_answers, wait_for
-
-    last: Exception | None = None
-    for _ in range(3):  # a free port may be taken before gunicorn binds it
-        port = free_port()
-        argv = [
-            sys.executable, "-m", "gunicorn",
-            "--bind", f"127.0.0.1:{port}",
-            "--workers", str(workers),
-            "--threads", "1",
-            "--worker-tmp-dir", "/dev/shm",
-            "--access-logfile", "-",
-            "--log-level", "info",
-            "--timeout", "60",
-            "--graceful-timeout", "20",
-            factory,
-        ]  # fmt: skip
-        process = group.start(name, argv, env=env)
-        process.base_url = f"http://127.0.0.1:{port}"
-        try:
-            wait_for(process, http_answers(f"{process.base_url}/healthz"), "answering")
-            return process, port
-        except ProcessError as exc:
-            last = exc
-            process.stop()
-    assert last is not None
-    raise last
-
-
 # --- the run -------------------------------------------------------------------------------
 
 
@@ -515,7 +385,9 @@ def run(plan: Plan, database_server: str | None, redis_url: str | None) -> dict[
         stack.callback(group.stop_all)
 
         # 1. Large document: throughput and worker RSS, beside the in-process baseline.
-        web, port = _gunicorn(group, "web", "bench.api_bench:ingest_app()", plan.web_workers, env)
+        web, port = gunicorn(
+            group, "web", "bench.api_bench:ingest_app()", plan.web_workers, env, graceful_timeout=20
+        )
         small_path = f"/api/chat/base64/{INSTANCE}?messageId=wamid.small"
         large_path = f"/api/chat/base64/{INSTANCE}?messageId=wamid.big"
         # Warm every worker (imports, first SQL connection) before measuring its RSS.
@@ -539,12 +411,13 @@ def run(plan: Plan, database_server: str | None, redis_url: str | None) -> dict[
         ratio = served_mb_s / baseline_mb_s
 
         # 2. Small lookups, beside bare Flask under the same gunicorn settings.
-        small = generate_load(port, small_path, token, plan)
+        lookup = Request("GET", small_path, headers={"token": token})
+        small = summarise(generate_load(port, lookup, plan))
         web.stop()
-        bare, bare_port = _gunicorn(
-            group, "bare", "bench.api_bench:bare_app()", plan.web_workers, env
+        bare, bare_port = gunicorn(
+            group, "bare", "bench.api_bench:bare_app()", plan.web_workers, env, graceful_timeout=20
         )
-        bare_small = generate_load(bare_port, small_path, token, plan)
+        bare_small = summarise(generate_load(bare_port, lookup, plan))
         bare.stop()
 
     rss_growth = max(growth)

@@ -91,18 +91,22 @@ def capacity_note(worker: dict[str, Any]) -> list[str]:
     """Processes and machines for 10, 100 and 1,000 media/s from the measured per-item cost."""
     thr = worker.get("throughput") or {}
     cpu_ms = thr.get("worker_cpu_ms_per_item")
-    per_process = thr.get("items_per_second")
-    if not cpu_ms or not per_process:
+    measured_rate = thr.get("items_per_second")
+    if not cpu_ms or not measured_rate:
         return ["No worker measurement in this run: capacity cannot be derived."]
     cores = os.cpu_count() or 1
-    # One process is bounded by its CPU (the GIL: at most one core) and by what it reached.
+    # Results from before the bench recorded its process count ran one worker process.
+    measured_processes = thr.get("worker_processes") or 1
+    # One process is bounded by its CPU (the GIL: at most one core) and by its share of what
+    # the measured processes reached together.
     cpu_bound_rate = 1000.0 * TARGET_CPU_SHARE / cpu_ms
-    rate_per_process = min(cpu_bound_rate, per_process)
+    rate_per_process = min(cpu_bound_rate, measured_rate / measured_processes)
     lines = [
-        f"Measured: {cpu_ms:.1f} ms of worker CPU per 100 KB item; one worker process with "
-        f"{thr.get('concurrency')} threads reached {per_process:.0f} items/s against a 50 ms "
-        f"CDN. Planning figure: {rate_per_process:.0f} items/s per process (the lower of the "
-        f"measured rate and {TARGET_CPU_SHARE:.0%} of one core).",
+        f"Measured: {cpu_ms:.1f} ms of worker CPU per 100 KB item; {measured_processes} worker "
+        f"process{'' if measured_processes == 1 else 'es'} with {thr.get('concurrency')} "
+        f"threads in all reached {measured_rate:.0f} items/s against a 50 ms CDN. Planning "
+        f"figure: {rate_per_process:.0f} items/s per process (the lower of the "
+        f"measured rate per process and {TARGET_CPU_SHARE:.0%} of one core).",
         "",
         "| inbound media/s | worker processes | machines like this one "
         f"({cores} cores, one process per core) |",

@@ -19,14 +19,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
-import http.client
 import json
-import multiprocessing
 import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -35,6 +32,8 @@ from typing import Any
 
 from flask import Flask
 from sqlalchemy import func, select
+
+from bench.harness import Request, generate_load, gunicorn, summarise
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_DATABASE = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -96,7 +95,7 @@ def bare_app() -> Flask:
     return app
 
 
-# --- load generator ----------------------------------------------------------------------
+# --- requests ----------------------------------------------------------------------------
 
 
 def image_body(message_id: str) -> bytes:
@@ -145,170 +144,23 @@ def _signature(body: bytes) -> str:
     return "sha256=" + hmac.new(APP_SECRET.encode(), body, hashlib.sha256).hexdigest()
 
 
-@dataclass
-class LoadResult:
-    latencies_ms: list[float]
-    statuses: dict[int, int]
-    errors: int
-    seconds: float
-    acknowledged: int  # every 200, warm-up included: each must be a committed row
+def signed_image(request_id: str) -> tuple[bytes, dict[str, str]]:
+    """A new image message per request, signed as Meta signs it."""
+    body = image_body(f"wamid.BENCH.{request_id}")
+    return body, {"X-Hub-Signature-256": _signature(body)}
 
 
-def _load_process(
-    port: int, connections: int, seconds: float, warmup: float, tag: str, queue: Any
-) -> None:
-    """One generator process: ``connections`` threads, each one connection, for ``seconds``."""
-    start = time.monotonic() + 0.2
-    measure_from = start + warmup
-    stop = measure_from + seconds
-    latencies: list[list[float]] = [[] for _ in range(connections)]
-    statuses: list[dict[int, int]] = [{} for _ in range(connections)]
-    errors = [0] * connections
-    acknowledged = [0] * connections
-
-    def run(slot: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        n = 0
-        while time.monotonic() < start:
-            time.sleep(0.001)
-        while True:
-            now = time.monotonic()
-            if now >= stop:
-                break
-            n += 1
-            body = image_body(f"wamid.BENCH.{tag}.{slot}.{n}")
-            headers = {
-                "Content-Type": "application/json",
-                "X-Hub-Signature-256": _signature(body),
-            }
-            began = time.perf_counter()
-            try:
-                conn.request("POST", "/webhook", body=body, headers=headers)
-                response = conn.getresponse()
-                response.read()
-                status = response.status
-                if response.will_close:
-                    conn.close()
-            except (OSError, http.client.HTTPException):
-                conn.close()
-                errors[slot] += 1
-                continue
-            elapsed = (time.perf_counter() - began) * 1000
-            if status == 200:
-                acknowledged[slot] += 1
-            if now >= measure_from:
-                latencies[slot].append(elapsed)
-                statuses[slot][status] = statuses[slot].get(status, 0) + 1
-        conn.close()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(connections)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    merged: dict[int, int] = {}
-    for counts in statuses:
-        for status, count in counts.items():
-            merged[status] = merged.get(status, 0) + count
-    queue.put(
-        LoadResult(
-            latencies_ms=[value for slot in latencies for value in slot],
-            statuses=merged,
-            errors=sum(errors),
-            seconds=seconds,
-            acknowledged=sum(acknowledged),
-        )
-    )
+WEBHOOK = Request(
+    "POST", "/webhook", headers={"Content-Type": "application/json"}, body=signed_image
+)
 
 
-def generate_load(port: int, plan: Plan, label: str) -> LoadResult:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    per_process = max(1, plan.connections // plan.load_processes)
-    processes = [
-        context.Process(
-            target=_load_process,
-            args=(port, per_process, plan.seconds, plan.warmup_seconds, f"{label}{i}", queue),
-        )
-        for i in range(plan.load_processes)
-    ]
-    for process in processes:
-        process.start()
-    results = [queue.get(timeout=plan.seconds + plan.warmup_seconds + 120) for _ in processes]
-    for process in processes:
-        process.join(timeout=30)
-    statuses: dict[int, int] = {}
-    for result in results:
-        for status, count in result.statuses.items():
-            statuses[status] = statuses.get(status, 0) + count
-    return LoadResult(
-        latencies_ms=[v for result in results for v in result.latencies_ms],
-        statuses=statuses,
-        errors=sum(result.errors for result in results),
-        seconds=plan.seconds,
-        acknowledged=sum(result.acknowledged for result in results),
-    )
-
-
-def summarise(result: LoadResult) -> dict[str, Any]:
-    ordered = sorted(result.latencies_ms)
-
-    def percentile(p: float) -> float | None:
-        if not ordered:
-            return None
-        return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))], 2)
-
-    return {
-        "requests": len(ordered),
-        "rps": round(len(ordered) / result.seconds, 1),
-        "p50_ms": percentile(0.50),
-        "p99_ms": percentile(0.99),
-        "statuses": {str(k): v for k, v in sorted(result.statuses.items())},
-        "transport_errors": result.errors,
-        "acknowledged_total": result.acknowledged,
-    }
+def _summary(port: int, plan: Plan, label: str) -> dict[str, Any]:
+    load = generate_load(port, WEBHOOK, plan, label)
+    return {**summarise(load), "acknowledged_total": load.acknowledged}
 
 
 # --- the run -----------------------------------------------------------------------------
-
-
-def _gunicorn(
-    group: Any, name: str, factory: str, workers: int, env: dict[str, str]
-) -> tuple[Any, int]:
-    from tests.plugins.processes import ProcessError, free_port, http_answers, wait_for
-
-    last: Exception | None = None
-    for _ in range(3):  # a free port may be taken before gunicorn binds it
-        port = free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--workers",
-            str(workers),
-            "--threads",
-            "1",
-            "--worker-tmp-dir",
-            "/dev/shm",
-            "--access-logfile",
-            "-",
-            "--log-level",
-            "info",
-            "--timeout",
-            "60",
-            factory,
-        ]
-        process = group.start(name, argv, env=env)
-        try:
-            wait_for(process, http_answers(f"http://127.0.0.1:{port}/healthz"), "answering")
-            return process, port
-        except ProcessError as exc:
-            last = exc
-            process.stop()
-    assert last is not None
-    raise last
 
 
 def _register_instance(database_url: str) -> None:
@@ -369,18 +221,17 @@ def run(plan: Plan, database_server: str, redis_url: str, tiny: bool) -> dict[st
         stack.callback(group.stop_all)
 
         # Side by side in one run: the baseline first, then the receiver, same generator.
-        bare, bare_port = _gunicorn(
+        bare, bare_port = gunicorn(
             group, "bare", "bench.webhook_bench:bare_app()", plan.web_workers, env
         )
-        bare_result = summarise(generate_load(bare_port, plan, "bare"))
+        bare_result = _summary(bare_port, plan, "bare")
         bare.stop()
 
-        web, web_port = _gunicorn(
+        web, web_port = gunicorn(
             group, "web", "bench.webhook_bench:ingest_app()", plan.web_workers, env
         )
-        load = generate_load(web_port, plan, "web")
+        web_result = _summary(web_port, plan, "web")
         web.stop()
-        web_result = summarise(load)
         # Warm-up requests were answered too: every 200, measured or not, must be a row.
         rows = _count_rows(database_url)
         if not tiny and (web_result["statuses"].keys() - {"200"}):
