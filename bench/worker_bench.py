@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import threading
 import time
@@ -48,6 +47,7 @@ from cli.demo import (
     in_process_sandbox,
     media_message,
     meta_signature,
+    percentile,
     register,
     webhook_body,
 )
@@ -275,14 +275,6 @@ def _truncate_media(settings: Settings) -> None:
         engine.dispose()
 
 
-def _percentile(values: list[float], q: int) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
-
-
 # --- scenarios -------------------------------------------------------------------------
 
 
@@ -397,14 +389,14 @@ def latency(
     _wait_stored(settings, total, timeout=120)
     rows = _timestamps(settings)
     seconds = sorted((s - r).total_seconds() for r, s, _ in rows if s is not None)
-    p99 = _percentile(seconds, 99)
+    p99 = percentile(seconds, 99)
     return {
         "events": total,
         "rate_per_second": plan.rate_per_second,
         "stored": len(seconds),
         "max_send_lag_seconds": lag,
-        "p50_seconds": _percentile(seconds, 50),
-        "p95_seconds": _percentile(seconds, 95),
+        "p50_seconds": percentile(seconds, 50),
+        "p95_seconds": percentile(seconds, 95),
         "p99_seconds": p99,
         "goal_p99_seconds": 5.0,
         "ok": p99 is not None and p99 < 5.0 and len(seconds) == total,

@@ -522,7 +522,8 @@ def verify_all(service_url: str, reg: DemoRegistration, sent: list[Sent]) -> Non
         http.close()
 
 
-def _percentile(values: list[float], q: int) -> float | None:
+def percentile(values: list[float], q: int) -> float | None:
+    """The q-th percentile (inclusive method), or None for no values."""
     if not values:
         return None
     if len(values) == 1:
@@ -565,9 +566,9 @@ def summarise(
         "seconds_to_stored": {
             name: None if value is None else round(value, 3)
             for name, value in (
-                ("p50", _percentile(latencies, 50)),
-                ("p95", _percentile(latencies, 95)),
-                ("p99", _percentile(latencies, 99)),
+                ("p50", percentile(latencies, 50)),
+                ("p95", percentile(latencies, 95)),
+                ("p99", percentile(latencies, 99)),
                 ("max", latencies[-1] if latencies else None),
             )
         },
