@@ -21,11 +21,11 @@ def make_engine(
 ) -> Engine:
     """An engine for ``database_url``; server databases check a pooled connection is alive.
 
-    By default every checkout pings the server first (``pool_pre_ping``): right for the web,
-    where a round trip per request is cheap beside the rest. ``ping_after_idle`` pings only
-    a connection that sat idle in the pool at least that many seconds: a busy worker checks
-    out twice per item and would otherwise spend a round trip on each, while a connection
-    that was just used is almost certainly alive. A server restart under load still fails
+    By default every checkout pings the server first (``pool_pre_ping``): right for the CLI
+    and other occasional users. ``ping_after_idle`` pings only a connection that sat idle in
+    the pool at least that many seconds: the web and the worker check out on every request or
+    item and would otherwise spend a round trip on each, while a connection that was just
+    used is almost certainly alive. A server restart under load still fails
     at most the statements on connections already open, and the first disconnect error
     invalidates the whole pool (SQLAlchemy), so no connection goes on failing.
     """

@@ -14,6 +14,8 @@ from webhook import errors, health, metrics
 
 log = logging.getLogger(__name__)
 
+WEB_PING_AFTER_IDLE_SECONDS = 5.0
+
 
 def create_app(
     settings: Settings | None = None,
@@ -22,7 +24,12 @@ def create_app(
     scheduler: DownloadScheduler | None = None,
 ) -> Flask:
     if services is None:
-        services = Services.from_settings(settings or load_settings())
+        # A webhook that meets a connection the database dropped answers 503 and the
+        # provider retries, so a round trip per request to pre-check every connection buys
+        # little: only connections idle for a while are checked.
+        services = Services.from_settings(
+            settings or load_settings(), ping_after_idle=WEB_PING_AFTER_IDLE_SECONDS
+        )
     if scheduler is None:
         from tasks.dispatch import CeleryScheduler
 
