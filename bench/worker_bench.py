@@ -46,7 +46,6 @@ from cli.demo import (
     SandboxMedia,
     in_process_sandbox,
     media_message,
-    meta_signature,
     percentile,
     register,
     webhook_body,
@@ -54,6 +53,7 @@ from cli.demo import (
 from ingest.db import make_engine, make_session_factory
 from ingest.models import MediaItem, MediaState, Provider
 from ingest.settings import Settings
+from sandbox.payloads import sign
 from tests.plugins.processes import (
     S3_DUMMY_CREDENTIALS,
     ManagedProcess,
@@ -223,7 +223,7 @@ class Poster:
             content=body,
             headers={
                 "Content-Type": "application/json",
-                "X-Hub-Signature-256": meta_signature(self.reg.app_secret, body),
+                "X-Hub-Signature-256": sign(self.reg.app_secret, body),
             },
         )
         response.raise_for_status()

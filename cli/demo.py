@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 import json
 import os
 import random
@@ -50,6 +49,7 @@ from ingest import accounts, migrate
 from ingest.db import make_engine, make_session_factory, session_scope
 from ingest.models import TERMINAL_STATES, MediaItem, MediaState, Provider
 from ingest.settings import Settings, load_settings
+from sandbox.payloads import sign
 
 KB = 1024
 MB = 1024 * KB
@@ -312,10 +312,6 @@ def webhook_body(phone_number_id: str, message: dict[str, Any]) -> bytes:
     return json.dumps(envelope, ensure_ascii=True).encode()
 
 
-def meta_signature(app_secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(app_secret.encode(), body, hashlib.sha256).hexdigest()
-
-
 # --- the run ---------------------------------------------------------------------------
 
 
@@ -400,7 +396,7 @@ def send_all(
         body = webhook_body(reg.phone_number_id, media_message(media, wamid, "15551234567", n))
         headers = {"Content-Type": "application/json"}
         if reg.app_secret:
-            headers["X-Hub-Signature-256"] = meta_signature(reg.app_secret, body)
+            headers["X-Hub-Signature-256"] = sign(reg.app_secret, body)
             path = "/webhook"
         else:
             assert reg.webhook_secret is not None

@@ -8,14 +8,13 @@ them, and their ``X-Hub-Signature-256``. Pure functions: tests, ``ingest demo`` 
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import time
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ingest import intake
 from sandbox.provider import SandboxMedia
 
 MEDIA_TYPES = ("image", "video", "audio", "document", "sticker")
@@ -179,4 +178,4 @@ def encode(body: dict[str, Any], *, escape_slashes: bool = False) -> bytes:
 
 def sign(app_secret: str, body: bytes) -> str:
     """``X-Hub-Signature-256``: HMAC-SHA256 of the exact raw body with the app secret."""
-    return "sha256=" + hmac.new(app_secret.encode(), body, hashlib.sha256).hexdigest()
+    return intake.sign(body, app_secret)

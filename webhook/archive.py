@@ -245,9 +245,6 @@ def _open(
         stream = stack.enter_context(
             services.storage.open(record.storage_key, start=start, length=length)
         )
-        # The stack owns the stream too: the body generator drops its reference when it
-        # finishes, which is before the server closes the body.
-        stack.callback(stream.close)
     except FileNotFoundError:
         stack.close()
         log.error(

@@ -15,6 +15,7 @@ from cli import demo
 from ingest.events import parse_body
 from ingest.intake import signature_valid
 from ingest.models import MediaState, Provider
+from sandbox.payloads import sign
 from tests.plugins.processes import INGEST, child_environment, free_port
 
 
@@ -46,7 +47,7 @@ def test_plan_has_every_type_with_sizes_in_their_ranges() -> None:
 def test_webhook_body_is_signed_over_its_exact_bytes_and_parses() -> None:
     message = demo.media_message(_media("document"), "wamid.X1", "15550001111", 3)
     body = demo.webhook_body("5550001", message)
-    signature = demo.meta_signature("app-secret", body)
+    signature = sign("app-secret", body)
     assert signature_valid(body, signature, "app-secret")
     assert not signature_valid(body + b" ", signature, "app-secret")
     parsed = parse_body(body)

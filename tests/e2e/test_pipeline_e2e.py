@@ -25,13 +25,13 @@ from cli.demo import (
     SandboxMedia,
     in_process_sandbox,
     media_message,
-    meta_signature,
     register,
     webhook_body,
 )
 from ingest.db import make_engine, make_session_factory
 from ingest.models import TERMINAL_STATES, MediaItem, MediaState, Provider
 from ingest.settings import Settings
+from sandbox.payloads import sign
 from tests.plugins.processes import ProcessGroup, StackEnv, free_port
 
 pytestmark = pytest.mark.e2e
@@ -89,7 +89,7 @@ def post_media(web_url: str, reg: DemoRegistration, media: SandboxMedia, n: int)
     body = webhook_body(reg.phone_number_id, media_message(media, wamid, "15550001111", n))
     headers = {"Content-Type": "application/json"}
     if reg.app_secret:
-        headers["X-Hub-Signature-256"] = meta_signature(reg.app_secret, body)
+        headers["X-Hub-Signature-256"] = sign(reg.app_secret, body)
         url = f"{web_url}/webhook"
     else:
         assert reg.webhook_secret is not None
