@@ -132,6 +132,29 @@ def capacity_note(worker: dict[str, Any]) -> list[str]:
     return lines
 
 
+def rounds_note(worker: dict[str, Any]) -> list[str]:
+    """Every baseline/worker pair of the run, so the spread behind the median is visible."""
+    rounds = worker.get("rounds") or []
+    if len(rounds) < 2:
+        return []
+    lines = [
+        "",
+        "## Worker throughput, every round",
+        "",
+        "Baseline and worker alternate; the table above reports the round with the median ratio.",
+        "",
+        "| round | baseline items/s | worker items/s | ratio | worker CPU ms/item |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for number, r in enumerate(rounds, 1):
+        lines.append(
+            f"| {number} | {r['baseline_items_per_second']:.0f} | "
+            f"{r['worker_items_per_second']:.0f} | {r['ratio']:.2f} | "
+            f"{r['worker_cpu_ms_per_item']:.2f} |"
+        )
+    return lines
+
+
 def write_report(results: dict[str, dict[str, Any]], tiny: bool) -> str:
     machine = (
         f"{platform.node()}, {platform.machine()}, {os.cpu_count()} cores, "
@@ -183,6 +206,7 @@ def write_report(results: dict[str, dict[str, Any]], tiny: bool) -> str:
     if problems:
         lines += ["", "## Not measured or degraded", "", *problems]
     worker = results.get("worker_bench", {})
+    lines += rounds_note(worker)
     chart = time_to_stored_chart(worker.get("latency") or {}, CHART)
     lines += ["", "## Time to stored under load", ""]
     if chart is not None:

@@ -8,6 +8,8 @@
    Goal: at least 0.8 of the baseline's items per second. Worker CPU per item is reported.
    ``ingest worker`` runs one Celery process per CPU by default, each with its share of the
    threads: the total concurrency is the baseline's (recorded as ``worker_processes``).
+   The clock starts once every worker process is ready. Baseline and worker alternate for
+   ``rounds`` pairs; every pair is recorded and the pair with the median ratio is reported.
 2. Memory: one 100 MB document archived; the worker's peak RSS (process tree) grows by less
    than 32 MB.
 3. Latency: 100 events per second for 60 s through the real receiver; p99 from webhook
@@ -80,10 +82,13 @@ class Plan:
     big_bytes: int
     rate_per_second: int
     rate_seconds: int
+    # Baseline and worker are measured this many times, alternating; the round with the
+    # median ratio is the headline. One pair alone swings by +-15% on a small VM.
+    rounds: int
 
 
-FULL = Plan(1000, 100 * KB, 16, 50, 100 * MB, 100, 60)
-TINY = Plan(24, 100 * KB, 8, 50, 4 * MB, 10, 2)
+FULL = Plan(1000, 100 * KB, 16, 50, 100 * MB, 100, 60, 3)
+TINY = Plan(24, 100 * KB, 8, 50, 4 * MB, 10, 2, 1)
 
 
 # --- environment -----------------------------------------------------------------------
@@ -435,8 +440,6 @@ def run(plan: Plan, tiny: bool) -> dict[str, Any]:
         reg = register(settings, Provider.CLOUD)
         control.add_number(reg.phone_number_id, reg.api_key)
 
-        result["baseline"] = baseline(control, reg.phone_number_id, reg.api_key, plan, env)
-
         group = ProcessGroup(log_dir=root / "logs", env=env.env)
         stack.callback(group.stop_all)
         web = group.web(workers=2)
@@ -444,11 +447,36 @@ def run(plan: Plan, tiny: bool) -> dict[str, Any]:
         poster = Poster(web.base_url, reg)
         stack.callback(poster.close)
 
-        result["throughput"], worker = throughput(group, poster, control, settings, plan)
-        ratio = result["throughput"]["items_per_second"] / result["baseline"]["items_per_second"]
-        result["throughput"]["ratio_to_baseline"] = ratio
+        rounds: list[dict[str, Any]] = []
+        worker: ManagedProcess | None = None
+        for _ in range(plan.rounds):
+            if worker is not None:
+                worker.stop()
+                _truncate_media(settings)
+            base = baseline(control, reg.phone_number_id, reg.api_key, plan, env)
+            measured, worker = throughput(group, poster, control, settings, plan)
+            ratio = measured["items_per_second"] / base["items_per_second"]
+            rounds.append(
+                {"baseline": base, "throughput": {**measured, "ratio_to_baseline": ratio}}
+            )
+        result["rounds"] = [
+            {
+                "baseline_items_per_second": r["baseline"]["items_per_second"],
+                "worker_items_per_second": r["throughput"]["items_per_second"],
+                "ratio": r["throughput"]["ratio_to_baseline"],
+                "worker_cpu_ms_per_item": r["throughput"]["worker_cpu_ms_per_item"],
+            }
+            for r in rounds
+        ]
+        median = sorted(rounds, key=lambda r: r["throughput"]["ratio_to_baseline"])[
+            len(rounds) // 2
+        ]
+        result["baseline"] = median["baseline"]
+        result["throughput"] = median["throughput"]
+        ratio = result["throughput"]["ratio_to_baseline"]
         result["throughput"]["goal_ratio"] = 0.8
         result["throughput"]["ok"] = ratio >= 0.8
+        assert worker is not None
         result["memory"] = memory(worker, poster, control, settings, plan)
         group.beat()
         result["latency"] = latency(poster, control, settings, plan)

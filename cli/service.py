@@ -16,7 +16,7 @@ import click
 
 from ingest import migrate
 from ingest.queues import ALL_QUEUES
-from ingest.settings import load_settings
+from ingest.settings import Settings, load_settings
 
 
 def configure_logging(level: str) -> None:
@@ -101,6 +101,7 @@ def worker(queues: str, concurrency: int | None, pool: str | None, processes: in
     total = concurrency or settings.worker_concurrency
     count = min(processes or os.cpu_count() or 1, total)
     if count > 1:
+        _declare_queues_of_database_broker(settings)
         sys.exit(_run_worker_processes(count, total, queues, pool))
     if _NODE_NAME in os.environ:
         _end_with_parent()
@@ -136,6 +137,24 @@ def _end_with_parent() -> None:
 
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _declare_queues_of_database_broker(settings: Settings) -> None:
+    """Create the queues of kombu's SQLAlchemy broker once, before the children start.
+
+    That transport creates a queue's row on first use with a SELECT and then an INSERT: child
+    workers starting together on a fresh broker database race, and the loser stops at start
+    with a UNIQUE violation. Brokers with a server declare atomically and are left alone.
+    """
+    if not settings.broker_url.startswith("sqla+"):
+        return
+    from tasks.celery_app import make_celery
+
+    app = make_celery(settings)
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        for queue in app.amqp.queues.values():
+            queue.bind(channel).declare()
 
 
 def _run_worker_processes(count: int, total: int, queues: str, pool: str | None) -> int:

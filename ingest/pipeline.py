@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.dml import Update
 
 from ingest import metrics
-from ingest.db import session_scope
+from ingest.db import one_statement_engine, session_scope
 from ingest.error_budget import (
     BudgetExhausted,
     BudgetUnavailable,
@@ -256,6 +256,7 @@ class Pipeline:
     ) -> None:
         self.settings = settings
         self.sessions = sessions
+        self._one_statement = one_statement_engine(sessions)
         self.storage = storage
         self.budget = budget
         self.clients = clients
@@ -305,10 +306,9 @@ class Pipeline:
         """
         now = self.clock()
         owner = new_lease_owner()
-        with session_scope(self.sessions) as session:
-            # Core execution of statements built once: the ORM's bulk-update path and a
-            # fresh cache key per call were a large share of the worker's CPU per item.
-            connection = session.connection()
+        # Core execution of statements built once: the ORM's bulk-update path and a fresh
+        # cache key per call were a large share of the worker's CPU per item.
+        with self._one_statement.begin() as connection:
             joined = connection.dialect.name == "postgresql"
             claimed = connection.execute(
                 _CLAIM_WITH_INSTANCE if joined else _CLAIM,
@@ -496,8 +496,8 @@ class Pipeline:
                 Outcome.STORAGE_UNAVAILABLE, f"storage failed: {exc.strerror or 'OSError'}"
             ) from None
         now = self.clock()
-        with session_scope(self.sessions) as session:
-            done = session.connection().execute(
+        with self._one_statement.begin() as connection:
+            done = connection.execute(
                 _RECORD_STORED,
                 {
                     "p_id": work.id,

@@ -12,9 +12,16 @@ from kombu.entity import Queue
 
 from ingest.queues import ALL_QUEUES, SMALL_MEDIA
 from ingest.settings import Settings
+from tasks import redis_transport
 
 DOWNLOAD_TASK = "ingest.download_media"
 RECONCILE_TASK = "ingest.reconcile"
+
+
+def _transport(settings: Settings) -> str | None:
+    """Our Redis transport for Redis URLs (see tasks.redis_transport); kombu's otherwise."""
+    scheme = settings.broker_url.split(":", 1)[0]
+    return redis_transport.TRANSPORT if scheme in ("redis", "rediss") else None
 
 
 def _transport_options(settings: Settings) -> dict[str, object]:
@@ -50,6 +57,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_soft_time_limit=settings.task_soft_time_limit,
         task_time_limit=settings.task_time_limit,
+        broker_transport=_transport(settings),
         broker_transport_options=_transport_options(settings),
         broker_connection_retry_on_startup=True,
         # The webhook must answer fast even if the broker is down: one quick attempt,

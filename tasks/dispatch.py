@@ -6,7 +6,7 @@ The publish is on the webhook's request path, so it skips two costs of ``send_ta
 nothing here: the message is a pre-built Celery protocol-2 message (fixed task, one integer
 argument, no ETA, no result) handed straight to kombu's ``Producer.publish``; and on Redis the
 channel reuses one client object for every publish instead of constructing a ``redis.Redis``
-per message (kombu's default, which costs more than the LPUSH itself).
+per message (``tasks.redis_transport``; kombu's default costs more than the LPUSH itself).
 """
 
 from __future__ import annotations
@@ -14,42 +14,16 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from functools import cached_property
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
 from kombu.exceptions import KombuError, OperationalError
 from kombu.messaging import Producer
-from kombu.transport import redis as kombu_redis
 
 from ingest.queues import DownloadJob, SchedulerUnavailable
 from ingest.settings import Settings
 from tasks.celery_app import DOWNLOAD_TASK, make_celery
-
-# The kombu transport the webhook publishes through when the broker is Redis.
-PUBLISHING_REDIS_TRANSPORT = "tasks.dispatch:PublishingRedisTransport"
-
-
-class PublishingRedisChannel(kombu_redis.Channel):
-    """kombu's Redis channel, with one client object shared by every command.
-
-    A ``redis.Redis`` holds no connection of its own (it borrows from the channel's pool per
-    command) and is thread-safe, so building a fresh one per publish only spends CPU.
-    """
-
-    @cached_property
-    def _shared_client(self) -> Any:
-        return self._create_client()
-
-    @contextmanager
-    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
-        yield client if client else self._shared_client
-
-
-class PublishingRedisTransport(kombu_redis.Transport):
-    Channel = PublishingRedisChannel
 
 
 def download_message(job: DownloadJob, origin: str) -> tuple[str, list[Any], dict[str, Any]]:
@@ -100,8 +74,6 @@ class CeleryScheduler:
             "max_retries": 0,
         }
         app.conf.broker_connection_timeout = 1
-        if settings.broker_url.split(":", 1)[0] in ("redis", "rediss"):
-            app.conf.broker_transport = PUBLISHING_REDIS_TRANSPORT
         return cls(app)
 
     def schedule(self, jobs: Sequence[DownloadJob]) -> None:

@@ -85,3 +85,27 @@ def test_a_failed_child_stops_the_others_and_its_code_is_returned(
 
     assert result.exit_code == 3
     assert spawned.children[1].signals == [signal.SIGTERM]
+
+
+def test_the_database_brokers_queues_exist_before_any_child_starts(
+    spawned: Spawned, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from ingest.queues import ALL_QUEUES
+
+    broker = tmp_path / "broker.sqlite3"
+    seen_at_spawn: list[set[str]] = []
+    popen = service.subprocess.Popen
+
+    def spawn_and_look(argv: list[str], env: dict[str, str], **kwargs: Any) -> Any:
+        with sqlite3.connect(broker) as db:
+            seen_at_spawn.append({row[0] for row in db.execute("SELECT name FROM kombu_queue")})
+        return popen(argv, env=env, **kwargs)
+
+    monkeypatch.setattr("cli.service.subprocess.Popen", spawn_and_look)
+    result = CliRunner().invoke(service.worker, ["--concurrency", "4", "--processes", "2"])
+
+    assert result.exit_code == 0, result.output
+    # Children starting together would otherwise race to INSERT the same queue rows.
+    assert seen_at_spawn == [set(ALL_QUEUES)] * 2

@@ -145,7 +145,7 @@ def test_every_media_type_on_both_providers_is_stored_and_served_identically(
 ) -> None:
     stack_processes.env = {**stack.env, **provider_env(sandbox_root)}
     web = stack_processes.web()
-    stack_processes.worker(concurrency=8)
+    worker = stack_processes.worker(concurrency=8)
     assert web.base_url is not None
     settings = stack_settings(stack)
 
@@ -166,6 +166,10 @@ def test_every_media_type_on_both_providers_is_stored_and_served_identically(
         assert row.size == media.file_size
         assert row.download_url is None  # the signed URL is gone once used
         assert_served_byte_identical(web.base_url, reg, wamid, media)
+    # One log line per attempt, ours; not Celery's "received"/"succeeded" pair besides it.
+    log = worker.log()
+    assert log.count("outcome=stored") == len(sent)
+    assert "Task ingest.download_media" not in log
 
 
 def test_reconciler_recovers_rows_whose_wake_up_was_never_published(

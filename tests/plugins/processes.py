@@ -212,13 +212,16 @@ class ProcessGroup:
         env: Mapping[str, str] | None = None,
         concurrency: int = 8,
         queues: str | None = None,
+        processes: int | None = None,
     ) -> ManagedProcess:
-        argv = [INGEST, "worker", "--concurrency", str(concurrency)]
+        """``ingest worker``, returned once every one of its Celery processes is ready."""
+        count = processes or min(os.cpu_count() or 1, concurrency)
+        argv = [INGEST, "worker", "--concurrency", str(concurrency), "--processes", str(count)]
         if queues:
             argv += ["--queues", queues]
-        # The readiness marker is an INFO line.
+        # The readiness marker is an INFO line, one per Celery process.
         process = self.start("worker", argv, env={"INGEST_LOG_LEVEL": "INFO", **(env or {})})
-        wait_for(process, log_contains(process, WORKER_READY_MARKER), "ready")
+        wait_for(process, lambda: process.log().count(WORKER_READY_MARKER) >= count, "ready")
         return process
 
     def beat(self, *, env: Mapping[str, str] | None = None) -> ManagedProcess:
