@@ -143,14 +143,18 @@ def rounds_note(worker: dict[str, Any]) -> list[str]:
         "",
         "Baseline and worker alternate; the table above reports the round with the median ratio.",
         "",
-        "| round | baseline items/s | worker items/s | ratio | worker CPU ms/item |",
-        "| --- | --- | --- | --- | --- |",
+        "| round | baseline items/s | worker items/s | ratio | worker CPU ms/item "
+        "| baseline CPU ms/item |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for number, r in enumerate(rounds, 1):
+        baseline_cpu = r.get("baseline_cpu_ms_per_item")
         lines.append(
             f"| {number} | {r['baseline_items_per_second']:.0f} | "
             f"{r['worker_items_per_second']:.0f} | {r['ratio']:.2f} | "
-            f"{r['worker_cpu_ms_per_item']:.2f} |"
+            f"{r['worker_cpu_ms_per_item']:.2f} | "
+            + ("-" if baseline_cpu is None else f"{baseline_cpu:.2f}")
+            + " |"
         )
     return lines
 

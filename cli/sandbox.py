@@ -7,7 +7,7 @@ from werkzeug.serving import make_server
 
 from sandbox.app import create_sandbox_app
 from sandbox.provider import SandboxConfig, SandboxProvider
-from sandbox.server import PathOnlyHandler
+from sandbox.server import PathOnlyHandler, QuietHandler
 
 
 @click.command()
@@ -16,8 +16,14 @@ from sandbox.server import PathOnlyHandler
 @click.option("--url-lifetime", default=300.0, show_default=True, help="Signed URL lifetime, s.")
 @click.option("--latency-ms", default=0.0, show_default=True, help="Added to every request.")
 @click.option("--bandwidth", type=int, default=None, help="Download bytes per second.")
+@click.option("--quiet", is_flag=True, help="No access log (benchmarks: it costs CPU per request).")
 def sandbox(
-    port: int, host: str, url_lifetime: float, latency_ms: float, bandwidth: int | None
+    port: int,
+    host: str,
+    url_lifetime: float,
+    latency_ms: float,
+    bandwidth: int | None,
+    quiet: bool,
 ) -> None:
     """Run a local stand-in for the WhatsApp media provider (Graph, 360dialog, CDN).
 
@@ -34,7 +40,7 @@ def sandbox(
         port,
         create_sandbox_app(provider=provider),
         threaded=True,
-        request_handler=PathOnlyHandler,
+        request_handler=QuietHandler if quiet else PathOnlyHandler,
     )
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
     base = f"http://{shown}:{server.port}"

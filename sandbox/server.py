@@ -29,7 +29,7 @@ from sandbox.provider import (
 )
 
 
-class _QuietHandler(WSGIRequestHandler):
+class QuietHandler(WSGIRequestHandler):
     """No access log: tests and the demo print their own summaries."""
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
@@ -138,6 +138,6 @@ def start_sandbox(
         port,
         create_sandbox_app(provider=provider),
         threaded=True,
-        request_handler=_QuietHandler if quiet else None,
+        request_handler=QuietHandler if quiet else None,
     )
     return SandboxServer(provider, server).start()

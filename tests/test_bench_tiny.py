@@ -65,6 +65,7 @@ def _worker_result() -> dict[str, Any]:
                 "worker_items_per_second": w,
                 "ratio": w / b,
                 "worker_cpu_ms_per_item": 4.0,
+                "baseline_cpu_ms_per_item": 2.5,
             }
             for b, w in ((160.0, 150.0), (170.0, 130.0), (150.0, 150.0))
         ],
@@ -109,9 +110,9 @@ def test_report_has_table_chart_capacity_and_names_what_is_missing(
     assert "| worker_bench | worker throughput (items/s) | 150 | 160 | 0.94 |" in report
     assert "| api_bench | throughput | 90 | 100 | 0.9 | >= 0.8 |" in report
     # Every round of the worker's throughput, not only the median one.
-    assert "| 1 | 160 | 150 | 0.94 | 4.00 |" in report
-    assert "| 2 | 170 | 130 | 0.76 | 4.00 |" in report
-    assert "| 3 | 150 | 150 | 1.00 | 4.00 |" in report
+    assert "| 1 | 160 | 150 | 0.94 | 4.00 | 2.50 |" in report
+    assert "| 2 | 170 | 130 | 0.76 | 4.00 | 2.50 |" in report
+    assert "| 3 | 150 | 150 | 1.00 | 4.00 | 2.50 |" in report
     assert "| api_bench | rss_growth_mb | 3.5 |" in report
     assert "`webhook_bench`: bench/webhook_bench.py does not exist yet" in report
     assert f"![time from webhook receipt to stored]({chart.name})" in report

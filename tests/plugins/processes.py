@@ -206,6 +206,23 @@ class ProcessGroup:
         assert last is not None
         raise last
 
+    def sandbox(self, *, latency_ms: float = 0.0) -> ManagedProcess:
+        """``ingest sandbox`` (the provider stand-in) in its own process, without access log."""
+        last: ProcessError | None = None
+        for _ in range(3):  # the free port may be taken before the sandbox binds it
+            port = free_port()
+            argv = [INGEST, "sandbox", "--port", str(port), "--latency-ms", str(latency_ms)]
+            process = self.start("sandbox", [*argv, "--quiet"])
+            process.base_url = f"http://127.0.0.1:{port}"
+            try:
+                wait_for(process, http_answers(f"{process.base_url}/_sandbox/stats"), "answering")
+                return process
+            except ProcessError as exc:
+                last = exc
+                process.stop()
+        assert last is not None
+        raise last
+
     def worker(
         self,
         *,
