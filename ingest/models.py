@@ -185,6 +185,8 @@ class MediaItem(Base):
 
     state: Mapped[str] = mapped_column(String(20), default=MediaState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts that ended with the lease running out (worker lost): capped, see reconciler.
+    lease_losses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # When a wake-up was last published; the reconciler re-publishes only rows whose last
     # wake-up is old, so a backlog does not fill the queue with duplicates.

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.dml import Update
 
@@ -172,8 +172,9 @@ class _Attempt:
     downloads: int = 0
 
 
-# Only a row that is due and holds no live lease can be claimed; one whose lease ran out
-# max_attempts times is left to the reconciler.
+# Only a row that is due and holds no live lease can be claimed. Taking over a row still in
+# ``downloading`` means its last lease ran out: that counts as a lease loss, and the row whose
+# losses would reach max_lease_losses is left to the reconciler to fail as worker_lost.
 _CLAIM = (
     update(MediaItem)
     .where(MediaItem.id == bindparam("p_id"))
@@ -183,7 +184,7 @@ _CLAIM = (
     .where(
         ~(
             (MediaItem.state == MediaState.DOWNLOADING)
-            & (MediaItem.attempts >= bindparam("p_max_attempts"))
+            & (MediaItem.lease_losses + 1 >= bindparam("p_max_lease_losses"))
         )
     )
     .values(
@@ -191,6 +192,8 @@ _CLAIM = (
         lease_owner=bindparam("p_owner"),
         lease_until=bindparam("p_lease_until"),
         attempts=MediaItem.attempts + 1,
+        lease_losses=MediaItem.lease_losses
+        + case((MediaItem.state == MediaState.DOWNLOADING, 1), else_=0),
         updated_at=bindparam("p_now"),
     )
     # The values the attempt needs come back with the claim: no second read of the row.
@@ -301,8 +304,8 @@ class Pipeline:
     def claim(self, item_id: int) -> WorkItem | None:
         """Take the row with a lease, or return None if it is not ours to work on now.
 
-        A row stuck in ``downloading`` whose lease ran out ``max_attempts`` times is left for
-        the reconciler to fail as ``worker_lost`` rather than crash another worker.
+        A row stuck in ``downloading`` whose lease ran out ``max_lease_losses`` times is left
+        for the reconciler to fail as ``worker_lost`` rather than crash another worker.
         """
         now = self.clock()
         owner = new_lease_owner()
@@ -315,7 +318,7 @@ class Pipeline:
                 {
                     "p_id": item_id,
                     "p_now": now,
-                    "p_max_attempts": self.settings.max_attempts,
+                    "p_max_lease_losses": self.settings.max_lease_losses,
                     "p_owner": owner,
                     "p_lease_until": now + timedelta(seconds=self.settings.lease_seconds),
                 },

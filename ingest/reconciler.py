@@ -3,9 +3,10 @@
 One pass, each step its own short transaction:
 
 1. expire rows whose media id passed its 7 days without a copy (and no live lease);
-2. give up on rows whose lease ran out after ``max_attempts`` claims: a row that keeps
+2. give up on rows whose lease ran out ``max_lease_losses`` times: a row that keeps
    killing its worker (``failed``, ``worker_lost``);
-3. put the other rows with a lapsed lease back to ``pending``, due now;
+3. put the other rows with a lapsed lease back to ``pending``, due now, one more loss
+   counted;
 4. purge signed URLs that are stale or no longer needed;
 5. wake the rows that are due and have no recent wake-up: ``enqueued_at`` older than the
    moment they became due (a retry's backoff ended after its last wake-up), or older than
@@ -106,13 +107,14 @@ def recover_lapsed_leases(
         lost = session.execute(
             update(MediaItem)
             .where(lapsed)
-            .where(MediaItem.attempts >= settings.max_attempts)
+            .where(MediaItem.lease_losses + 1 >= settings.max_lease_losses)
             .values(
                 state=MediaState.FAILED,
                 failure_reason="worker_lost",
+                lease_losses=MediaItem.lease_losses + 1,
                 last_error=(
-                    f"lease ran out {settings.max_attempts} times: the item keeps stopping "
-                    "its worker"
+                    f"lease ran out {settings.max_lease_losses} times: the item keeps "
+                    "stopping its worker"
                 ),
                 download_url=None,
                 lease_owner=None,
@@ -126,6 +128,7 @@ def recover_lapsed_leases(
             .where(lapsed)
             .values(
                 state=MediaState.PENDING,
+                lease_losses=MediaItem.lease_losses + 1,
                 last_error="lease ran out (worker lost or stopped)",
                 next_attempt_at=now,
                 lease_owner=None,

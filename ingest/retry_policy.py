@@ -38,7 +38,7 @@ class Outcome(enum.StrEnum):
     STORAGE_UNAVAILABLE = "storage_unavailable"  # object store or local spool failed
     BUDGET_UNAVAILABLE = "budget_unavailable"  # the error budget's store failed: no call made
     BUDGET_EXHAUSTED = "budget_exhausted"  # the number's error budget is spent: no call made
-    WORKER_LOST = "worker_lost"  # the lease ran out max_attempts times
+    WORKER_LOST = "worker_lost"  # the lease ran out max_lease_losses times
     EXPIRED = "expired"  # the 7 days passed
 
 

@@ -74,7 +74,10 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=900.0, gt=0)
     task_soft_time_limit: float = Field(default=600.0, gt=0)
     task_time_limit: float = Field(default=660.0, gt=0)
-    max_attempts: int = Field(default=10, gt=0)
+    # Leases that may run out (the worker died or was killed mid-attempt) before the row is
+    # failed as worker_lost: a file that keeps killing its worker. Ordinary failed attempts
+    # (throttles, timeouts) do not count; they retry until the 7 days pass.
+    max_lease_losses: int = Field(default=3, gt=0)
     retry_base_seconds: float = Field(default=15.0, gt=0)
     retry_max_seconds: float = Field(default=3600.0, gt=0)
     reconcile_interval_seconds: float = Field(default=60.0, gt=0)

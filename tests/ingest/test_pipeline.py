@@ -360,11 +360,32 @@ def test_the_claim_leaves_a_row_that_keeps_killing_workers_to_the_reconciler(env
     item_id = env.item(
         "m8",
         state=MediaState.DOWNLOADING,
-        attempts=env.settings.max_attempts,
+        lease_losses=env.settings.max_lease_losses - 1,
         lease_until=env.clock() - timedelta(seconds=1),
         lease_owner="dead-worker",
     )
     assert env.pipeline.run(item_id).outcome == "skipped"
+
+
+def test_taking_over_a_lapsed_lease_counts_one_loss_and_many_attempts_do_not(
+    env: Env,
+) -> None:
+    env.provider.add("m9", jpeg())
+    item_id = env.item(
+        "m9",
+        state=MediaState.DOWNLOADING,
+        attempts=40,
+        lease_until=env.clock() - timedelta(seconds=1),
+        lease_owner="dead-worker",
+    )
+    assert env.pipeline.run(item_id).state == MediaState.STORED
+    row = env.row(item_id)
+    assert (row.attempts, row.lease_losses) == (41, 1)
+    # A row claimed from pending has lost no lease.
+    env.provider.add("m10", jpeg())
+    fresh_id = env.item("m10")
+    env.pipeline.run(fresh_id)
+    assert env.row(fresh_id).lease_losses == 0
 
 
 # --- the outcome table, as the pipeline applies it --------------------------------------

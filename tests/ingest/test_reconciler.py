@@ -109,7 +109,7 @@ def test_rows_past_seven_days_expire_and_lose_their_url(
     assert rows.get(leased).state == MediaState.DOWNLOADING  # its worker decides
 
 
-def test_lapsed_leases_go_back_to_pending_until_the_attempt_cap(
+def test_lapsed_leases_go_back_to_pending_until_the_lease_loss_cap(
     rows: Rows, sessions: sessionmaker[Session], settings: Settings
 ) -> None:
     now = utcnow()
@@ -120,16 +120,19 @@ def test_lapsed_leases_go_back_to_pending_until_the_attempt_cap(
         enqueued_at=now - timedelta(minutes=20),
         next_attempt_at=now - timedelta(minutes=20),
     )
-    retried = rows.add(attempts=1, **lapsed)
-    killer = rows.add(attempts=settings.max_attempts, **lapsed)
+    # Many attempts (throttled for days, say) but no lost lease before this one: retried.
+    throttled = rows.add(attempts=50, lease_losses=0, **lapsed)
+    killer = rows.add(attempts=3, lease_losses=settings.max_lease_losses - 1, **lapsed)
     scheduler = RecordingScheduler()
     report = reconcile(sessions, scheduler, settings, now=now)
     assert (report.worker_lost, report.released) == (1, 1)
-    row = rows.get(retried)
+    row = rows.get(throttled)
     assert row.state == MediaState.PENDING and row.lease_owner is None
-    assert [job.media_item_id for job in scheduler.jobs] == [retried]
+    assert row.lease_losses == 1
+    assert [job.media_item_id for job in scheduler.jobs] == [throttled]
     dead = rows.get(killer)
     assert (dead.state, dead.failure_reason) == (MediaState.FAILED, "worker_lost")
+    assert dead.lease_losses == settings.max_lease_losses
 
 
 def test_signed_urls_are_purged_once_stale_or_used(
