@@ -62,7 +62,7 @@ def create_sandbox_app(
         )
         response.status_code = status
         if status == 429:
-            left = provider.blocked_for(phone)
+            left = provider.blocked_for(phone, endpoint)
             response.headers["Retry-After"] = str(int(left) + 1 if left else 60)
         return response
 
@@ -87,7 +87,7 @@ def create_sandbox_app(
         phone = owner(media_id, number)
         if number is None:
             return error(401, phone, endpoint, media_id, "Invalid OAuth access token")
-        if provider.blocked_for(phone) is not None:
+        if provider.blocked_for(phone, endpoint) is not None:
             return error(429, phone, endpoint, media_id, "Too many errors: media GETs blocked")
         status = provider.next_status(media_id, "lookup")
         if status != 200:

@@ -8,7 +8,10 @@ Rules copied from what the real provider documents (provider-media-constraints.m
 - every error response served for a phone number's media GETs is recorded; ``error_threshold``
   (20) of them within ``error_window_seconds`` (60 min) block that number's media GETs for
   ``block_seconds`` (30 min), answered 429 meanwhile. 429s served while blocked are recorded
-  but do not count again (otherwise a blocked client could never get out).
+  but do not count again (otherwise a blocked client could never get out);
+- 360dialog's stricter rule on top: ``d360_lookup_error_threshold`` (5) failed lookups
+  (``GET /d360/<media-id>``) within the window block that number's lookups, and only those,
+  for ``d360_lookup_block_seconds`` (one hour).
 
 The clock is ``time.time()`` plus an offset moved by :meth:`SandboxProvider.advance_clock`, so
 tests check expiry and the throttle window without sleeping.
@@ -34,6 +37,7 @@ ENDPOINTS = ("graph_lookup", "d360_lookup", "cdn_download", "d360_download")
 LOOKASIDE = "https://lookaside.fbsbx.com"
 ATTACHMENTS_PATH = "/whatsapp_business/attachments/"
 UNKNOWN_NUMBER = "unknown"
+D360_LOOKUP = "d360_lookup"
 
 
 @dataclass
@@ -42,6 +46,8 @@ class SandboxConfig:
     error_threshold: int = 20
     error_window_seconds: float = 3600.0
     block_seconds: float = 1800.0
+    d360_lookup_error_threshold: int = 5
+    d360_lookup_block_seconds: float = 3600.0
     latency_ms: float = 0.0
     bandwidth: int | None = None  # bytes per second of download bodies; None: unlimited
     graph_version: str = "v21.0"
@@ -143,6 +149,7 @@ class SandboxProvider:
         self._seen: list[SeenRequest] = []
         self._errors: list[ServedError] = []
         self._blocked_until: dict[str, float] = {}
+        self._d360_lookups_blocked_until: dict[str, float] = {}
 
     # --- control ----------------------------------------------------------------------
 
@@ -271,13 +278,16 @@ class SandboxProvider:
             self._sequence_pos[(scoped, kind)] = position + 1
             return sequence[position]
 
-    def blocked_for(self, phone_number_id: str) -> float | None:
-        """Seconds left of this number's block, or None."""
+    def blocked_for(self, phone_number_id: str, endpoint: str | None = None) -> float | None:
+        """Seconds left of the block on this number's calls to ``endpoint``, or None.
+
+        Every media GET is under the number's block; 360dialog lookups also under their own.
+        """
         with self._lock:
-            until = self._blocked_until.get(phone_number_id)
-        if until is None:
-            return None
-        left = until - self.now()
+            until = [self._blocked_until.get(phone_number_id, 0.0)]
+            if endpoint == D360_LOOKUP:
+                until.append(self._d360_lookups_blocked_until.get(phone_number_id, 0.0))
+        left = max(until) - self.now()
         return left if left > 0 else None
 
     def record_request(
@@ -292,7 +302,7 @@ class SandboxProvider:
     ) -> None:
         with self._lock:
             now = self.now()
-            blocked = self.blocked_for(phone_number_id) is not None
+            blocked = self.blocked_for(phone_number_id, endpoint) is not None
             self._errors.append(
                 ServedError(now, phone_number_id, endpoint, media_id, status, blocked)
             )
@@ -306,6 +316,11 @@ class SandboxProvider:
             ]
             if len(recent) >= self.config.error_threshold:
                 self._blocked_until[phone_number_id] = now + self.config.block_seconds
+            failed_lookups = [e for e in recent if e.endpoint == D360_LOOKUP]
+            if len(failed_lookups) >= self.config.d360_lookup_error_threshold:
+                self._d360_lookups_blocked_until[phone_number_id] = (
+                    now + self.config.d360_lookup_block_seconds
+                )
 
     # --- counters ---------------------------------------------------------------------
 
@@ -349,6 +364,7 @@ class SandboxProvider:
                 "max_errors_in_window": {p: self.max_errors_in_window(p) for p in phones},
                 "errors_served": [asdict(e) for e in self._errors],
                 "blocked_until": dict(self._blocked_until),
+                "d360_lookups_blocked_until": dict(self._d360_lookups_blocked_until),
                 "seen": [asdict(s) for s in self._seen],
                 "media": len(self._items),
                 "numbers": len(self._numbers),

@@ -798,3 +798,35 @@ def test_sandbox_a_failing_number_never_exceeds_its_budget_and_others_still_flow
     assert all(e.status != 429 for e in sandbox_env.sandbox.errors_served(phone))  # never blocked
     assert all(sandbox_env.state(i) == ("stored", None) for i in healthy)
     assert all(sandbox_env.state(i)[0] == "pending" for i in failing)
+
+
+def test_sandbox_a_360dialog_number_never_gets_its_lookups_blocked(
+    sandbox_env: SandboxEnv,
+) -> None:
+    """360dialog blocks a number's lookups for an hour after 5 failed ones (the sandbox does
+    too): the stricter lookup budget stops one short, and downloads of fresh URLs go on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    number_id = sandbox_env.number("360dialog")
+    failing = []
+    for _ in range(12):
+        item_id, found = sandbox_env.item(number_id)  # stale: every attempt needs a lookup
+        sandbox_env.sandbox.set_faults(found.media_id, lookup_statuses=[500] * 10)
+        failing.append(item_id)
+    fresh = [sandbox_env.item(number_id, stale=False)[0] for _ in range(4)]
+    with sandbox_env.sessions() as session:
+        phone = session.get(Instance, number_id).phone_number_id  # type: ignore[union-attr]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for _ in range(2):
+            list(pool.map(sandbox_env.pipeline.run, failing))
+            sandbox_env.make_all_due()
+    list(map(sandbox_env.pipeline.run, fresh))
+
+    served = sandbox_env.sandbox.errors_served(phone)
+    failed_lookups = [e for e in served if e.endpoint == "d360_lookup"]
+    assert 0 < len(failed_lookups) <= sandbox_env.settings.error_budget_lookup_360dialog
+    assert all(e.status != 429 for e in served)  # never blocked
+    assert sandbox_env.sandbox.provider.blocked_for(phone, "d360_lookup") is None
+    assert all(sandbox_env.state(i) == ("stored", None) for i in fresh)
+    assert all(sandbox_env.state(i)[0] == "pending" for i in failing)

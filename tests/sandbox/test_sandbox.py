@@ -94,6 +94,27 @@ def test_error_throttle_blocks_then_frees(number: SandboxServer, http: httpx.Cli
     assert http.get(f"/v21.0/{media.media_id}", headers=AUTH).status_code == 200
 
 
+def test_360dialog_blocks_lookups_after_five_failures_and_only_lookups(
+    sandbox: SandboxServer, http: httpx.Client
+) -> None:
+    d360 = {"D360-API-KEY": KEY}
+    sandbox.add_number(PHONE, KEY, "360dialog")
+    media = sandbox.add_media(PHONE, "image")
+    path = json.loads(http.get(f"/d360/{media.media_id}", headers=d360).text)["url"]
+    download = "/d360" + path.removeprefix("https://lookaside.fbsbx.com")
+    for _ in range(4):
+        assert http.get("/d360/123", headers=d360).status_code == 404
+    assert http.get(f"/d360/{media.media_id}", headers=d360).status_code == 200
+    assert http.get("/d360/123", headers=d360).status_code == 404  # the 5th failed lookup
+    blocked = http.get(f"/d360/{media.media_id}", headers=d360)
+    assert blocked.status_code == 429
+    assert 3500 < int(blocked.headers["Retry-After"]) <= 3601
+    # Far below the 20-error rule: downloads still work.
+    assert http.get(download, headers=d360).status_code == 200
+    sandbox.advance_clock(3601)
+    assert http.get(f"/d360/{media.media_id}", headers=d360).status_code == 200
+
+
 def test_errors_outside_the_window_do_not_add_up(number: SandboxServer, http: httpx.Client) -> None:
     for _ in range(15):
         http.get("/v21.0/123", headers=AUTH)
