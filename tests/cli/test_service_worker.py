@@ -96,7 +96,9 @@ def test_the_database_brokers_queues_exist_before_any_child_starts(
 
     broker = tmp_path / "broker.sqlite3"
     seen_at_spawn: list[set[str]] = []
-    popen = service.subprocess.Popen
+    import subprocess
+
+    popen = subprocess.Popen
 
     def spawn_and_look(argv: list[str], env: dict[str, str], **kwargs: Any) -> Any:
         with sqlite3.connect(broker) as db:

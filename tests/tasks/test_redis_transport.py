@@ -19,6 +19,7 @@ def redis_settings(make_settings: Any) -> Any:
     url = os.environ.get("INGEST_TEST_REDIS_URL")
     if not url:
         skip_or_fail("INGEST_TEST_REDIS_URL is not set (Redis broker tests)")
+    assert url is not None
     prefix = f"ingest-test-{uuid.uuid4().hex[:8]}"
     yield make_settings(broker_url=url, broker_prefix=prefix)
     client = redis.Redis.from_url(url)
@@ -49,7 +50,7 @@ def test_a_channel_reuses_one_client_until_its_pool_is_replaced(redis_settings: 
         with channel.conn_or_acquire(given) as passed:
             assert passed is given
         # What kombu does after a fork: the old pool is dropped, so is the client on it.
-        channel._disconnect_pools()
+        channel._disconnect_pools()  # type: ignore[no-untyped-call]
         with channel.conn_or_acquire() as third:
             assert third is not first
             assert third.connection_pool is channel.pool
