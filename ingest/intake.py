@@ -255,6 +255,11 @@ def record_events(
     return Recorded(media=len(events), new=new, failed=failed, jobs=tuple(jobs))
 
 
+def is_one_insert(events: Sequence[RoutedEvent]) -> bool:
+    """Does :func:`record_events` write these in a single statement (atomic by itself)?"""
+    return len(events) <= INSERT_CHUNK
+
+
 def forget_enqueued(session: Session | Connection, jobs: Sequence[DownloadJob]) -> None:
     """The wake-ups were not sent: mark the rows as never enqueued, so the reconciler picks
     them up on its next pass rather than waiting for a wake-up that never left."""

@@ -7,12 +7,13 @@ pass it down; nothing here is a global.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from ingest.db import make_engine, make_session_factory
+from ingest.db import make_engine, make_session_factory, one_statement_engine
 from ingest.settings import Settings
 
 if TYPE_CHECKING:
@@ -61,6 +62,11 @@ class Services:
             storage=storage_from_settings(settings),
             redis=redis,
         )
+
+    @cached_property
+    def one_statement(self) -> Engine:
+        """The engine for units of work that are one statement (see ``one_statement_engine``)."""
+        return one_statement_engine(self.sessions)
 
     def close(self) -> None:
         self.engine.dispose()

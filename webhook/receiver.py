@@ -28,6 +28,7 @@ from ingest.intake import (
     RoutedEvent,
     authenticate,
     forget_enqueued,
+    is_one_insert,
     record_events,
     verify_token_matches,
 )
@@ -148,7 +149,11 @@ def _receive(instance_name: str | None, outcome: Outcome) -> Response:
         # One Core transaction, opened only once the request is authenticated and parsed (a
         # rejection writes nothing); the insert tracks no ORM objects, so a Session would
         # only add bookkeeping. Committed on leaving the block, rolled back on any error.
-        with services.engine.begin() as connection:
+        # A POST that fits one INSERT (nearly all: one message) is atomic by itself and runs
+        # in autocommit, without the BEGIN and COMMIT round trips; a larger one keeps its
+        # transaction, so a POST is recorded whole or not at all.
+        engine = services.one_statement if is_one_insert(routed) else services.engine
+        with engine.begin() as connection:
             recorded = record_events(
                 connection, routed, settings=services.settings, received_at=received_at
             )
