@@ -151,10 +151,16 @@ def _declare_queues_of_database_broker(settings: Settings) -> None:
     from tasks.celery_app import make_celery
 
     app = make_celery(settings)
-    with app.connection_for_write() as connection:
-        channel = connection.default_channel
-        for queue in app.amqp.queues.values():
-            queue.bind(channel).declare()
+    try:
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+            for queue in app.amqp.queues.values():
+                queue.bind(channel).declare()
+    except Exception as exc:  # noqa: BLE001 - the children retry the broker themselves
+        logging.getLogger(__name__).warning(
+            "worker: could not declare the broker's queues first (%s); starting anyway",
+            type(exc).__name__,
+        )
 
 
 def _run_worker_processes(count: int, total: int, queues: str, pool: str | None) -> int:

@@ -19,9 +19,12 @@ RECONCILE_TASK = "ingest.reconcile"
 
 
 def _transport(settings: Settings) -> str | None:
-    """Our Redis transport for Redis URLs (see tasks.redis_transport); kombu's otherwise."""
+    """Our Redis transport for ``redis://`` (see tasks.redis_transport); kombu's otherwise.
+
+    ``rediss://`` keeps kombu's own transport: kombu switches TLS on by that transport name.
+    """
     scheme = settings.broker_url.split(":", 1)[0]
-    return redis_transport.TRANSPORT if scheme in ("redis", "rediss") else None
+    return redis_transport.TRANSPORT if scheme == "redis" else None
 
 
 def _transport_options(settings: Settings) -> dict[str, object]:

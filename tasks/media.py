@@ -30,13 +30,6 @@ from tasks.dispatch import CeleryScheduler
 
 log = logging.getLogger(__name__)
 
-# Celery logs two INFO lines per task ("received", "succeeded"); the pipeline already logs
-# one line per attempt saying more (item, instance, outcome, state, duration). At hundreds of
-# items a second the two duplicates were about 3% of the worker's CPU. Failures still show:
-# a task that raises is logged at ERROR. Set at import, before the consumer reads the levels.
-for _duplicate in ("celery.worker.strategy", "celery.app.trace"):
-    logging.getLogger(_duplicate).setLevel(logging.WARNING)
-
 # Under load a worker's connections go back and forth within milliseconds; one that sat this
 # long may have been cut by a server restart, a proxy or a firewall, and is checked first.
 WORKER_PING_AFTER_IDLE_SECONDS = 5.0
@@ -105,6 +98,23 @@ def install_runtime(new: WorkerRuntime | None) -> WorkerRuntime | None:
     with _lock:
         previous, _runtime = _runtime, new
     return previous
+
+
+# Celery logs two INFO lines per task ("received", "succeeded"); the pipeline already logs
+# one line per attempt saying more (item, instance, outcome, state, duration). At hundreds of
+# items a second the two duplicates were about 3% of the worker's CPU. Failures still show
+# (a task that raises is logged at ERROR), and at DEBUG Celery's own lines come back.
+_DUPLICATE_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
+
+@worker_init.connect
+def _quiet_duplicate_task_lines(sender: Any = None, **_: Any) -> None:
+    # At worker_init, before the consumer builds its task strategies (they read the level).
+    app = getattr(sender, "app", None)
+    settings: Settings | None = getattr(getattr(app, "conf", None), "ingest_settings", None)
+    if settings is not None and settings.log_level != "DEBUG":
+        for name in _DUPLICATE_TASK_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @worker_init.connect

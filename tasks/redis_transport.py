@@ -8,9 +8,9 @@ worker benchmark those throwaway clients were about 5% of the worker's CPU per i
 
 A Redis client is a thin, thread-safe handle on its connection pool (pipelines are still
 created per use), so one per channel serves every caller. It is rebuilt whenever the channel
-replaces its pool (after a fork, after a disconnect). Nothing else changes: same keys, same
+replaces its pool (after a fork, or when it is closed). Nothing else changes: same keys, same
 commands, same delivery guarantees. ``tasks.celery_app`` selects this transport for
-``redis://`` and ``rediss://`` broker URLs.
+``redis://`` broker URLs; ``rediss://`` keeps kombu's, which turns TLS on by its name.
 """
 
 from __future__ import annotations

@@ -148,3 +148,23 @@ def test_disconnected_instance_rows_are_not_failed_by_the_task(services: Service
         row = session.get(MediaItem, item_id)
         assert row is not None and row.state == MediaState.PENDING
         assert session.get(Instance, row.instance_id) is not None
+
+
+@pytest.mark.parametrize(("level", "celery_info_lines"), [("INFO", False), ("DEBUG", True)])
+def test_celerys_per_task_lines_are_off_unless_debugging(
+    make_settings: Any, level: str, celery_info_lines: bool
+) -> None:
+    import logging
+    from types import SimpleNamespace
+
+    loggers = [logging.getLogger(name) for name in media._DUPLICATE_TASK_LOGGERS]
+    before = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.NOTSET)
+        app = make_celery(make_settings(log_level=level))
+        media._quiet_duplicate_task_lines(sender=SimpleNamespace(app=app))
+        assert [logger.level == logging.NOTSET for logger in loggers] == [celery_info_lines] * 2
+    finally:
+        for logger, old in zip(loggers, before, strict=True):
+            logger.setLevel(old)

@@ -29,13 +29,14 @@ def redis_settings(make_settings: Any) -> Any:
 
 
 def test_redis_urls_select_our_transport_and_others_do_not(make_settings: Any) -> None:
-    for url in ("redis://127.0.0.1:6379/0", "rediss://127.0.0.1:6380/0"):
-        assert make_celery(make_settings(broker_url=url)).conf.broker_transport == (
-            redis_transport.TRANSPORT
-        )
-    assert make_celery(
-        make_settings(broker_url="amqp://guest@127.0.0.1//")
-    ).conf.broker_transport != (redis_transport.TRANSPORT)
+    redis_app = make_celery(make_settings(broker_url="redis://127.0.0.1:6379/0"))
+    assert redis_app.conf.broker_transport == redis_transport.TRANSPORT
+    for url in ("rediss://127.0.0.1:6380/0", "amqp://guest@127.0.0.1//"):
+        assert make_celery(make_settings(broker_url=url)).conf.broker_transport is None
+    # rediss keeps kombu's transport, which is what switches TLS on.
+    tls_app = make_celery(make_settings(broker_url="rediss://127.0.0.1:6380/0"))
+    with tls_app.connection_for_write() as connection:
+        assert connection.ssl
 
 
 def test_a_channel_reuses_one_client_until_its_pool_is_replaced(redis_settings: Any) -> None:
