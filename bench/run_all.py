@@ -141,7 +141,11 @@ def rounds_note(worker: dict[str, Any]) -> list[str]:
         "",
         "## Worker throughput, every round",
         "",
-        "Baseline and worker alternate; the table above reports the round with the median ratio.",
+        "Baseline and worker alternate; the table above reports the round with the median "
+        "ratio. Everything runs on this one machine: the CDN, the S3 server (moto), "
+        "PostgreSQL and Redis share its cores with the worker, while the baseline loop needs "
+        "only the CDN and S3. CPU per item is the figure that carries over to a machine where "
+        "the worker has its cores to itself.",
         "",
         "| round | baseline items/s | worker items/s | ratio | worker CPU ms/item "
         "| baseline CPU ms/item |",
