@@ -49,6 +49,7 @@ from ingest import accounts, migrate
 from ingest.db import make_engine, make_session_factory, session_scope
 from ingest.models import TERMINAL_STATES, MediaItem, MediaState, Provider
 from ingest.settings import Settings, load_settings
+from sandbox import payloads
 from sandbox.payloads import sign
 
 KB = 1024
@@ -261,55 +262,27 @@ class SandboxControl:
 
 
 def media_message(media: SandboxMedia, wamid: str, sender: str, n: int) -> dict[str, Any]:
-    """One inbound media message as the Cloud API sends it (sha256 hex or base64: both occur)."""
-    body: dict[str, Any] = {
-        "id": media.media_id,
-        "mime_type": media.mime_type,
-        "sha256": media.sha256_b64 if n % 2 else media.sha256_hex,
-        "url": media.url,
-    }
-    if media.media_type in ("image", "video", "document"):
-        body["caption"] = f"demo {media.media_type} {n} ✓"
-    if media.media_type == "document":
-        body["filename"] = f"demo-{n}.pdf"
-    if media.media_type == "audio":
-        body["voice"] = n % 3 == 0
-    if media.media_type == "sticker":
-        body["animated"] = False
-    return {
-        "from": sender,
-        "id": wamid,
-        "timestamp": str(int(time.time())),
-        "type": media.media_type,
-        media.media_type: body,
-    }
+    """One inbound media message as the Cloud API sends it, varied the ways real ones vary
+    (sha256 as hex or base64, captions with non-ASCII text, voice notes)."""
+    kind = media.media_type
+    return payloads.media_message(
+        kind,
+        media.media_id,
+        mime_type=media.mime_type,
+        sha256=media.sha256_b64 if n % 2 else media.sha256_hex,
+        url=media.url,
+        message_id=wamid,
+        sender=sender,
+        caption=f"demo {kind} {n} ✓" if kind in ("image", "video", "document") else None,
+        filename=f"demo-{n}.pdf" if kind == "document" else None,
+        voice=n % 3 == 0 if kind == "audio" else None,
+        animated=False if kind == "sticker" else None,
+    )
 
 
 def webhook_body(phone_number_id: str, message: dict[str, Any]) -> bytes:
-    envelope = {
-        "object": "whatsapp_business_account",
-        "entry": [
-            {
-                "id": "demo-waba",
-                "changes": [
-                    {
-                        "field": "messages",
-                        "value": {
-                            "messaging_product": "whatsapp",
-                            "metadata": {
-                                "display_phone_number": "15550000000",
-                                "phone_number_id": phone_number_id,
-                            },
-                            "contacts": [{"profile": {"name": "Demo"}, "wa_id": message["from"]}],
-                            "messages": [message],
-                        },
-                    }
-                ],
-            }
-        ],
-    }
-    # Meta escapes non-ASCII in what it signs; so do we.
-    return json.dumps(envelope, ensure_ascii=True).encode()
+    """The signed bytes of one webhook carrying ``message`` (non-ASCII escaped, as Meta's)."""
+    return payloads.encode(payloads.webhook(phone_number_id, messages=[message]))
 
 
 # --- the run ---------------------------------------------------------------------------
