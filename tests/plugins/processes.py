@@ -188,34 +188,45 @@ class ProcessGroup:
 
     def web(self, *, env: Mapping[str, str] | None = None, workers: int = 2) -> ManagedProcess:
         """``ingest web`` (gunicorn) on a free port, ready once ``/healthz`` answers."""
-        last: ProcessError | None = None
-        for _ in range(3):  # the free port may be taken before gunicorn binds it
-            port = free_port()
-            process = self.start(
-                "web",
-                [INGEST, "web", "--port", str(port), "--workers", str(workers)],
-                env=env,
-            )
-            process.base_url = f"http://127.0.0.1:{port}"
-            try:
-                wait_for(process, http_answers(f"{process.base_url}/healthz"), "answering")
-                return process
-            except ProcessError as exc:
-                last = exc
-                process.stop()
-        assert last is not None
-        raise last
+        return self._serve(
+            "web",
+            lambda port: [INGEST, "web", "--port", str(port), "--workers", str(workers)],
+            "/healthz",
+            env=env,
+        )
 
     def sandbox(self, *, latency_ms: float = 0.0) -> ManagedProcess:
         """``ingest sandbox`` (the provider stand-in) in its own process, without access log."""
+        return self._serve(
+            "sandbox",
+            lambda port: [
+                INGEST,
+                "sandbox",
+                "--port",
+                str(port),
+                "--latency-ms",
+                str(latency_ms),
+                "--quiet",
+            ],
+            "/_sandbox/stats",
+        )
+
+    def _serve(
+        self,
+        name: str,
+        argv_for: Callable[[int], list[str]],
+        ready_path: str,
+        *,
+        env: Mapping[str, str] | None = None,
+    ) -> ManagedProcess:
+        """A server on a free port, returned once ``ready_path`` answers 200."""
         last: ProcessError | None = None
-        for _ in range(3):  # the free port may be taken before the sandbox binds it
+        for _ in range(3):  # the free port may be taken before the server binds it
             port = free_port()
-            argv = [INGEST, "sandbox", "--port", str(port), "--latency-ms", str(latency_ms)]
-            process = self.start("sandbox", [*argv, "--quiet"])
+            process = self.start(name, argv_for(port), env=env)
             process.base_url = f"http://127.0.0.1:{port}"
             try:
-                wait_for(process, http_answers(f"{process.base_url}/_sandbox/stats"), "answering")
+                wait_for(process, http_answers(process.base_url + ready_path), "answering")
                 return process
             except ProcessError as exc:
                 last = exc
