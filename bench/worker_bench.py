@@ -145,16 +145,6 @@ def bench_stack(root: Path, sandbox_root: str, endpoint_url: str) -> Iterator[St
         stack.close()
 
 
-def _settings(stack: StackEnv) -> Settings:
-    return Settings(
-        var_dir=Path(stack.env.get("INGEST_VAR_DIR", "var")),
-        database_url=stack.database_url,
-        broker_url="memory://",
-        storage_url=stack.storage_url,
-        s3_endpoint_url=stack.env.get("INGEST_S3_ENDPOINT_URL"),
-    )
-
-
 def _tree(process: ManagedProcess) -> list[psutil.Process]:
     root = psutil.Process(process.pid)
     return [root, *root.children(recursive=True)]
@@ -447,7 +437,7 @@ def run(plan: Plan, tiny: bool) -> dict[str, Any]:
         stack.callback(control.close)
         env = stack.enter_context(bench_stack(root, sandbox_root, endpoint_url))
         result["flavour"] = env.flavour
-        settings = _settings(env)
+        settings = env.settings()
         reg = register(settings, Provider.CLOUD)
         control.add_number(reg.phone_number_id, reg.api_key)
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import click
-from werkzeug.serving import make_server
 
-from sandbox.app import create_sandbox_app
 from sandbox.provider import SandboxConfig, SandboxProvider
-from sandbox.server import PathOnlyHandler, QuietHandler
+from sandbox.server import make_sandbox_server
 
 
 @click.command()
@@ -34,14 +32,7 @@ def sandbox(
     config = SandboxConfig(
         url_lifetime_seconds=url_lifetime, latency_ms=latency_ms, bandwidth=bandwidth
     )
-    provider = SandboxProvider(config)
-    server = make_server(
-        host,
-        port,
-        create_sandbox_app(provider=provider),
-        threaded=True,
-        request_handler=QuietHandler if quiet else PathOnlyHandler,
-    )
+    server = make_sandbox_server(SandboxProvider(config), host, port, quiet=quiet)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
     base = f"http://{shown}:{server.port}"
     click.echo(f"INGEST_GRAPH_URL={base}/{config.graph_version}")

@@ -253,12 +253,7 @@ class EgressResponse:
         try:
             decoder = _decoder(encoding)
         except ValueError:
-            raise providers.ProviderUnavailable(
-                f"{self.host} answered with an unsupported content encoding",
-                endpoint=self.endpoint,
-                status=self.status_code,
-                counts_against_budget=False,
-            ) from None
+            raise self._undecodable("answered with an unsupported content encoding") from None
         total = 0
         with _mapped_errors(self.endpoint, self.host, sent=True):
             try:
@@ -270,12 +265,7 @@ class EgressResponse:
                         yield piece
                 tail = decoder.finish()
             except _BadEncoding:
-                raise providers.ProviderUnavailable(
-                    f"{self.host} sent a body that does not decode",
-                    endpoint=self.endpoint,
-                    status=self.status_code,
-                    counts_against_budget=False,
-                ) from None
+                raise self._undecodable("sent a body that does not decode") from None
             if tail:
                 total += len(tail)
                 if total > max_bytes:
@@ -284,6 +274,15 @@ class EgressResponse:
 
     def read(self, max_bytes: int) -> bytes:
         return b"".join(self.iter_bytes(max_bytes))
+
+    def _undecodable(self, what: str) -> providers.ProviderUnavailable:
+        # The provider answered; its encoding is the fault, not an error response it counts.
+        return providers.ProviderUnavailable(
+            f"{self.host} {what}",
+            endpoint=self.endpoint,
+            status=self.status_code,
+            counts_against_budget=False,
+        )
 
     def _too_large(self, max_bytes: int) -> providers.TooLarge:
         return providers.TooLarge(

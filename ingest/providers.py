@@ -177,6 +177,12 @@ def _origin(url: str) -> egress.Origin:
     return egress.Origin.of(url)
 
 
+def _raise_unless_ok(response: egress.EgressResponse, endpoint: Endpoint) -> None:
+    if response.status_code != 200:
+        retry_after = _retry_after(response.headers.get("retry-after"))
+        raise _status_error(response.status_code, endpoint, response.host, retry_after)
+
+
 def _status_error(
     status: int, endpoint: Endpoint, host: str, retry_after: float | None
 ) -> ProviderError:
@@ -267,13 +273,7 @@ class _HttpClient:
             raise ProviderRejected("empty media id", endpoint="lookup", counts_against_budget=False)
         url = f"{self._lookup_base}/{quote(media_id, safe='')}"
         with self._egress.get(url, endpoint="lookup", credential=self._credential) as response:
-            if response.status_code != 200:
-                raise _status_error(
-                    response.status_code,
-                    "lookup",
-                    response.host,
-                    _retry_after(response.headers.get("retry-after")),
-                )
+            _raise_unless_ok(response, "lookup")
             body = response.read(LOOKUP_MAX_BYTES)
             data = _decode_lookup(body, response.host)
         return MediaLocation(
@@ -292,13 +292,7 @@ class _HttpClient:
     def _download(self, url: str, max_bytes: int) -> Iterator[Iterator[bytes]]:
         target = self.download_url(url)
         with self._egress.get(target, endpoint="download", credential=self._credential) as response:
-            if response.status_code != 200:
-                raise _status_error(
-                    response.status_code,
-                    "download",
-                    response.host,
-                    _retry_after(response.headers.get("retry-after")),
-                )
+            _raise_unless_ok(response, "download")
             yield response.iter_bytes(max_bytes)
 
     def download(self, url: str, *, max_bytes: int) -> AbstractContextManager[Iterator[bytes]]:

@@ -133,11 +133,17 @@ def start_sandbox(
 ) -> SandboxServer:
     """Serve a fresh sandbox (threaded) on ``host:port`` (0: a free port) in the background."""
     provider = SandboxProvider(config)
-    server = make_server(
+    return SandboxServer(provider, make_sandbox_server(provider, host, port, quiet=quiet)).start()
+
+
+def make_sandbox_server(
+    provider: SandboxProvider, host: str, port: int, *, quiet: bool
+) -> BaseWSGIServer:
+    """A threaded server for ``provider``; its access log, if any, leaves out query strings."""
+    return make_server(
         host,
         port,
         create_sandbox_app(provider=provider),
         threaded=True,
-        request_handler=QuietHandler if quiet else None,
+        request_handler=QuietHandler if quiet else PathOnlyHandler,
     )
-    return SandboxServer(provider, server).start()

@@ -74,16 +74,6 @@ def provider_env(sandbox_root: str, **extra: str) -> dict[str, str]:
     }
 
 
-def stack_settings(stack: StackEnv) -> Settings:
-    return Settings(
-        var_dir=Path(stack.env.get("INGEST_VAR_DIR", "var")),
-        database_url=stack.database_url,
-        broker_url="memory://",
-        storage_url=stack.storage_url,
-        s3_endpoint_url=stack.env.get("INGEST_S3_ENDPOINT_URL"),
-    )
-
-
 def post_media(web_url: str, reg: DemoRegistration, media: SandboxMedia, n: int) -> str:
     wamid = f"wamid.E2E{n:04d}{media.media_id}"
     body = webhook_body(reg.phone_number_id, media_message(media, wamid, "15550001111", n))
@@ -147,7 +137,7 @@ def test_every_media_type_on_both_providers_is_stored_and_served_identically(
     web = stack_processes.web()
     worker = stack_processes.worker(concurrency=8)
     assert web.base_url is not None
-    settings = stack_settings(stack)
+    settings = stack.settings()
 
     sent: list[tuple[DemoRegistration, str, SandboxMedia]] = []
     for provider in (Provider.CLOUD, Provider.D360):
@@ -183,7 +173,7 @@ def test_reconciler_recovers_rows_whose_wake_up_was_never_published(
     nowhere = f"redis://127.0.0.1:{free_port()}/0"
     web = stack_processes.web(env={"INGEST_BROKER_URL": nowhere})
     assert web.base_url is not None
-    settings = stack_settings(embedded_stack)
+    settings = embedded_stack.settings()
     reg = register(settings, Provider.CLOUD)
     control.add_number(reg.phone_number_id, reg.api_key)
     sent = []
@@ -231,7 +221,7 @@ def test_worker_killed_mid_download_loses_nothing_and_leaves_one_object(
     }
     web = stack_processes.web()
     assert web.base_url is not None
-    settings = stack_settings(embedded_stack)
+    settings = embedded_stack.settings()
     reg = register(settings, Provider.CLOUD)
     control.add_number(reg.phone_number_id, reg.api_key)
     media = control.add_media(reg.phone_number_id, "document", 600_000)

@@ -35,6 +35,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ingest.settings import Settings
+
 INGEST = str(Path(sys.executable).parent / "ingest")
 READY_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 10.0
@@ -301,6 +303,16 @@ class StackEnv:
     database_url: str
     storage_url: str
     cleanup: list[Callable[[], None]] = field(default_factory=list)
+
+    def settings(self) -> Settings:
+        """Settings for the test process itself, to read the stack's database and storage."""
+        return Settings(
+            var_dir=Path(self.env.get("INGEST_VAR_DIR", "var")),
+            database_url=self.database_url,
+            broker_url="memory://",
+            storage_url=self.storage_url,
+            s3_endpoint_url=self.env.get("INGEST_S3_ENDPOINT_URL"),
+        )
 
     def close(self) -> None:
         for step in reversed(self.cleanup):
