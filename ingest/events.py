@@ -111,7 +111,9 @@ def parse_body(raw: bytes) -> ParsedWebhook:
     """Decode and parse a webhook body. Raises :class:`PayloadError` for anything unreadable."""
     try:
         document = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
+        # ValueError covers undecodable bytes, bad syntax and an integer too long to convert
+        # (Python's limit on int digits); RecursionError, nesting too deep.
         raise PayloadError("Malformed JSON") from None
     return parse_payload(document)
 
@@ -247,6 +249,9 @@ def _phone_number_id(value: Mapping[str, Any]) -> str | None:
     return _identifier(raw, "metadata.phone_number_id")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _clean(value: str) -> bool:
     """True when the text can be stored as-is on every backend (no NUL, no lone surrogate)."""
     if "\x00" in value:
@@ -267,6 +272,10 @@ def _identifier(
         return None
     if not isinstance(value, str) or not _clean(value):
         raise PayloadError(f"{where} must be a string")
+    if _CONTROL.search(value):
+        # Ids are printable; one with a control character could be stored but never looked
+        # up again through the archive API, which refuses such ids.
+        raise PayloadError(f"{where} contains a control character")
     if not value.strip():
         if required:
             raise PayloadError(f"{where} is required")
@@ -310,11 +319,19 @@ def _sha256(value: Any, where: str) -> str | None:
 def _size(value: Any, where: str) -> int | None:
     if value is None:
         return None
-    if isinstance(value, str) and value.isdigit() and len(value) <= 18:
-        value = int(value)
+    if isinstance(value, str):
+        value = _decimal(value, max_digits=18)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
         raise PayloadError(f"{where} must be a non-negative integer")
     return value
+
+
+def _decimal(value: str, *, max_digits: int) -> int | None:
+    """Plain ASCII digits as an int, else None. ``str.isdigit`` is no test: it accepts "²",
+    which ``int`` refuses."""
+    if value.isascii() and value.isdecimal() and len(value) <= max_digits:
+        return int(value)
+    return None
 
 
 def _timestamp(value: Any) -> datetime | None:
@@ -322,9 +339,7 @@ def _timestamp(value: Any) -> datetime | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, str):
-        if not value.isdigit() or len(value) > 12:
-            return None
-        value = int(value)
+        value = _decimal(value, max_digits=12)
     if not isinstance(value, int | float):
         return None
     try:
@@ -336,8 +351,8 @@ def _timestamp(value: Any) -> datetime | None:
 def _fault(item: Any) -> ProviderFault:
     error = _object(item, "errors[]")
     code = error.get("code")
-    if isinstance(code, str) and code.isdigit() and len(code) <= 12:
-        code = int(code)
+    if isinstance(code, str):
+        code = _decimal(code, max_digits=12)
     if not isinstance(code, int) or isinstance(code, bool) or abs(code) >= 2**31:
         code = None
     title = error.get("title") or error.get("message")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import traceback
 
 from flask import Response, jsonify
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -34,5 +36,23 @@ def http_error(exc: HTTPException) -> Response:
 
 def unexpected_error(exc: Exception) -> Response:
     # The caller learns nothing about internals; the log has the traceback.
-    log.exception("unhandled error")
+    if isinstance(exc, SQLAlchemyError):
+        # A database error's text can quote the row it refused (PostgreSQL's "Failing row
+        # contains ..."), signed URL included: log where it failed and what kind it was only.
+        log.error(
+            "unhandled database error %s\n%s",
+            database_error_kind(exc),
+            "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
+        )
+    else:
+        log.exception("unhandled error")
     return error_response(500, "Internal server error")
+
+
+def database_error_kind(exc: SQLAlchemyError) -> str:
+    """Names only, e.g. ``InternalError/ReadOnlySqlTransaction``: enough to tell a failover
+    from an outage, and free of the values the error's text may quote."""
+    original = exc.orig if isinstance(exc, DBAPIError) else None
+    if original is None:
+        return type(exc).__name__
+    return f"{type(exc).__name__}/{type(original).__name__}"

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -35,15 +36,16 @@ from ingest.intake import (
 from ingest.models import Instance, utcnow
 from ingest.queues import DownloadScheduler, SchedulerUnavailable
 from ingest.services import Services
-from webhook.errors import error_response
+from webhook.errors import database_error_kind, error_response
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("receiver", __name__)
 
-# Failures of the database itself (down, unreachable, pool exhausted, locked): the provider
-# should retry. Anything else is a bug and stays loud.
-DATABASE_DOWN = (OperationalError, InterfaceError, PoolTimeout)
+# Failures of the database itself: anything the driver raised (down, unreachable, locked, a
+# primary turned read-only by a failover, a statement refused) and the pool giving up. The
+# provider should retry. SQLAlchemy's complaints about our own use of it are bugs and stay loud.
+DATABASE_DOWN = (DBAPIError, PoolTimeout)
 MAX_CHALLENGE_CHARS = 256
 
 
@@ -85,11 +87,13 @@ def verify(instance: str | None = None) -> Response:
                 candidates = list(
                     session.scalars(select(Instance).where(Instance.verify_token.is_not(None)))
                 )
+            elif _has_control_character(instance):
+                candidates = []
             else:
                 found = find_instance(session, instance)
                 candidates = [found] if found is not None else []
-    except DATABASE_DOWN:
-        log.warning("webhook handshake: database unavailable")
+    except DATABASE_DOWN as exc:
+        log.warning("webhook handshake: database unavailable (%s)", database_error_kind(exc))
         return error_response(503, "Service unavailable", {"Retry-After": "5"})
     if not verify_token_matches(token, candidates):
         return error_response(403, "Verification failed")
@@ -106,7 +110,7 @@ def verify(instance: str | None = None) -> Response:
 @bp.post("/webhook/<instance>")
 def receive(instance: str | None = None) -> Response:
     started = time.perf_counter()
-    outcome = Outcome(instance=instance or "-")
+    outcome = Outcome(instance=_loggable(instance) if instance else "-")
     status = 500
     try:
         response = _receive(instance, outcome)
@@ -193,25 +197,40 @@ def _directory(services: Services) -> InstanceDirectory:
 
 @contextmanager
 def _database_errors(directory: InstanceDirectory) -> Iterator[None]:
-    """A database that is down becomes a 503; so does an instance deleted under us."""
+    """A database that is down becomes a 503; so does an instance deleted under us.
+
+    The error's text is never logged: it may quote the row (PostgreSQL's "Failing row
+    contains ..."), and the row holds the signed URL, the caption and the sender.
+    """
     try:
         yield
-    except DATABASE_DOWN:
-        log.warning("webhook: database unavailable")
-        raise Rejected(503, "Service unavailable") from None
     except IntegrityError:
         # Only the instance foreign key can fail (conflicts are ignored): the instance went
         # away after we cached it. Forget the cache; the provider's retry gets a fresh answer.
         directory.forget()
         log.warning("webhook: instance vanished while recording; asking for a retry")
         raise Rejected(503, "Service unavailable") from None
+    except DATABASE_DOWN as exc:
+        log.warning("webhook: database unavailable (%s)", database_error_kind(exc))
+        raise Rejected(503, "Service unavailable") from None
+
+
+def _has_control_character(name: str) -> bool:
+    # No instance is named so, and PostgreSQL refuses a NUL in any text parameter (DataError):
+    # such a name is answered as unknown without asking the database.
+    return any(unicodedata.category(char) == "Cc" for char in name)
+
+
+def _loggable(name: str) -> str:
+    # The name comes from the URL path: a decoded newline must not start a forged log line.
+    return name.encode("unicode_escape").decode("ascii") if _has_control_character(name) else name
 
 
 def _route_to_instance(
     directory: InstanceDirectory, name: str, raw: bytes
 ) -> tuple[ParsedWebhook, list[RoutedEvent]]:
     """``POST /webhook/<instance>``: authenticate before reading the body at all."""
-    instance = directory.by_name(name)
+    instance = None if _has_control_character(name) else directory.by_name(name)
     if instance is None:
         raise Rejected(404, "Instance not found")
     if not authenticate(instance, raw, request.headers):

@@ -1,4 +1,5 @@
-"""The worker's engine pings only idle connections; a dead one is replaced, never handed out."""
+"""Engines: errors never show parameters, SQLite commits survive a power cut, and the worker's
+engine pings only idle connections (a dead one is replaced, never handed out)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,35 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from ingest.db import make_engine
+
+
+@pytest.mark.parametrize("ping_after_idle", [None, 5.0], ids=["ping-always", "ping-idle"])
+def test_errors_never_show_statement_parameters(
+    database_url: str, ping_after_idle: float | None
+) -> None:
+    # Errors get logged; a signed URL's query string is a credential.
+    url = "https://lookaside.fbsbx.com/?mid=1&hash=SECRETHASH"
+    engine = make_engine(database_url, ping_after_idle=ping_after_idle)
+    try:
+        with engine.connect() as conn, pytest.raises(DBAPIError) as failure:
+            conn.execute(text("SELECT * FROM no_such_table WHERE url = :url"), {"url": url})
+    finally:
+        engine.dispose()
+    assert "SECRETHASH" not in str(failure.value)
+
+
+def test_sqlite_commits_are_synced_to_disk(sqlite_url: str) -> None:
+    # An acknowledged webhook is never sent again: its commit must survive a power cut.
+    engine = make_engine(sqlite_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar_one() == "wal"
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar_one() == 2  # FULL
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture

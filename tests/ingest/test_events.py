@@ -83,7 +83,7 @@ def test_each_media_type_is_read_with_its_fields(kind: MediaType) -> None:
     )
     assert event.file_size == 1234
     assert event.sender == "15551234567"
-    assert event.timestamp == datetime.fromtimestamp(1718000000, tz=UTC)
+    assert event.timestamp == datetime.fromtimestamp(int(message["timestamp"]), tz=UTC)
     assert event.url == "https://lookaside.fbsbx.com/x"
     assert event.fault is None
 
@@ -177,6 +177,29 @@ def test_numeric_phone_number_id_and_timestamps() -> None:
     assert only_event(envelope(change("1", [message]))).timestamp is not None
 
 
+@pytest.mark.parametrize("digits", ["²", "١٧١٨٠٠٠٠٠٠", "1²"])
+def test_numbers_in_strings_are_ascii_digits_only(digits: str) -> None:
+    # str.isdigit() accepts these; int() refuses "²" and would read Arabic-Indic digits.
+    message = media_message()
+    message["timestamp"] = digits
+    message["errors"] = [{"code": digits, "title": "Something went wrong"}]
+    event = only_event(envelope(change("1", [message])))
+    assert event.timestamp is None
+    assert event.fault is not None and event.fault.code is None
+    with pytest.raises(PayloadError, match="file_size"):
+        parse_payload(envelope(change("1", [media_message(file_size=digits)])))
+
+
+def test_numbers_in_ascii_strings_are_read() -> None:
+    message = media_message(file_size="2048")
+    message["timestamp"] = "1718000000"
+    message["errors"] = [{"code": "131052", "title": "Media file too large"}]
+    event = only_event(envelope(change("1", [message])))
+    assert event.file_size == 2048
+    assert event.timestamp == datetime.fromtimestamp(int(message["timestamp"]), tz=UTC)
+    assert event.fault is not None and event.fault.code == 131052
+
+
 def test_user_text_is_repaired_not_refused() -> None:
     message = media_message(caption="a\x00b\ud800c", filename="x\x00.pdf")
     event = only_event(envelope(change("1", [message])))
@@ -198,6 +221,7 @@ def test_user_text_is_repaired_not_refused() -> None:
         (b'{"entry": [{"changes": [{"value": {"messages": [{"id": "m"}]}}]}]}', "type"),
         (b'{"entry": [{"changes": [{"value": {"messages": [{"type": "image"}]}}]}]}', "id"),
         (b"[" * 100000, "Malformed JSON"),
+        (b'{"entry": [' + b"1" * 5000 + b"]}", "Malformed JSON"),  # past int's digit limit
     ],
 )
 def test_unreadable_bodies_raise_payload_error(body: bytes, message: str) -> None:
@@ -210,6 +234,8 @@ def test_unreadable_bodies_raise_payload_error(body: bytes, message: str) -> Non
     [
         {"id": "m" * 256},
         {"id": "a\x00b"},
+        {"id": "wamid.a\nb"},
+        {"image": {"id": "1\x85", "mime_type": "image/jpeg"}},
         {"from": "1" * 65},
         {"image": {"mime_type": "image/jpeg"}},  # no media id
         {"image": {"id": "1", "mime_type": "x" * 256}},
