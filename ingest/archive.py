@@ -8,6 +8,8 @@ token (401), then the instance (404), then its connection (503), then the messag
 A token must be valid before we say whether an instance exists: an instance token answers
 401 for every other name, known or not; an account token answers 404 for every name outside
 its account, known or not, so no token learns the names of instances it cannot reach.
+A name or ``messageId`` with a control character is one nobody registered or received: it
+takes the same places in that order, but never reaches the database.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ import binascii
 import hmac
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, BinaryIO
 from urllib.parse import quote
 
-from sqlalchemy import and_, select
+from sqlalchemy import ColumnElement, and_, false, select
 from sqlalchemy.orm import Session
 
 from ingest.accounts import hash_secret
@@ -46,15 +48,20 @@ B64_CHUNK_BYTES = 3 * 256 * 1024
 
 _MIME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
 _FILENAME_UNSAFE = re.compile(r'[\x00-\x1f\x7f"\\/:*?<>|;]')
+# Instance names and wamids are printable, so a control character only comes from a crafted
+# URL; and PostgreSQL refuses NUL in text outright (psycopg DataError, a 500), where the
+# answer should be the seed's 404.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class ArchiveError(Exception):
     """A lookup ends with this status and message (the seed's error table, and a few more)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers: dict[str, str] = dict(headers or {})
 
 
 @dataclass(frozen=True)
@@ -135,14 +142,21 @@ class MediaRecord:
 
 
 def presented_token(token_header: str | None, authorization: str | None) -> str | None:
-    """The ``token`` header, else ``Authorization: Bearer <t>``; None when neither has one."""
+    """The ``token`` header, else ``Authorization``: ``Bearer <t>``, or the bare token.
+
+    The seed lets ``Authorization`` stand in for ``token``, whose example value is the bare
+    token, so a value without a space is the token itself. Any other scheme, or ``Bearer``
+    with nothing after it, presents no token (None).
+    """
     token = (token_header or "").strip()
     if token:
         return token
-    scheme, _, value = (authorization or "").strip().partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return None
+    parts = (authorization or "").split(maxsplit=1)
+    if not parts:
+        return None
+    if parts[0].lower() == "bearer":
+        return parts[1].strip() if len(parts) == 2 else None
+    return parts[0] if len(parts) == 1 else None
 
 
 def token_key(token: str) -> str:
@@ -162,7 +176,8 @@ def require_parameters(instance_name: str | None, message_id: str | None) -> tup
 
 def authorize(session: Session, token: str | None, instance_name: str) -> Instance:
     """The instance ``token`` may read, or the 401/404/503 that applies (in that order)."""
-    return _check_reach(_lookup(session, token, instance_name, None))[0]
+    found = _lookup(session, token, instance_name, None, name_known=_printable(instance_name))
+    return _check_reach(found)[0]
 
 
 def find_record(
@@ -174,7 +189,16 @@ def find_record(
     and the decisions are made here, in the documented order.
     """
     name, message = require_parameters(instance_name, message_id)
-    instance, item = _check_reach(_lookup(session, token, name, message))
+    # Checked on the values as sent: strip() also removes some control characters.
+    found = _lookup(
+        session,
+        token,
+        name,
+        message,
+        name_known=_printable(instance_name),
+        message_known=_printable(message_id),
+    )
+    instance, item = _check_reach(found)
     if item is None:
         raise ArchiveError(404, NO_MEDIA)
     return MediaRecord.of(item, instance)
@@ -183,23 +207,42 @@ def find_record(
 _Found = tuple[ApiToken, Instance | None, MediaItem | None]
 
 
+def _printable(value: str | None) -> bool:
+    return value is None or _CONTROL.search(value) is None
+
+
 def _lookup(
-    session: Session, token: str | None, instance_name: str, message_id: str | None
+    session: Session,
+    token: str | None,
+    instance_name: str,
+    message_id: str | None,
+    *,
+    name_known: bool = True,
+    message_known: bool = True,
 ) -> _Found:
+    """The token's row, with the instance and message rows or None for each.
+
+    ``name_known``/``message_known`` False: the value cannot name a row, so the join matches
+    nothing without sending the value; the token is still checked, and the checks keep
+    their order.
+    """
     if not token:
         raise ArchiveError(401, INVALID_TOKEN)
     digest = hash_secret(token)
+    instance_on: ColumnElement[bool] = Instance.name == instance_name if name_known else false()
     query = (
         select(ApiToken, Instance)
         .select_from(ApiToken)
-        .outerjoin(Instance, Instance.name == instance_name)
+        .outerjoin(Instance, instance_on)
         .where(ApiToken.token_hash == digest)
     )
     if message_id is not None:
-        query = query.add_columns(MediaItem).outerjoin(
-            MediaItem,
-            and_(MediaItem.instance_id == Instance.id, MediaItem.message_id == message_id),
+        message_on: ColumnElement[bool] = (
+            and_(MediaItem.instance_id == Instance.id, MediaItem.message_id == message_id)
+            if message_known
+            else false()
         )
+        query = query.add_columns(MediaItem).outerjoin(MediaItem, message_on)
     row: Sequence[Any] | None = session.execute(query).first()
     if row is None or not hmac.compare_digest(row[0].token_hash, digest):
         raise ArchiveError(401, INVALID_TOKEN)

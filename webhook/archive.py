@@ -35,6 +35,8 @@ API_PREFIX = "/api/chat/"
 LIMITER = "ingest.rate_limiter"
 DATABASE_DOWN = (OperationalError, InterfaceError, PoolTimeout)
 RAW_CHUNK_BYTES = 256 * 1024
+# Outages of the database or the store are usually brief (a failover, a pool refilled).
+RETRY_AFTER = {"Retry-After": "5"}
 # A redirect hands the caller a presigned URL of our own store: short-lived, never cached.
 PRESIGN_SECONDS = 60
 # Stored objects never change (written once, by sha256), but access can be revoked (a token
@@ -98,10 +100,10 @@ def base64_media(instance: str | None = None) -> Response:
             record, services.settings.base64_max_bytes, archive.raw_media_path(name, message_id)
         )
     except ArchiveError as exc:
-        return error_response(exc.status, exc.message)
+        return error_response(exc.status, exc.message, exc.headers)
     tag = archive.etag(record, "b64")
     if tag is not None and request.if_none_match.contains(tag):
-        return _not_modified(tag)
+        return _not_modified(services, record, tag)
     envelope = archive.base64_envelope(record)
     assert record.size is not None
     opened = _open(services, record)
@@ -131,7 +133,7 @@ def find_message(instance: str | None = None) -> Response:
     try:
         record = _find(services, instance)
     except ArchiveError as exc:
-        return error_response(exc.status, exc.message)
+        return error_response(exc.status, exc.message, exc.headers)
     response = jsonify(archive.metadata(record))
     # The state changes until the row is terminal: always ask again.
     response.headers["Cache-Control"] = "no-store"
@@ -146,12 +148,12 @@ def raw_media(instance: str | None = None) -> Response:
     try:
         record = archive.require_available(_find(services, instance))
     except ArchiveError as exc:
-        return error_response(exc.status, exc.message)
+        return error_response(exc.status, exc.message, exc.headers)
     assert record.size is not None and record.storage_key is not None
     size = record.size
     tag = archive.etag(record, "raw")
     if tag is not None and request.if_none_match.contains(tag):
-        return _not_modified(tag)
+        return _not_modified(services, record, tag)
     extension = mimetypes.guess_extension(record.mime_type.split(";", 1)[0].strip())
     filename = archive.download_filename(record, extension)
 
@@ -232,7 +234,7 @@ def _find(services: Services, instance: str | None) -> MediaRecord:
             return archive.find_record(session, token, instance, message_id)
     except DATABASE_DOWN:
         log.warning("archive api: database unavailable")
-        raise ArchiveError(503, "Service unavailable") from None
+        raise ArchiveError(503, "Service unavailable", RETRY_AFTER) from None
 
 
 def _open(
@@ -247,17 +249,25 @@ def _open(
         )
     except FileNotFoundError:
         stack.close()
-        log.error(
-            "archive api: row stored but object missing instance=%s message=%s",
-            record.instance,
-            record.message_id,
-        )
-        return error_response(404, archive.NO_MEDIA)
+        return _object_missing(record)
     except StorageError as exc:
         stack.close()
-        log.warning("archive api: storage unavailable (%s)", type(exc).__name__)
-        return error_response(503, "Storage unavailable", {"Retry-After": "5"})
+        return _storage_unavailable(exc)
     return stack, stream
+
+
+def _object_missing(record: MediaRecord) -> Response:
+    log.error(
+        "archive api: row stored but object missing instance=%s message=%s",
+        record.instance,
+        record.message_id,
+    )
+    return error_response(404, archive.NO_MEDIA)
+
+
+def _storage_unavailable(exc: StorageError) -> Response:
+    log.warning("archive api: storage unavailable (%s)", type(exc).__name__)
+    return error_response(503, "Storage unavailable", RETRY_AFTER)
 
 
 def _raw_chunks(stream: BinaryIO, length: int) -> Iterator[bytes]:
@@ -311,7 +321,17 @@ def _cacheable(response: Response, tag: str | None) -> None:
         response.set_etag(tag)
 
 
-def _not_modified(tag: str) -> Response:
+def _not_modified(services: Services, record: MediaRecord, tag: str) -> Response:
+    """304, if the object is still there: the ETag comes from the row, and a row whose object
+    is gone has no media to be current with (404, as a plain GET would answer)."""
+    assert record.storage_key is not None
+    try:
+        # A head, not an open: the body is never sent, so no stream is worth opening.
+        services.storage.head(record.storage_key)
+    except FileNotFoundError:
+        return _object_missing(record)
+    except StorageError as exc:
+        return _storage_unavailable(exc)
     response = Response(status=304)
     _cacheable(response, tag)
     return response

@@ -14,7 +14,11 @@ from ingest.models import MediaState, MediaType
 
 JSON = "application/json"
 
-ARCHIVE_SECURITY: list[dict[str, list[str]]] = [{"token": []}, {"bearer": []}]
+ARCHIVE_SECURITY: list[dict[str, list[str]]] = [
+    {"token": []},
+    {"bearer": []},
+    {"authorization": []},
+]
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -75,7 +79,8 @@ def _archive_errors(*, with_413: bool = False) -> dict[str, Any]:
         "404": _error(f"`{archive.INSTANCE_NOT_FOUND}` or `{archive.NO_MEDIA}`."),
         "429": _retry_after("Over the per-token rate limit."),
         "503": _retry_after(
-            f"`{archive.NOT_CONNECTED}`, or the database or storage is unavailable."
+            f"`{archive.NOT_CONNECTED}`, or the database or storage is unavailable "
+            "(those two with `Retry-After`)."
         ),
     }
     if with_413:
@@ -86,7 +91,10 @@ def _archive_errors(*, with_413: bool = False) -> dict[str, Any]:
 def _archive_operation(
     operation_id: str, summary: str, ok: dict[str, Any], *, instance: bool = True, **more: Any
 ) -> dict[str, Any]:
-    parameters: list[dict[str, Any]] = [_MESSAGE_ID_PARAM, *_VALIDATORS]
+    parameters: list[dict[str, Any]] = [_MESSAGE_ID_PARAM]
+    # Offered only where the view answers 304: find-message is no-store, without an ETag.
+    if "304" in ok:
+        parameters.extend(_VALIDATORS)
     if instance:
         parameters.insert(0, _INSTANCE_PARAM)
     responses = {**ok, **_archive_errors(with_413=operation_id.startswith("base64"))}
@@ -416,6 +424,13 @@ def build_document() -> dict[str, Any]:
             "securitySchemes": {
                 "token": {"type": "apiKey", "in": "header", "name": "token"},
                 "bearer": {"type": "http", "scheme": "bearer"},
+                # The seed's "`token`: yes (or `Authorization`)": the same bare token there.
+                "authorization": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "Authorization",
+                    "description": "The bare token, as in the `token` header.",
+                },
             },
         },
     }

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from ingest import accounts, archive, rate_limit
@@ -199,8 +201,15 @@ def test_413_message_names_the_raw_route() -> None:
         (None, "Bearer xyz", "xyz"),
         (None, "bearer  xyz ", "xyz"),
         ("abc", "Bearer xyz", "abc"),
+        ("abc", "xyz", "abc"),
+        (None, "a1b2c3d4-e5f6", "a1b2c3d4-e5f6"),
+        (None, " xyz ", "xyz"),
         (None, "Basic xyz", None),
+        (None, "Token xyz", None),
+        (None, "xyz extra", None),
         ("  ", "Bearer", None),
+        (None, "bearer ", None),
+        (None, "", None),
         (None, None, None),
     ],
 )
@@ -253,6 +262,63 @@ def test_order_of_checks(session: Session) -> None:
     assert outcome(session, shop_token, shop.name, stored.message_id) == (
         503,
         archive.NOT_CONNECTED,
+    )
+
+
+def test_control_characters_never_reach_the_database(session: Session) -> None:
+    shop = make_instance(session)
+    account_token = accounts.create_token(session, account=accounts.DEFAULT_ACCOUNT)
+    shop_token = accounts.create_token(session, instance=shop.name)
+    stored = make_media_item(session, shop, state=MediaState.STORED, storage_key="k", size=1)
+    sent: list[Any] = []
+
+    def record_parameters(*args: Any) -> None:
+        sent.append(args[3])  # (conn, cursor, statement, parameters, context, executemany)
+
+    engine = session.get_bind()
+    event.listen(engine, "before_cursor_execute", record_parameters)
+    try:
+        # Trailing \x1f and \x85 would be stripped as whitespace; they still count.
+        for bad in ("\x00", "\x01", "\x1b", "\x1f", "\x7f", "\x85"):
+            for name, message_id in (
+                (shop.name + bad, stored.message_id + bad),
+                (bad + shop.name, bad + stored.message_id),
+            ):
+                # The usual order holds: the token, then the instance, then the row.
+                assert outcome(session, "forged", name, "x") == (401, archive.INVALID_TOKEN)
+                assert outcome(session, shop_token, name, "x") == (401, archive.INVALID_TOKEN)
+                assert outcome(session, account_token, name, "x") == (
+                    404,
+                    archive.INSTANCE_NOT_FOUND,
+                )
+                assert outcome(session, account_token, shop.name, message_id) == (
+                    404,
+                    archive.NO_MEDIA,
+                )
+        shop.connected = False
+        session.flush()
+        assert outcome(session, account_token, shop.name, "wamid\x00") == (
+            503,
+            archive.NOT_CONNECTED,
+        )
+    finally:
+        event.remove(engine, "before_cursor_execute", record_parameters)
+    assert sent, "the token is still looked up"
+    assert not any(re.search(r"[\x00-\x1f\x7f-\x9f]", repr_values(p)) for p in sent)
+
+
+def repr_values(parameters: Any) -> str:
+    values = parameters.values() if isinstance(parameters, dict) else parameters
+    return "".join(v for v in values if isinstance(v, str))
+
+
+def test_archive_error_carries_headers() -> None:
+    assert ArchiveError(404, archive.NO_MEDIA).headers == {}
+    error = ArchiveError(503, "Service unavailable", {"Retry-After": "5"})
+    assert (error.status, error.message, error.headers) == (
+        503,
+        "Service unavailable",
+        {"Retry-After": "5"},
     )
 
 

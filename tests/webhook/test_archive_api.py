@@ -13,14 +13,15 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+from sqlalchemy.exc import OperationalError
 
-from ingest import accounts
+from ingest import accounts, archive
 from ingest.media_rules import object_key
 from ingest.models import MediaState, utcnow
 from ingest.queues import RecordingScheduler
 from ingest.services import Services
 from ingest.settings import Settings
-from ingest.storage import MemoryStorage
+from ingest.storage import MemoryStorage, StorageError
 from tests.factories import make_instance, make_media_item
 from webhook.app import create_app
 
@@ -126,14 +127,15 @@ def error_of(response: Any) -> tuple[int, str]:
 # --- success -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("form", ["token", "bearer"])
+@pytest.mark.parametrize("form", ["token", "bearer", "bare"])
 def test_base64_success_body_is_exactly_the_seed(api: Archive, form: str) -> None:
     message_id = api.store()
-    headers = (
-        {"token": api.instance_token}
-        if form == "token"
-        else {"Authorization": f"Bearer {api.instance_token}"}
-    )
+    headers = {
+        "token": {"token": api.instance_token},
+        "bearer": {"Authorization": f"Bearer {api.instance_token}"},
+        # The seed: `token` "yes (or `Authorization`)", with the bare token as its example.
+        "bare": {"Authorization": api.instance_token},
+    }[form]
     response = api.client.get(b64_path(api.instance, message_id), headers=headers, buffered=True)
 
     assert response.status_code == 200
@@ -261,6 +263,9 @@ def test_400_message_id_is_required(api: Archive, query: str) -> None:
         {"token": "not-a-token"},
         {"Authorization": "Bearer not-a-token"},
         {"Authorization": "Basic dXNlcjpwYXNz"},
+        {"Authorization": "not-a-token"},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Token not-a-token"},
         {"token": ""},
     ],
 )
@@ -299,6 +304,74 @@ def test_404_when_the_object_is_missing_from_storage(lite: Archive) -> None:
     assert error_of(response) == (404, "Message not found or no media available")
 
 
+@pytest.mark.parametrize("route", ["base64", "media"])
+def test_a_held_etag_gets_404_not_304_when_the_object_is_gone(lite: Archive, route: str) -> None:
+    message_id = lite.store()
+    path = f"/api/chat/{route}/{lite.instance}?messageId={message_id}"
+    etag = lite.get(path, lite.account_token).headers["ETag"]
+    for key in _storage_keys(lite):
+        lite.services.storage.delete(key)
+    response = lite.get(path, lite.account_token, **{"If-None-Match": etag})
+    assert error_of(response) == (404, "Message not found or no media available")
+
+
+@pytest.mark.parametrize("route", ["base64", "media"])
+def test_304_checks_the_object_exists_and_200_opens_it_once(
+    lite: Archive, route: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message_id = lite.store()
+    path = f"/api/chat/{route}/{lite.instance}?messageId={message_id}"
+    storage = lite.services.storage
+    calls: list[str] = []
+    real_head, real_open = storage.head, storage.open
+
+    def head(key: str) -> Any:
+        calls.append("head")
+        return real_head(key)
+
+    def open_(key: str, **kwargs: Any) -> Any:
+        calls.append("open")
+        return real_open(key, **kwargs)
+
+    monkeypatch.setattr(storage, "head", head)
+    monkeypatch.setattr(storage, "open", open_)
+    etag = lite.get(path, lite.account_token).headers["ETag"]
+    assert calls == ["open"]
+    calls.clear()
+    assert lite.get(path, lite.account_token, **{"If-None-Match": etag}).status_code == 304
+    assert calls == ["head"]
+
+
+def test_a_storage_outage_during_revalidation_is_503_with_retry_after(
+    lite: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message_id = lite.store()
+    path = b64_path(lite.instance, message_id)
+    etag = lite.get(path, lite.account_token).headers["ETag"]
+
+    def head(key: str) -> Any:
+        raise StorageError("store unreachable")
+
+    monkeypatch.setattr(lite.services.storage, "head", head)
+    response = lite.get(path, lite.account_token, **{"If-None-Match": etag})
+    assert error_of(response) == (503, "Storage unavailable")
+    assert response.headers["Retry-After"] == "5"
+
+
+@pytest.mark.parametrize("route", ["base64", "find-message", "media"])
+def test_503_database_unavailable_says_when_to_retry(
+    lite: Archive, route: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def database_down(*args: Any) -> Any:
+        raise OperationalError("SELECT", {}, ConnectionRefusedError("connection refused"))
+
+    monkeypatch.setattr(archive, "find_record", database_down)
+    response = lite.get(f"/api/chat/{route}/{lite.instance}?messageId=x", lite.account_token)
+    assert error_of(response) == (503, "Service unavailable")
+    # Same as the storage outage, and as /openapi.json promises for every archive 503.
+    assert response.headers["Retry-After"] == "5"
+
+
 def test_503_instance_not_connected(api: Archive) -> None:
     message_id = api.store()
     with api.services.sessions.begin() as session:
@@ -327,6 +400,50 @@ def test_instance_connection_is_checked_before_the_message(api: Archive) -> None
         accounts.set_connected(session, api.instance, False)
     response = api.get(b64_path(api.instance, "wamid.UNKNOWN"), api.account_token)
     assert error_of(response)[0] == 503
+
+
+@pytest.mark.parametrize("route", ["base64", "find-message", "media"])
+@pytest.mark.parametrize("bad", ["%00", "%01", "%1F", "%7F", "%C2%85"])
+def test_control_characters_are_not_found_not_a_server_error(
+    api: Archive, route: str, bad: str
+) -> None:
+    """On PostgreSQL a NUL in a query parameter used to raise DataError (a 500)."""
+    message_id = api.store()
+    base = f"/api/chat/{route}"
+    for name in (f"{api.instance}{bad}", f"{bad}{api.instance}"):
+        # The checks keep the seed's order: parameters, token, instance, connection, message.
+        assert error_of(api.get(f"{base}/{name}", api.account_token)) == (
+            400,
+            "messageId query parameter is required",
+        )
+        assert error_of(api.get(f"{base}/{name}?messageId={message_id}", "bad")) == (
+            401,
+            "Invalid token",
+        )
+        assert error_of(api.get(f"{base}/{name}?messageId={message_id}", api.instance_token)) == (
+            401,
+            "Invalid token",
+        )
+        assert error_of(api.get(f"{base}/{name}?messageId={message_id}", api.account_token)) == (
+            404,
+            "Instance not found",
+        )
+    for wamid in (f"{message_id}{bad}", f"{bad}{message_id}"):
+        assert error_of(api.get(f"{base}/{api.instance}?messageId={wamid}", "bad")) == (
+            401,
+            "Invalid token",
+        )
+        assert error_of(api.get(f"{base}/{api.instance}?messageId={wamid}", api.account_token)) == (
+            404,
+            "Message not found or no media available",
+        )
+    with api.services.sessions.begin() as session:
+        accounts.set_connected(session, api.instance, False)
+    wamid = f"{message_id}{bad}"
+    assert error_of(api.get(f"{base}/{api.instance}?messageId={wamid}", api.account_token)) == (
+        503,
+        "Instance is not connected to WhatsApp",
+    )
 
 
 def test_a_disconnected_instance_is_not_revealed_to_a_stranger(api: Archive) -> None:
@@ -562,6 +679,8 @@ def test_rate_limit_is_shared_by_two_apps_through_redis(
         # The header form does not matter: the limit belongs to the token.
         bearer = {"Authorization": f"Bearer {api.account_token}"}
         assert api.client.get(path, headers=bearer, buffered=True).status_code == 429
+        bare = {"Authorization": api.account_token}
+        assert api.client.get(path, headers=bare, buffered=True).status_code == 429
         # Another token has its own budget.
         assert api.get(path, api.instance_token).status_code == 200
 

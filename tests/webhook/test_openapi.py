@@ -130,6 +130,15 @@ def test_the_seed_contract_is_in_the_document(live: Live) -> None:
     ]
     responses = document["paths"]["/api/chat/base64/{instance}"]["get"]["responses"]
     assert {"200", "400", "401", "404", "429", "503"} <= set(responses)
+    # `token`, or `Authorization` (bare, or with the Bearer scheme).
+    schemes = document["components"]["securitySchemes"]
+    offered = document["paths"]["/api/chat/base64/{instance}"]["get"]["security"]
+    assert {(s.get("in"), s.get("name"), s.get("scheme")) for s in schemes.values()} == {
+        ("header", "token", None),
+        (None, None, "bearer"),
+        ("header", "Authorization", None),
+    }
+    assert {name for requirement in offered for name in requirement} == set(schemes)
 
 
 def _fuzz(live: Live, **fixed: Any) -> None:
@@ -156,3 +165,36 @@ def test_fuzzing_finds_no_server_error_and_no_schema_violation(live: Live) -> No
 def test_fuzzing_the_stored_message_conforms_too(live: Live) -> None:
     # Fixed to a real row, so the fuzzer reaches the 200/206/304/416 answers as well.
     _fuzz(live, path_parameters={"instance": live.instance}, query={"messageId": live.stored})
+
+
+def test_validators_are_documented_only_where_they_are_honoured(live: Live) -> None:
+    document = served_document(live.app)
+    client = live.app.test_client()
+    headers = {"token": live.token}
+    checked = set()
+    for path, item in document["paths"].items():
+        if not path.startswith("/api/chat/") or "{instance}" not in path:
+            continue
+        operation = item["get"]
+        documented = any(p["name"] == "If-None-Match" for p in operation["parameters"])
+        assert documented == ("304" in operation["responses"]), operation["operationId"]
+        url = path.replace("{instance}", live.instance) + f"?messageId={live.stored}"
+        first = client.get(url, headers=headers, buffered=True)
+        assert first.status_code == 200
+        etag = first.headers.get("ETag")
+        if documented:
+            assert etag is not None, operation["operationId"]
+            again = client.get(url, headers={**headers, "If-None-Match": etag}, buffered=True)
+            assert again.status_code == 304, operation["operationId"]
+        else:
+            # Nothing to revalidate with: the caller is not led to expect a 304.
+            assert etag is None, operation["operationId"]
+        checked.add((operation["operationId"], documented))
+    assert checked == {("base64", True), ("findMessage", False), ("media", True)}
+
+
+def test_every_archive_503_is_documented_with_retry_after(live: Live) -> None:
+    paths = served_document(live.app)["paths"]
+    for segment in ("base64", "find-message", "media"):
+        unavailable = paths[f"/api/chat/{segment}/{{instance}}"]["get"]["responses"]["503"]
+        assert "Retry-After" in unavailable["headers"]
