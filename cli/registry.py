@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import click
 from sqlalchemy import select
@@ -48,18 +50,71 @@ def instance() -> None:
     """WhatsApp numbers (instances) and their provider credentials."""
 
 
+def _interactive() -> bool:
+    return sys.stdin.isatty()
+
+
+class SecretOption(click.Option):
+    """A credential: from its flag, else its environment variable, else a hidden prompt.
+
+    Flags are visible to every user of the machine (``ps``, shell history), so the variable
+    and the prompt are the ways to keep a secret out of them. The prompt appears only on a
+    terminal: a script that forgot the secret gets a usage error, never a hang or a secret
+    read from whatever its standard input happens to hold.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("show_envvar", True)
+        if kwargs.get("required"):
+            kwargs.update(prompt=True, hide_input=True)
+        super().__init__(*args, **kwargs)
+
+    def prompt_for_value(self, ctx: click.Context) -> Any:
+        if not _interactive():
+            raise click.MissingParameter(ctx=ctx, param=self)
+        return super().prompt_for_value(ctx)
+
+
+def _instance_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        return accounts.check_instance_name(value)
+    except accounts.RegistryError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
 @instance.command("add")
-@click.argument("name")
+@click.argument("name", callback=_instance_name)
 @click.option("--provider", type=click.Choice([p.value for p in Provider]), required=True)
 @click.option("--phone-number-id", required=True, help="Meta phone_number_id of the number.")
-@click.option("--api-key", required=True, help="Graph bearer token or D360-API-KEY.")
-@click.option("--app-secret", help="Meta app secret: X-Hub-Signature-256 is then required.")
-@click.option("--verify-token", help="Token for Meta's GET verification handshake.")
+@click.option(
+    "--api-key",
+    cls=SecretOption,
+    envvar="INGEST_INSTANCE_API_KEY",
+    required=True,
+    help="Graph bearer token or D360-API-KEY (prompted for on a terminal if not given).",
+)
+@click.option(
+    "--app-secret",
+    cls=SecretOption,
+    envvar="INGEST_INSTANCE_APP_SECRET",
+    help="Meta app secret: X-Hub-Signature-256 is then required.",
+)
+@click.option(
+    "--verify-token",
+    cls=SecretOption,
+    envvar="INGEST_INSTANCE_VERIFY_TOKEN",
+    help="Token for Meta's GET verification handshake.",
+)
 @click.option(
     "--webhook-secret-header",
     help="Header a 360dialog webhook must carry (with --webhook-secret).",
 )
-@click.option("--webhook-secret", help="Shared secret expected in that header.")
+@click.option(
+    "--webhook-secret",
+    cls=SecretOption,
+    envvar="INGEST_INSTANCE_WEBHOOK_SECRET",
+    help="Shared secret expected in that header.",
+)
 @click.option("--account", "account_name", default=accounts.DEFAULT_ACCOUNT, show_default=True)
 def instance_add(
     name: str,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -13,6 +14,13 @@ from sqlalchemy.orm import Session
 from ingest.models import Account, ApiToken, Instance, Provider
 
 DEFAULT_ACCOUNT = "default"
+
+# The name is a URL path segment (/webhook/<name>, /api/chat/base64/<name>) and the first
+# part of every object key: no "/", whitespace or control characters, no leading dot.
+INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+INSTANCE_NAME_RULE = (
+    "1 to 100 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
+)
 
 
 class RegistryError(Exception):
@@ -56,7 +64,14 @@ class InstanceSpec:
     account: str = DEFAULT_ACCOUNT
 
 
+def check_instance_name(name: str) -> str:
+    if INSTANCE_NAME.fullmatch(name) is None:
+        raise RegistryError(f"invalid instance name {name!r}: use {INSTANCE_NAME_RULE}")
+    return name
+
+
 def add_instance(session: Session, spec: InstanceSpec) -> Instance:
+    check_instance_name(spec.name)
     account = get_account(session, spec.account)
     if session.scalar(select(Instance).where(Instance.name == spec.name)) is not None:
         raise RegistryError(f"instance {spec.name!r} already exists")

@@ -31,7 +31,7 @@ from ingest.settings import Settings
 
 SIGNATURE_HEADER = "X-Hub-Signature-256"
 SIGNATURE_PREFIX = "sha256="
-# The direct-download URL in a webhook is valid this long from receipt (provider docs).
+# The direct-download URL in a webhook is valid this long once issued (provider docs).
 URL_LIFETIME = timedelta(minutes=5)
 # How long a worker process trusts its cached copy of an instance's route and secrets.
 INSTANCE_CACHE_SECONDS = 5.0
@@ -289,8 +289,23 @@ def _insert_statement(dialect_name: str) -> Any:
     )
 
 
+def issued_at(event: MediaEvent, received_at: datetime) -> datetime:
+    """When the provider's clocks on this media started: the URL's 5 minutes, the id's 7 days.
+
+    Usually the moment we received it. A webhook redelivered late (after our endpoint was
+    down) is older than its receipt, and its URL and media id are as old as the message:
+    counting from receipt would try a dead URL as if fresh (a CDN error against the
+    number's error budget) and keep an expired id for days. A timestamp ahead of our clock
+    is skew, not news, and is ignored.
+    """
+    if event.timestamp is not None and event.timestamp < received_at:
+        return event.timestamp
+    return received_at
+
+
 def _row(routed: RoutedEvent, settings: Settings, received_at: datetime) -> dict[str, Any]:
     event = routed.event
+    issued = issued_at(event, received_at)
     row: dict[str, Any] = {
         "instance_id": routed.instance_id,
         "message_id": event.message_id,
@@ -315,8 +330,8 @@ def _row(routed: RoutedEvent, settings: Settings, received_at: datetime) -> dict
         "message_timestamp": event.timestamp,
         "received_at": received_at,
         "download_url": event.url,
-        "url_deadline": received_at + URL_LIFETIME if event.url else None,
-        "expires_at": received_at + timedelta(seconds=settings.media_retention_seconds),
+        "url_deadline": issued + URL_LIFETIME if event.url else None,
+        "expires_at": issued + timedelta(seconds=settings.media_retention_seconds),
         "attempts": 0,
         "next_attempt_at": received_at,
         "lease_until": None,

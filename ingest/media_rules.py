@@ -86,15 +86,27 @@ def base_mime(value: str | None) -> str | None:
 
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+KEY_PART_CHARS = 100
 
 
 def object_key(instance_name: str, media_type: str, media_ref: str) -> str:
     """Deterministic per (instance, media): a repeated download lands on the same key.
 
     ``media_ref`` is the media id (or the message id when the provider gave none).
-    Unsafe characters are replaced and a short hash keeps distinct refs distinct.
+    Unsafe characters are replaced and a short hash keeps distinct refs distinct. Every
+    result passes ``storage.validate_key``: three non-empty ASCII parts, none starting with
+    a dot, at most 315 bytes in all.
     """
-    digest = hashlib.sha256(f"{instance_name}\0{media_ref}".encode()).hexdigest()[:12]
-    safe_instance = _UNSAFE_KEY_CHARS.sub("_", instance_name)[:100]
-    safe_ref = _UNSAFE_KEY_CHARS.sub("_", media_ref)[:100]
-    return f"{safe_instance}/{media_type}/{safe_ref}-{digest}"
+    # surrogatepass: a name decoded from bytes with surrogateescape must not crash the hash.
+    seed = f"{instance_name}\0{media_ref}".encode("utf-8", "surrogatepass")
+    digest = hashlib.sha256(seed).hexdigest()[:12]
+    return f"{_key_part(instance_name)}/{_key_part(media_type)}/{_key_part(media_ref)}-{digest}"
+
+
+def _key_part(value: str) -> str:
+    safe = _UNSAFE_KEY_CHARS.sub("_", value)[:KEY_PART_CHARS]
+    # A leading dot would make "." or ".." or a hidden file (the storage refuses all three).
+    # Only keys that were refused change: every key already stored keeps its name.
+    if not safe or safe.startswith("."):
+        return "_" + safe[1:]
+    return safe

@@ -4,11 +4,14 @@
 of threads or processes: it first claims the row with one conditional ``UPDATE`` (only a row
 that is due and holds no live lease can be claimed), loads plain values and closes the
 session before any network I/O, and finishes with an ``UPDATE`` guarded by its lease, so a
-worker that lost its lease never overwrites a newer attempt.
+worker that lost its lease never overwrites a newer attempt. A transfer that outlasts a third
+of the lease renews it as it goes; if the row turns out to belong to another worker by then,
+the attempt stops at once, writes nothing and ends ``skipped`` (reason ``lease_lost``).
 
-The URL rule: the signed URL from the webhook is used while it is fresh (received less than
-``settings.url_fresh_seconds`` ago); otherwise, or when the CDN refuses it, the media id is
-resolved for a new one. Every provider call is guarded by the number's error budget.
+The URL rule: the signed URL from the webhook is used while it is fresh (issued less than
+``settings.url_fresh_seconds`` ago: at its receipt, or earlier for a late redelivery);
+otherwise, or when the CDN refuses it, the media id is resolved for a new one. Every provider
+call is guarded by the number's error budget.
 
 Nothing unverified is ever stored: the body is spooled while hashed (small in memory, large
 on disk, capped at 100 MB and at any stated size), compared with the webhook's and the
@@ -20,6 +23,7 @@ the sha256 once more while writing.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import socket
@@ -43,6 +47,7 @@ from ingest.error_budget import (
     guarded,
     limits_for,
 )
+from ingest.intake import URL_LIFETIME
 from ingest.integrity import (
     BodyTooLarge,
     Expectation,
@@ -79,6 +84,11 @@ Clock = Callable[[], datetime]
 # last_error is for operators: short, and never a URL or a secret.
 MAX_ERROR_CHARS = 300
 SKIPPED = "skipped"
+# Why an attempt that had claimed its row ended as skipped: another worker owns the row now.
+LEASE_LOST = "lease_lost"
+# A transfer renews its lease every lease_seconds / 3: a renewal that comes a whole stalled
+# read (the HTTP timeout) late still finds the lease live, with a wide margin for clock skew.
+LEASE_RENEWALS_PER_LEASE = 3
 
 # What an attempt reads from its row, returned by the claiming UPDATE itself.
 _CLAIM_COLUMNS = (
@@ -128,9 +138,10 @@ class AttemptResult:
     """What one call of :meth:`Pipeline.run` did; safe to log (no URL, no secret)."""
 
     item_id: int
-    outcome: str  # an Outcome value, or "skipped" when the row could not be claimed
+    # An Outcome value, or "skipped" when the row could not be claimed or was lost mid-attempt
+    outcome: str
     state: str | None  # the row's state afterwards (None when skipped)
-    reason: str | None = None  # failure_reason, for failed rows
+    reason: str | None = None  # failure_reason for failed rows; "lease_lost" for a lost lease
     size: int | None = None
     seconds: float = 0.0
     next_attempt_at: datetime | None = None
@@ -154,6 +165,10 @@ class AttemptFailed(Exception):
         self.not_before = not_before
 
 
+class LeaseLost(Exception):
+    """Another worker owns the row now: the attempt stops and writes nothing more."""
+
+
 @dataclass
 class _Verified:
     spool: HashingSpool
@@ -170,6 +185,8 @@ class _Attempt:
     url_used: bool = False
     resolves: int = 0
     downloads: int = 0
+    # time.monotonic() value after which the lease is renewed; never, unless set.
+    renew_at: float = math.inf
 
 
 # Only a row that is due and holds no live lease can be claimed. Taking over a row still in
@@ -240,6 +257,15 @@ _RECORD_STORED = (
     )
 )
 
+# Extends only a lease that is still ours: no row matched means another worker owns the row.
+_RENEW_LEASE = (
+    update(MediaItem)
+    .where(MediaItem.id == bindparam("p_id"))
+    .where(MediaItem.lease_owner == bindparam("p_owner"))
+    .where(MediaItem.state == MediaState.DOWNLOADING)
+    .values(lease_until=bindparam("p_lease_until"), updated_at=bindparam("p_now"))
+)
+
 
 def new_lease_owner() -> str:
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
@@ -256,6 +282,7 @@ class Pipeline:
         clients: ClientFactory,
         clock: Clock = utcnow,
         rng: random.Random | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
@@ -265,6 +292,8 @@ class Pipeline:
         self.clients = clients
         self.clock = clock
         self.rng = rng or random.Random()
+        self.monotonic = monotonic
+        self._renew_every = settings.lease_seconds / LEASE_RENEWALS_PER_LEASE
 
     @classmethod
     def for_services(
@@ -288,7 +317,11 @@ class Pipeline:
             metrics.DOWNLOADS.labels(SKIPPED, "").inc()
             log.info("download item=%s outcome=skipped (not due, leased or finished)", item_id)
             return AttemptResult(item_id, SKIPPED, None)
-        attempt = _Attempt(work, self.clients(work.credentials))
+        attempt = _Attempt(
+            work,
+            self.clients(work.credentials),
+            renew_at=self.monotonic() + self._renew_every,
+        )
         try:
             verified = self._fetch_verified(attempt)
             try:
@@ -297,6 +330,11 @@ class Pipeline:
                 verified.spool.close()
         except AttemptFailed as failure:
             result = self._finish_unstored(attempt, failure)
+        except LeaseLost as lost:
+            # The row is the new owner's to finish: recording anything here would overwrite
+            # its attempt, and counting this one as stored or retried would count it twice.
+            log.warning("download item=%s %s", work.id, lost)
+            result = AttemptResult(work.id, SKIPPED, None, LEASE_LOST)
         result = replace(result, seconds=time.monotonic() - started)
         self._record(work, result)
         return result
@@ -333,10 +371,11 @@ class Pipeline:
                     _INSTANCE_FOR_ATTEMPT, {"p_instance_id": item.instance_id}
                 ).one()
             )
-        fresh = (
-            item.download_url is not None
-            and now - item.received_at < timedelta(seconds=self.settings.url_fresh_seconds)
-            and (item.url_deadline is None or now < item.url_deadline)
+        # The URL's five minutes started when it was issued (ingest.intake.issued_at: the
+        # receipt, or the message's time for a late redelivery), which its deadline records.
+        issued = item.received_at if item.url_deadline is None else item.url_deadline - URL_LIFETIME
+        fresh = item.download_url is not None and now - issued < timedelta(
+            seconds=self.settings.url_fresh_seconds
         )
         return WorkItem(
             id=item_id,
@@ -441,6 +480,7 @@ class Pipeline:
             ):
                 for chunk in chunks:
                     spool.write(chunk)
+                    self._keep_lease(attempt, "while downloading; stopped without storing")
         except UrlRejected:
             raise
         except (ProviderError, BudgetExhausted, BudgetUnavailable) as exc:
@@ -452,6 +492,30 @@ class Pipeline:
             raise AttemptFailed(
                 Outcome.STORAGE_UNAVAILABLE, f"spooling failed: {exc.strerror or 'OSError'}"
             ) from None
+
+    def _keep_lease(self, attempt: _Attempt, when: str) -> None:
+        """Renew the lease once a renewal is due; raise :class:`LeaseLost` if it is not ours.
+
+        Called per chunk, so it costs one clock read until the first renewal is due: a
+        transfer shorter than the interval never renews.
+        """
+        if self.monotonic() < attempt.renew_at:
+            return
+        work = attempt.work
+        now = self.clock()
+        with self._one_statement.begin() as connection:
+            renewed = connection.execute(
+                _RENEW_LEASE,
+                {
+                    "p_id": work.id,
+                    "p_owner": work.owner,
+                    "p_lease_until": now + timedelta(seconds=self.settings.lease_seconds),
+                    "p_now": now,
+                },
+            )
+        if renewed.rowcount != 1:
+            raise LeaseLost(f"lost its lease {when}")
+        attempt.renew_at = self.monotonic() + self._renew_every
 
     def _cap(self, attempt: _Attempt) -> int:
         """100 MB, and never more than any size the provider stated."""
@@ -484,6 +548,12 @@ class Pipeline:
         key = object_key(
             work.instance_name, work.media_type.value, work.media_id or work.message_id
         )
+        # Renewing here if due means a lost lease writes nothing and the upload starts with at
+        # least two thirds of a lease left. The upload itself is not renewed: one that outlasts
+        # even that is wasted work, not wrong. Keys are deterministic and objects never
+        # overwritten, so the next owner's put finds the same verified bytes, and the guarded
+        # record below reports the loss instead of recording the copy.
+        self._keep_lease(attempt, "before uploading; nothing was stored")
         try:
             stored = self.storage.put(
                 key,
@@ -519,7 +589,7 @@ class Pipeline:
         if getattr(done, "rowcount", 0) != 1:
             # The object is in place under its deterministic key; whoever holds the lease
             # now will find it there and record it.
-            log.warning("download item=%s lost its lease before recording the copy", work.id)
+            raise LeaseLost("lost its lease before recording the copy")
         return AttemptResult(work.id, Outcome.STORED, MediaState.STORED, size=spool.size)
 
     def _finish_unstored(self, attempt: _Attempt, failure: AttemptFailed) -> AttemptResult:
@@ -578,13 +648,16 @@ class Pipeline:
         )
 
     def _record(self, work: WorkItem, result: AttemptResult) -> None:
-        label = {
-            MediaState.STORED: "stored",
-            MediaState.PENDING: "retry",
-            MediaState.FAILED: "failed",
-            MediaState.EXPIRED: "expired",
-        }.get(MediaState(result.state) if result.state else MediaState.PENDING, "retry")
-        metrics.DOWNLOADS.labels(label, result.outcome).inc()
+        if result.state is None:
+            metrics.DOWNLOADS.labels(SKIPPED, result.reason or "").inc()
+        else:
+            label = {
+                MediaState.STORED: "stored",
+                MediaState.PENDING: "retry",
+                MediaState.FAILED: "failed",
+                MediaState.EXPIRED: "expired",
+            }.get(MediaState(result.state), "retry")
+            metrics.DOWNLOADS.labels(label, result.outcome).inc()
         metrics.DOWNLOAD_SECONDS.observe(result.seconds)
         if result.state == MediaState.STORED and result.size:
             metrics.DOWNLOAD_BYTES.inc(result.size)

@@ -27,6 +27,7 @@ request (DNS, connect, our allowlist) or answered 2xx with a body we cannot use.
 from __future__ import annotations
 
 import json
+import math
 import re
 import zlib
 from collections.abc import Iterator
@@ -150,6 +151,8 @@ D360_KEY_HEADER = "D360-API-KEY"
 # A lookup answer is a few hundred bytes of JSON; anything much larger is not one.
 LOOKUP_MAX_BYTES = 1024 * 1024
 _GZIP_MAGIC = b"\x1f\x8b"
+# 18 digits is up to an exabyte: a longer stated size is nonsense, read as "not stated".
+MAX_SIZE_DIGITS = 18
 _ESCAPED_SLASH = re.compile(r"\\+/")
 
 
@@ -177,9 +180,11 @@ def _origin(url: str) -> egress.Origin:
     return egress.Origin.of(url)
 
 
-def _raise_unless_ok(response: egress.EgressResponse, endpoint: Endpoint) -> None:
+def _raise_unless_ok(
+    response: egress.EgressResponse, endpoint: Endpoint, max_retry_after: float
+) -> None:
     if response.status_code != 200:
-        retry_after = _retry_after(response.headers.get("retry-after"))
+        retry_after = _retry_after(response.headers.get("retry-after"), max_retry_after)
         raise _status_error(response.status_code, endpoint, response.host, retry_after)
 
 
@@ -202,14 +207,22 @@ def _status_error(
     return ProviderRejected(where, endpoint=endpoint, status=status)
 
 
-def _retry_after(value: str | None) -> float | None:
+def _retry_after(value: str | None, maximum: float) -> float | None:
+    """Seconds the provider asked us to wait, at most ``maximum`` (our longest backoff).
+
+    The header is the provider's (or a proxy's) text: "inf", "nan" or "1e12" parse as
+    floats and would overflow the next-attempt time; a negative wait means nothing. Those
+    are ignored and our own backoff applies, as for an HTTP date.
+    """
     if not value:
         return None
     try:
         seconds = float(value.strip())
     except ValueError:
         return None  # an HTTP date: rare from these providers; our own backoff applies
-    return max(seconds, 0.0)
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, maximum)
 
 
 def _decode_lookup(body: bytes, host: str) -> dict[str, Any]:
@@ -224,7 +237,9 @@ def _decode_lookup(body: bytes, host: str) -> dict[str, Any]:
             body = b""
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):
+        # ValueError covers bad UTF-8 and JSON, and a number over Python's 4300-digit limit;
+        # RecursionError, nesting deeper than the parser's stack.
         data = None
     if not isinstance(data, dict) or not isinstance(data.get("url"), str) or not data["url"]:
         raise ProviderUnavailable(
@@ -241,8 +256,11 @@ def _file_size(value: Any) -> int | None:
         return None
     if isinstance(value, int):
         return value if value >= 0 else None
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
+    # ASCII digits only: isdigit() also passes "²", which int() then refuses. The length cap
+    # keeps int() clear of Python's 4300-digit limit.
+    digits = value.strip() if isinstance(value, str) else ""
+    if digits.isascii() and digits.isdecimal() and len(digits) <= MAX_SIZE_DIGITS:
+        return int(digits)
     return None
 
 
@@ -273,7 +291,7 @@ class _HttpClient:
             raise ProviderRejected("empty media id", endpoint="lookup", counts_against_budget=False)
         url = f"{self._lookup_base}/{quote(media_id, safe='')}"
         with self._egress.get(url, endpoint="lookup", credential=self._credential) as response:
-            _raise_unless_ok(response, "lookup")
+            _raise_unless_ok(response, "lookup", self._settings.retry_max_seconds)
             body = response.read(LOOKUP_MAX_BYTES)
             data = _decode_lookup(body, response.host)
         return MediaLocation(
@@ -292,7 +310,7 @@ class _HttpClient:
     def _download(self, url: str, max_bytes: int) -> Iterator[Iterator[bytes]]:
         target = self.download_url(url)
         with self._egress.get(target, endpoint="download", credential=self._credential) as response:
-            _raise_unless_ok(response, "download")
+            _raise_unless_ok(response, "download", self._settings.retry_max_seconds)
             yield response.iter_bytes(max_bytes)
 
     def download(self, url: str, *, max_bytes: int) -> AbstractContextManager[Iterator[bytes]]:

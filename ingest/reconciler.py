@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest.db import session_scope
@@ -36,6 +38,10 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH = 1000
 
 ACTIVE_STATES = (MediaState.PENDING, MediaState.DOWNLOADING)
+
+# The database itself failing (anything the driver raised, or the pool giving up), as the
+# webhook counts it; SQLAlchemy's complaints about our own use of it stay loud.
+DATABASE_DOWN = (DBAPIError, PoolTimeout)
 
 
 @dataclass(frozen=True)
@@ -208,10 +214,24 @@ def wake_due(
         scheduler.schedule(jobs)
     except SchedulerUnavailable as exc:
         log.warning("reconcile: broker unavailable (%s); %d wake-up(s) not sent", exc, len(jobs))
+        _forget_enqueued(sessions, jobs)
+        return 0, True
+    except Exception:
+        # Not an outage but a bug, so it stays loud; still, the stamps just written must not
+        # make these rows wait a whole lease for wake-ups that never left.
+        _forget_enqueued(sessions, jobs)
+        raise
+    return len(jobs), False
+
+
+def _forget_enqueued(sessions: sessionmaker[Session], jobs: list[DownloadJob]) -> None:
+    try:
         with session_scope(sessions) as session:
             forget_enqueued(session, jobs)
-        return 0, True
-    return len(jobs), False
+    except DATABASE_DOWN:
+        # Best effort, as in the webhook: the pass already did its work, and the rows are
+        # found again once their wake-up is one lease old.
+        log.warning("reconcile: could not clear enqueued_at of %d unsent wake-up(s)", len(jobs))
 
 
 def _count(result: object) -> int:

@@ -13,6 +13,7 @@ come back together: attempt 1 -> 7.5-15 s, 2 -> 15-30 s, 3 -> 30-60 s ... capped
 from __future__ import annotations
 
 import enum
+import math
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -122,7 +123,8 @@ def decide(
     retry_after: float | None = None,
     not_before: datetime | None = None,
 ) -> Decision:
-    """Apply the table. ``retry_after`` (the provider's, seconds) is a floor for the delay."""
+    """Apply the table. ``retry_after`` (the provider's, seconds) is a floor for the delay,
+    capped at ``retry_max_seconds``; a negative or non-finite one is ignored."""
     rule = RULES[outcome]
     if rule.action is Action.STORE:
         return Decision(outcome, MediaState.STORED, None, None, False, False)
@@ -138,12 +140,15 @@ def decide(
         delay += rng.uniform(0, NOT_BEFORE_SPREAD_SECONDS)
     else:
         delay = backoff_seconds(attempts, settings, rng)
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    next_attempt_at = now + timedelta(seconds=delay)
-    if next_attempt_at >= expires_at:
+    if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
+        # The header is outside text: honoured up to our own longest backoff, so "1e12"
+        # neither overflows the datetime below nor parks the row past its 7 days.
+        delay = max(delay, min(retry_after, settings.retry_max_seconds))
+    # Compared in seconds, before a datetime is built: no delay, however long, can overflow it.
+    if delay >= (expires_at - now).total_seconds():
         # Another try would start after the media id is gone: give up now, clearly.
         return Decision(Outcome.EXPIRED, MediaState.EXPIRED, None, None, rule.disconnect, False)
+    next_attempt_at = now + timedelta(seconds=delay)
     return Decision(
         outcome,
         MediaState.PENDING,

@@ -63,6 +63,18 @@ class CeleryScheduler:
     def __init__(self, app: Celery) -> None:
         self.app = app
         self._host = socket.gethostname()
+        # Every error the transport can raise for a broker that is down or refuses: kombu wraps
+        # failures to connect, but a pooled connection that breaks mid-publish (Redis restarted)
+        # raises the client library's own error (redis.exceptions.ConnectionError), which must
+        # not escape as a 500 after the rows are committed. Built without connecting.
+        with app.connection_for_write() as conn:
+            self._publish_errors: tuple[type[BaseException], ...] = (
+                OperationalError,
+                KombuError,
+                OSError,
+                *conn.connection_errors,
+                *conn.channel_errors,
+            )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CeleryScheduler:
@@ -79,12 +91,14 @@ class CeleryScheduler:
     def schedule(self, jobs: Sequence[DownloadJob]) -> None:
         if not jobs:
             return
-        queues = self.app.amqp.queues
+        # Resolved before publishing: kombu counts KeyError among Redis connection errors, and
+        # an unknown queue name is a bug to raise, not a broker outage to wait out.
+        targets = [(self.app.amqp.queues[job.queue], job) for job in jobs]
         try:
             with self.app.producer_or_acquire() as producer:
-                for job in jobs:
-                    self._publish(producer, queues[job.queue], job)
-        except (OperationalError, KombuError, OSError) as exc:
+                for queue, job in targets:
+                    self._publish(producer, queue, job)
+        except self._publish_errors as exc:
             raise SchedulerUnavailable(type(exc).__name__) from exc
 
     def _publish(self, producer: Producer, queue: Any, job: DownloadJob) -> None:

@@ -4,10 +4,11 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
+from cli import registry
 from cli.main import cli
 from ingest.accounts import hash_secret
 from ingest.db import make_engine, make_session_factory
-from ingest.models import ApiToken
+from ingest.models import ApiToken, Instance
 
 
 @pytest.fixture
@@ -52,6 +53,80 @@ def test_instance_add_then_token_create_prints_the_token_last(
     listed = runner.invoke(cli, ["instance", "list"])
     assert "shop\tcloud\t123\tconnected\tsigned" in listed.output
     assert "secret-key" not in listed.output and "app-secret" not in listed.output
+
+
+def _stored_instance(database_url: str, name: str) -> Instance | None:
+    engine = make_engine(database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            return session.scalar(select(Instance).where(Instance.name == name))
+    finally:
+        engine.dispose()
+
+
+ADD_SHOP = ["instance", "add", "shop", "--provider", "cloud", "--phone-number-id", "123"]
+
+
+def test_secrets_can_come_from_the_environment_instead_of_the_command_line(
+    runner: CliRunner, database_url: str
+) -> None:
+    env = {
+        "INGEST_INSTANCE_API_KEY": "env-api-key",
+        "INGEST_INSTANCE_APP_SECRET": "env-app-secret",
+        "INGEST_INSTANCE_VERIFY_TOKEN": "env-verify-token",
+    }
+    added = runner.invoke(cli, ADD_SHOP, env=env)
+    assert added.exit_code == 0, added.output
+    stored = _stored_instance(database_url, "shop")
+    assert stored is not None
+    assert (stored.api_key, stored.app_secret, stored.verify_token) == (
+        "env-api-key",
+        "env-app-secret",
+        "env-verify-token",
+    )
+    assert not any(secret in added.output for secret in env.values())
+
+
+def test_a_flag_still_wins_over_the_environment(runner: CliRunner, database_url: str) -> None:
+    added = runner.invoke(
+        cli, [*ADD_SHOP, "--api-key", "flag-key"], env={"INGEST_INSTANCE_API_KEY": "env-key"}
+    )
+    assert added.exit_code == 0, added.output
+    stored = _stored_instance(database_url, "shop")
+    assert stored is not None and stored.api_key == "flag-key"
+
+
+def test_a_missing_api_key_is_prompted_for_without_echo_on_a_terminal(
+    runner: CliRunner, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry, "_interactive", lambda: True)
+    added = runner.invoke(cli, ADD_SHOP, input="typed-key\n")
+    assert added.exit_code == 0, added.output
+    assert "typed-key" not in added.output
+    stored = _stored_instance(database_url, "shop")
+    assert stored is not None and stored.api_key == "typed-key"
+
+
+def test_a_missing_api_key_is_a_usage_error_without_a_terminal(
+    runner: CliRunner, database_url: str
+) -> None:
+    added = runner.invoke(cli, ADD_SHOP, input="not-a-key\n")
+    assert added.exit_code == 2
+    assert "Missing option '--api-key'" in added.output
+    assert "INGEST_INSTANCE_API_KEY" in added.output
+    assert _stored_instance(database_url, "shop") is None
+
+
+@pytest.mark.parametrize("name", [".shop", "a/b", "my shop", "lojá", "x" * 101])
+def test_an_unusable_instance_name_is_refused_with_the_rule(
+    runner: CliRunner, database_url: str, name: str
+) -> None:
+    argv = ["instance", "add", name, "--provider", "cloud", "--phone-number-id", "1"]
+    added = runner.invoke(cli, [*argv, "--api-key", "k"])
+    assert added.exit_code == 2
+    assert "invalid instance name" in added.output
+    assert "letters, digits" in added.output
+    assert _stored_instance(database_url, name) is None
 
 
 def test_disconnect_unknown_instance_is_a_clear_error(runner: CliRunner) -> None:

@@ -88,3 +88,35 @@ def test_disconnect_and_connect(session: Session) -> None:
     assert session.scalar(select(Instance.connected).where(Instance.name == "shop")) is False
     accounts.set_connected(session, "shop", True)
     assert session.scalar(select(Instance.connected).where(Instance.name == "shop")) is True
+
+
+@pytest.mark.parametrize(
+    "name", ["shop", "a", "demo-0a1b2c3d4e", "loja.sp_01", "Shop-2", "x" * 100, "1.2"]
+)
+def test_plain_instance_names_are_accepted(session: Session, name: str) -> None:
+    assert make_instance(session, name=name).name == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        ".shop",
+        "..",
+        "_shop",
+        "-shop",
+        "a/b",
+        "a\\b",
+        "my shop",
+        "shop\n",
+        "tab\tname",
+        "nul\x00",
+        "lojá",
+        "x" * 101,
+    ],
+)
+def test_instance_names_that_break_urls_or_keys_are_refused(session: Session, name: str) -> None:
+    with pytest.raises(accounts.RegistryError, match="invalid instance name"):
+        make_instance(session, name=name)
+    # Counted, not looked up by name: PostgreSQL refuses a NUL in a query parameter.
+    assert session.scalars(select(Instance)).all() == []

@@ -200,6 +200,35 @@ def test_repeats_insert_nothing_and_schedule_nothing(
     )
 
 
+@pytest.mark.parametrize(
+    ("sent", "issued"),
+    [
+        (None, NOW),  # no timestamp: receipt is all we know
+        (NOW - timedelta(seconds=2), NOW - timedelta(seconds=2)),  # the usual delivery
+        (NOW - timedelta(minutes=40), NOW - timedelta(minutes=40)),  # redelivered late
+        (NOW + timedelta(minutes=3), NOW),  # the sender's clock is ahead of ours
+    ],
+)
+def test_url_and_media_id_windows_start_when_the_message_was_sent(
+    session: Session,
+    settings: Settings,
+    instance: Instance,
+    sent: datetime | None,
+    issued: datetime,
+) -> None:
+    record_events(
+        session,
+        [RoutedEvent(instance.id, image("w1", timestamp=sent))],
+        settings=settings,
+        received_at=NOW,
+    )
+    session.commit()
+    (row,) = stored(session)
+    assert row.received_at == NOW
+    assert row.url_deadline == issued + timedelta(minutes=5)
+    assert row.expires_at == issued + timedelta(seconds=settings.media_retention_seconds)
+
+
 def test_provider_faults_become_failed_rows_without_jobs(
     session: Session, settings: Settings, instance: Instance
 ) -> None:

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import event, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest import metrics
@@ -71,6 +71,9 @@ class FakeProvider:
     calls: list[tuple[str, str]] = field(default_factory=list)
     max_bytes_seen: list[int] = field(default_factory=list)
     chunks_served: int = 0
+    # Called with each chunk's index before it is sent, and with the count after the last:
+    # where a test makes time pass mid-transfer (a slow link) or another worker step in.
+    on_chunk: Callable[[int], None] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _serial: int = 0
 
@@ -130,17 +133,26 @@ class FakeClient:
                 sent += len(chunk)
                 with p._lock:
                     p.chunks_served += 1
+                if p.on_chunk is not None:
+                    p.on_chunk(start // CHUNK)
                 yield chunk
+            if p.on_chunk is not None:
+                p.on_chunk(-(-len(body) // CHUNK))
 
         yield chunks()
 
 
 class Clock:
+    """Wall clock and monotonic clock in one, so moving one moves the other."""
+
     def __init__(self) -> None:
-        self.now = utcnow()
+        self.now = self._start = utcnow()
 
     def __call__(self) -> datetime:
         return self.now
+
+    def monotonic(self) -> float:
+        return (self.now - self._start).total_seconds()
 
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
@@ -201,6 +213,7 @@ def build_env(settings: Settings, sessions: sessionmaker[Session], **instance: A
         clients=provider.client,
         clock=clock,
         rng=random.Random(0),
+        monotonic=clock.monotonic,
     )
     with sessions.begin() as session:
         instance_id = make_instance(session, **instance).id
@@ -278,6 +291,15 @@ def test_stale_url_costs_exactly_one_lookup(env: Env) -> None:
     assert env.provider.calls == [("lookup", "m2"), ("download", "fresh")]
 
 
+def test_a_late_redelivery_s_url_is_stale_however_recently_it_arrived(env: Env) -> None:
+    env.provider.add("m-late", jpeg())
+    # Received just now, but sent (and its URL issued) four and a half minutes ago.
+    issued = env.clock() - timedelta(minutes=4, seconds=30)
+    item_id = env.item("m-late", url_deadline=issued + timedelta(minutes=5))
+    assert env.pipeline.run(item_id).outcome == "stored"
+    assert env.provider.calls == [("lookup", "m-late"), ("download", "fresh")]
+
+
 def test_a_fresh_url_the_cdn_refuses_is_resolved_once_more(env: Env) -> None:
     env.provider.add("m3", jpeg())
     env.provider.download_errors.append(
@@ -348,6 +370,156 @@ def test_a_worker_that_lost_its_lease_cannot_record_its_result(env: Env) -> None
         AttemptFailed(Outcome.PROVIDER_REJECTED, "late"),
     )
     assert env.row(item_id).state == MediaState.STORED
+
+
+@contextmanager
+def media_updates(env: Env) -> Iterator[list[str]]:
+    """The UPDATE statements sent for media rows while the block runs."""
+    engine = env.sessions.kw["bind"]
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE MEDIA_ITEMS"):
+            seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def test_a_download_that_outlasts_a_third_of_the_lease_renews_it_and_is_stored(
+    env: Env,
+) -> None:
+    body = jpeg(6 * CHUNK)
+    env.provider.add("slow", body)
+    item_id = env.item("slow")
+    interval = env.settings.lease_seconds / 3
+    leases: list[datetime | None] = []
+
+    def slow_link(index: int) -> None:
+        if index in (0, 4):
+            leases.append(env.row(item_id).lease_until)
+        if index == 3:
+            env.clock.advance(interval + 1)
+
+    env.provider.on_chunk = slow_link
+    claimed_at = env.clock()
+    with media_updates(env) as updates:
+        result = env.pipeline.run(item_id)
+
+    assert (result.outcome, result.state) == ("stored", "stored")
+    assert leases == [
+        claimed_at + timedelta(seconds=env.settings.lease_seconds),
+        claimed_at + timedelta(seconds=interval + 1 + env.settings.lease_seconds),
+    ]
+    assert len(updates) == 3  # claim, one renewal, stored
+    assert stored_bytes(env, item_id) == body
+
+
+def test_a_fast_download_issues_no_renewal(env: Env) -> None:
+    env.provider.add("quick", jpeg(100_000))
+    item_id = env.item("quick")
+    # A little short of the renewal interval: still the hot path.
+    env.provider.on_chunk = lambda index: env.clock.advance(
+        env.settings.lease_seconds / 3 - 1 if index == 0 else 0
+    )
+    with media_updates(env) as updates:
+        assert env.pipeline.run(item_id).outcome == "stored"
+    assert len(updates) == 2  # the claim and the stored record, nothing more
+
+
+def test_a_download_whose_lease_another_worker_took_stops_and_stores_nothing(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    env.provider.add("stolen", jpeg(8 * CHUNK))
+    item_id = env.item("stolen")
+    takers: list[Any] = []
+
+    def stall_then_lose_the_row(index: int) -> None:
+        if index == 2:
+            # The link stalls past the lease; another worker takes the row meanwhile.
+            env.clock.advance(env.settings.lease_seconds + 1)
+            takers.append(env.pipeline.claim(item_id))
+
+    env.provider.on_chunk = stall_then_lose_the_row
+    stored_before = _downloads_counted("stored", "stored")
+    lost_before = _downloads_counted("skipped", "lease_lost")
+
+    result = env.pipeline.run(item_id)
+
+    assert (result.outcome, result.state, result.reason) == ("skipped", None, "lease_lost")
+    assert env.provider.chunks_served == 3  # stopped at the first renewal, not at the end
+    assert env.storage.keys() == []
+    row = env.row(item_id)
+    assert takers[0] is not None
+    assert (row.state, row.lease_owner) == (MediaState.DOWNLOADING, takers[0].owner)
+    assert row.lease_until == env.clock() + timedelta(seconds=env.settings.lease_seconds)
+    assert _downloads_counted("stored", "stored") == stored_before
+    assert _downloads_counted("skipped", "lease_lost") == lost_before + 1
+    assert "lost its lease while downloading" in caplog.text
+
+
+def test_a_lease_lost_after_the_stream_stops_the_attempt_before_the_upload(env: Env) -> None:
+    env.provider.add("late", jpeg(3 * CHUNK))
+    item_id = env.item("late")
+
+    def lose_the_row_after_the_last_byte(index: int) -> None:
+        if index == 3:
+            env.clock.advance(env.settings.lease_seconds + 1)
+            assert env.pipeline.claim(item_id) is not None
+
+    env.provider.on_chunk = lose_the_row_after_the_last_byte
+    result = env.pipeline.run(item_id)
+    assert (result.outcome, result.reason) == ("skipped", "lease_lost")
+    assert env.storage.keys() == []
+
+
+def test_an_upload_after_a_long_download_starts_on_a_renewed_lease(env: Env) -> None:
+    env.provider.add("long", jpeg(3 * CHUNK))
+    item_id = env.item("long")
+    env.provider.on_chunk = lambda index: env.clock.advance(
+        env.settings.lease_seconds / 3 + 1 if index == 3 else 0
+    )
+    leases: list[datetime | None] = []
+
+    class Watching(MemoryStorage):
+        def put(self, *args: Any, **kwargs: Any) -> Any:
+            leases.append(env.row(item_id).lease_until)
+            return super().put(*args, **kwargs)
+
+    env.pipeline.storage = Watching()
+    assert env.pipeline.run(item_id).outcome == "stored"
+    assert leases == [env.clock() + timedelta(seconds=env.settings.lease_seconds)]
+
+
+def test_a_copy_whose_lease_was_lost_before_recording_is_not_counted_as_stored(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    env.provider.add("unrecorded", jpeg())
+    item_id = env.item("unrecorded")
+
+    class SlowUpload(MemoryStorage):
+        def put(self, *args: Any, **kwargs: Any) -> Any:
+            stored = super().put(*args, **kwargs)
+            env.clock.advance(env.settings.lease_seconds + 1)
+            assert env.pipeline.claim(item_id) is not None  # another worker took over
+            return stored
+
+    storage = SlowUpload()
+    env.pipeline.storage = storage
+    stored_before = _downloads_counted("stored", "stored")
+
+    result = env.pipeline.run(item_id)
+
+    assert (result.outcome, result.state, result.reason) == ("skipped", None, "lease_lost")
+    assert _downloads_counted("stored", "stored") == stored_before
+    assert "lost its lease before recording the copy" in caplog.text
+    row = env.row(item_id)
+    assert (row.state, row.storage_key) == (MediaState.DOWNLOADING, None)
+    # The verified object stays under its key for the new owner to find and record.
+    assert len(storage.keys()) == 1
 
 
 def test_rows_not_yet_due_are_not_claimed(env: Env) -> None:

@@ -7,9 +7,10 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
-from ingest.egress import Egress
+from ingest.egress import Egress, EgressResponse
 from ingest.models import Provider
 from ingest.providers import (
     CloudApiClient,
@@ -24,6 +25,9 @@ from ingest.providers import (
     ProviderUnavailable,
     TooLarge,
     UrlRejected,
+    _decode_lookup,
+    _file_size,
+    _raise_unless_ok,
     client_for,
     rewrite_for_d360,
 )
@@ -317,3 +321,75 @@ def test_no_log_record_carries_a_signed_url_or_a_key(
     for secret in (location.url, location.url.split("?", 1)[-1], KEY[provider]):
         assert secret not in logged
     assert "hash=" not in logged
+
+
+def _answer(status: int, headers: dict[str, str]) -> EgressResponse:
+    return EgressResponse(
+        status_code=status,
+        headers=httpx.Headers(headers),
+        host="graph.example",
+        endpoint="lookup",
+        _response=httpx.Response(status),
+    )
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("60", 60.0),
+        (" 2.5 ", 2.5),
+        ("0", 0.0),
+        ("1e12", 3600.0),
+        ("99999999999999999999", 3600.0),
+        ("inf", None),
+        ("-inf", None),
+        ("Infinity", None),
+        ("nan", None),
+        ("-5", None),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", None),
+        ("", None),
+    ],
+)
+def test_retry_after_is_finite_and_at_most_the_longest_backoff(
+    header: str, expected: float | None
+) -> None:
+    with pytest.raises(ProviderThrottled) as caught:
+        _raise_unless_ok(_answer(429, {"Retry-After": header}), "lookup", 3600.0)
+    assert caught.value.retry_after == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (250_000, 250_000),
+        ("250000", 250_000),
+        (" 42 ", 42),
+        ("0", 0),
+        (-1, None),
+        (True, None),
+        ("²", None),
+        ("1²", None),
+        ("١٢٣", None),  # Arabic-Indic digits: decimal, but not ASCII
+        ("12.5", None),
+        ("-3", None),
+        ("", None),
+        ("9" * 5000, None),  # past int()'s digit limit: must not raise
+        (None, None),
+        (12.0, None),
+    ],
+)
+def test_a_stated_file_size_is_plain_ascii_decimal(value: object, expected: int | None) -> None:
+    assert _file_size(value) == expected
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"url": "https://x/y", "file_size": ' + b"9" * 5000 + b"}",
+        b"[" * 100_000 + b"]" * 100_000,
+        b"\xff\xfe not utf-8",
+    ],
+)
+def test_a_lookup_body_python_cannot_parse_is_unavailable_not_a_crash(body: bytes) -> None:
+    with pytest.raises(ProviderUnavailable):
+        _decode_lookup(body, "graph.example")

@@ -165,3 +165,42 @@ def test_a_broker_outage_leaves_the_rows_for_the_next_pass(
     scheduler = RecordingScheduler()
     reconcile(sessions, scheduler, settings, now=utcnow())
     assert [job.media_item_id for job in scheduler.jobs] == [item]
+
+
+def test_a_publish_that_blows_up_does_not_leave_its_rows_waiting_a_lease(
+    rows: Rows, sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    class BrokenScheduler:
+        def schedule(self, jobs: Any) -> None:
+            raise RuntimeError("a bug in the publisher")
+
+    item = rows.add(enqueued_at=None)
+    with pytest.raises(RuntimeError):
+        reconcile(sessions, BrokenScheduler(), settings, now=utcnow())
+    assert rows.get(item).enqueued_at is None
+    scheduler = RecordingScheduler()
+    reconcile(sessions, scheduler, settings, now=utcnow())
+    assert [job.media_item_id for job in scheduler.jobs] == [item]
+
+
+def test_a_database_failure_while_undoing_the_wake_up_stamp_does_not_crash_the_pass(
+    rows: Rows,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from ingest import reconciler
+
+    class DownScheduler:
+        def schedule(self, jobs: Any) -> None:
+            raise SchedulerUnavailable("ConnectionError")
+
+    def database_down(session: Any, jobs: Any) -> None:
+        raise OperationalError("UPDATE media_items", {}, Exception("server closed the connection"))
+
+    rows.add(enqueued_at=None)
+    monkeypatch.setattr(reconciler, "forget_enqueued", database_down)
+    report = reconcile(sessions, DownScheduler(), settings, now=utcnow())
+    assert report.publish_failed and report.woken == 0

@@ -1,19 +1,30 @@
 """The webhook's publisher: jobs reach the named queue as JSON task messages, fast failure."""
 
 import base64
+import contextlib
 import json
 import os
+import socket
+import threading
 import uuid
+from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from celery.worker.request import Request
 from kombu.transport import redis as kombu_redis
+from sqlalchemy.orm import Session, sessionmaker
 
+from ingest.models import MediaItem, utcnow
 from ingest.queues import LARGE_MEDIA, SMALL_MEDIA, DownloadJob, SchedulerUnavailable
+from ingest.reconciler import reconcile
+from ingest.settings import Settings
 from tasks.celery_app import DOWNLOAD_TASK, make_celery
 from tasks.dispatch import CeleryScheduler, download_message
 from tests.conftest import skip_or_fail
+from tests.factories import make_instance, make_media_item
 
 
 def _redis_broker() -> str:
@@ -57,6 +68,126 @@ def test_an_unreachable_broker_is_reported_not_retried(make_settings: Any, broke
         scheduler.schedule([DownloadJob(1, SMALL_MEDIA)])
 
 
+class _FailingProducer:
+    """A pooled producer whose connection broke under it: the client library's own error."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def publish(self, *args: Any, **kwargs: Any) -> None:
+        raise self.error
+
+
+def test_a_broken_pooled_redis_connection_is_reported_as_unavailable(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis
+
+    scheduler = CeleryScheduler.from_settings(make_settings(broker_url="redis://127.0.0.1:1/0"))
+
+    @contextlib.contextmanager
+    def broken_producer() -> Iterator[_FailingProducer]:
+        yield _FailingProducer(redis.exceptions.ConnectionError("Connection closed by server."))
+
+    monkeypatch.setattr(scheduler.app, "producer_or_acquire", broken_producer)
+    with pytest.raises(SchedulerUnavailable, match="ConnectionError"):
+        scheduler.schedule([DownloadJob(1, SMALL_MEDIA)])
+
+
+def test_a_reconcile_pass_survives_a_broken_pooled_connection(
+    make_settings: Any,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import redis
+
+    with sessions.begin() as session:
+        item_id = make_media_item(session, make_instance(session), enqueued_at=None).id
+    scheduler = CeleryScheduler.from_settings(make_settings(broker_url="redis://127.0.0.1:1/0"))
+
+    @contextlib.contextmanager
+    def broken_producer() -> Iterator[_FailingProducer]:
+        yield _FailingProducer(redis.exceptions.ConnectionError("Connection closed by server."))
+
+    monkeypatch.setattr(scheduler.app, "producer_or_acquire", broken_producer)
+    report = reconcile(sessions, scheduler, settings, now=utcnow() + timedelta(seconds=1))
+    assert report.publish_failed and report.woken == 0
+    with sessions() as session:
+        item = session.get(MediaItem, item_id)
+        assert item is not None and item.enqueued_at is None
+
+
+def test_an_unknown_queue_is_a_bug_not_an_outage(make_settings: Any) -> None:
+    scheduler = CeleryScheduler.from_settings(make_settings(broker_url="redis://127.0.0.1:1/0"))
+    with pytest.raises(KeyError):
+        scheduler.schedule([DownloadJob(1, "no-such-queue")])
+
+
+class _Relay:
+    """A TCP relay to Redis that can be cut: a broker restart, seen from this process only
+    (the test Redis is shared, so it cannot be restarted itself)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        # shutdown() wakes the thread blocked in accept(); close() alone would not.
+        for sock in [self.listener, *self.sockets]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def test_redis_going_away_under_a_pooled_connection_is_reported_as_unavailable(
+    make_settings: Any,
+) -> None:
+    import redis
+
+    url = urlsplit(_redis_broker())
+    relay = _Relay(url.hostname or "127.0.0.1", url.port or 6379)
+    relayed = urlunsplit(url._replace(netloc=f"127.0.0.1:{relay.port}"))
+    prefix = f"ingest-test-{uuid.uuid4().hex[:8]}"
+    scheduler = CeleryScheduler.from_settings(
+        make_settings(broker_url=relayed, broker_prefix=prefix)
+    )
+    try:
+        scheduler.schedule([DownloadJob(1, SMALL_MEDIA)])  # the connection is now pooled
+        relay.cut()
+        with pytest.raises(SchedulerUnavailable):
+            scheduler.schedule([DownloadJob(2, SMALL_MEDIA)])
+    finally:
+        relay.cut()
+        client = redis.Redis.from_url(urlunsplit(url))
+        for key in client.scan_iter(f"{prefix}:*"):
+            client.delete(key)
+        client.close()
+
+
 def test_an_empty_batch_touches_no_broker(make_settings: Any) -> None:
     scheduler = CeleryScheduler.from_settings(make_settings(broker_url="redis://127.0.0.1:1/0"))
     scheduler.schedule([])
@@ -87,6 +218,8 @@ def test_a_celery_worker_runs_the_published_message(make_settings: Any) -> None:
     # An app on kombu's stock Redis transport decodes it as an ordinary task request.
     worker_app = make_celery(settings)
     worker_app.conf.broker_transport = None
+    # What a worker does at start-up: import the task modules, so this test runs on its own too.
+    worker_app.loader.import_default_modules()
     with worker_app.connection_for_read() as conn:
         channel = conn.default_channel
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,11 @@ MEDIA_FIELDS: dict[str, dict[str, Any]] = {
 HEX_SHA = "a" * 64
 
 
+def sent_now() -> str:
+    """A live delivery's ``timestamp``: the message was sent a moment ago (unix seconds)."""
+    return str(int(time.time()))
+
+
 def media_message(
     kind: str = "image", *, message_id: str | None = None, **fields: Any
 ) -> dict[str, Any]:
@@ -46,7 +52,7 @@ def media_message(
     return {
         "from": "15551234567",
         "id": message_id or f"wamid.MSG{n:012d}",
-        "timestamp": "1718000000",
+        "timestamp": sent_now(),
         "type": kind,
         kind: media,
     }
@@ -57,14 +63,14 @@ def text_message() -> dict[str, Any]:
     return {
         "from": "15551234567",
         "id": f"wamid.TXT{n:012d}",
-        "timestamp": "1718000000",
+        "timestamp": sent_now(),
         "type": "text",
         "text": {"body": "hello"},
     }
 
 
 def status_update() -> dict[str, Any]:
-    return {"id": f"wamid.OUT{next(_ids):012d}", "status": "read", "timestamp": "1718000000"}
+    return {"id": f"wamid.OUT{next(_ids):012d}", "status": "read", "timestamp": sent_now()}
 
 
 def change(

@@ -7,7 +7,7 @@ import logging
 import socket
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -15,6 +15,7 @@ from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import event
+from sqlalchemy.exc import DataError
 
 from ingest.intake import SIGNATURE_HEADER, sign
 from ingest.models import MediaState
@@ -249,10 +250,12 @@ def test_every_media_type_is_recorded_pending_with_its_fields(
     assert row.voice is (kind == "audio")
     assert row.animated is (kind == "sticker")
     assert row.sender == "15551234567"
-    assert row.message_timestamp is not None and row.message_timestamp.year == 2024
+    assert row.message_timestamp == datetime.fromtimestamp(int(message["timestamp"]), tz=UTC)
     assert row.download_url == "https://lookaside.fbsbx.com/signed?x=1"
-    assert row.url_deadline == row.received_at + timedelta(minutes=5)
-    assert row.expires_at == row.received_at + timedelta(days=7)
+    # Both windows run from when the message was sent (a moment before it arrived).
+    issued = min(row.message_timestamp, row.received_at)
+    assert row.url_deadline == issued + timedelta(minutes=5)
+    assert row.expires_at == issued + timedelta(days=7)
     assert row.enqueued_at == row.received_at
     expected_queue = LARGE_MEDIA if kind in ("video", "document") else SMALL_MEDIA
     assert scheduler.jobs == [DownloadJob(row.id, expected_queue)]
@@ -382,6 +385,83 @@ def test_body_over_the_limit_is_413(make_settings: Any, database_url: str) -> No
         services.close()
 
 
+@pytest.mark.parametrize("path", ["/webhook", "/webhook/{name}"])
+def test_integer_too_long_for_python_is_400(post: Any, instance: TestInstance, path: str) -> None:
+    # Past 4,300 digits int() refuses to convert (ValueError, not a JSONDecodeError).
+    body = encode(envelope(change(instance.phone_number_id, [media_message()])))
+    body = body[:-1] + b',"n":' + b"1" * 5000 + b"}"
+    response = post(body, path=path.format(name=instance.name))
+    assert_error(response, 400)
+    assert response.get_json()["error"]["message"] == "Malformed JSON"
+
+
+def test_non_ascii_digits_are_read_by_each_fields_rule(
+    post: Any, instance: TestInstance, rows: Any
+) -> None:
+    # "²".isdigit() is true, yet int("²") raises: each field must treat it as not a number.
+    timestamp = media_message(message_id="wamid.TS")
+    timestamp["timestamp"] = "²"
+    fault = media_message(message_id="wamid.FAULT")
+    fault["errors"] = [{"code": "²", "title": "Something went wrong"}]
+    response = post(encode(envelope(change(instance.phone_number_id, [timestamp, fault]))))
+    assert response.status_code == 200
+    recorded = {row.message_id: row for row in rows()}
+    assert recorded["wamid.TS"].message_timestamp is None  # unreadable timestamp: unknown
+    assert recorded["wamid.FAULT"].last_error == "?: Something went wrong"  # code: unknown
+
+    size = media_message(file_size="²")
+    response = post(encode(envelope(change(instance.phone_number_id, [size]))))
+    assert_error(response, 400)  # a size is required to be a number
+    assert "file_size" in response.get_json()["error"]["message"]
+
+
+@pytest.fixture
+def statements(services: Services) -> Iterator[list[str]]:
+    """Every SQL statement the app sends from now on."""
+    sent: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(statement)
+
+    event.listen(services.engine, "before_cursor_execute", note)
+    yield sent
+    event.remove(services.engine, "before_cursor_execute", note)
+
+
+@pytest.mark.parametrize("name", ["a%00b", "a%0Ab", "%7F", "a%C2%85b"])
+def test_instance_name_with_a_control_character_is_an_unknown_instance(
+    client: Any, post: Any, instance: TestInstance, statements: list[str], name: str
+) -> None:
+    # PostgreSQL refuses a NUL in a text parameter: the name must never reach a query.
+    body = encode(envelope(change(instance.phone_number_id, [media_message()])))
+    unknown_post = post(body, path="/webhook/no-such-instance")
+    unknown_get = handshake(client, "/webhook/no-such-instance", **{"hub.verify_token": "x"})
+    statements.clear()
+
+    response = post(body, path=f"/webhook/{name}")
+    assert (response.status_code, response.get_json()) == (
+        unknown_post.status_code,
+        unknown_post.get_json(),
+    )
+    response = handshake(client, f"/webhook/{name}", **{"hub.verify_token": "x"})
+    assert (response.status_code, response.get_json()) == (
+        unknown_get.status_code,
+        unknown_get.get_json(),
+    )
+    assert statements == []
+
+
+def test_instance_name_with_a_newline_cannot_forge_a_log_line(
+    post: Any, instance: TestInstance, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = encode(envelope(change(instance.phone_number_id, [media_message()])))
+    with caplog.at_level(logging.INFO, logger="webhook.receiver"):
+        post(body, path="/webhook/x%0Awebhook%20status=200")
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "webhook.receiver"]
+    assert "\n" not in line
+    assert "instance=x\\nwebhook status=200 " in line
+
+
 def test_per_instance_url_accepts_changes_without_metadata(
     post: Any, instance: TestInstance, rows: Any
 ) -> None:
@@ -501,6 +581,57 @@ def test_database_failure_mid_transaction_gives_503_and_writes_nothing(
     assert scheduler.jobs == []
 
 
+SIGNED_URL = "https://lookaside.fbsbx.com/whatsapp_business/attachments/?mid=1&hash=SECRETHASH"
+
+
+@pytest.fixture
+def database_refuses_writes(services: Services, instance: TestInstance) -> Iterator[None]:
+    """The primary became a read-only node (failover): every write is refused.
+
+    PostgreSQL really refuses (``InternalError: cannot execute INSERT in a read-only
+    transaction``, which quotes the failing row's values in other cases); SQLite has no such
+    state, so its driver's InternalError is raised where PostgreSQL would raise its own.
+    """
+    engine = services.engine
+    if engine.dialect.name == "postgresql":
+
+        def read_only(dbapi_connection: Any, _record: Any) -> None:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SET SESSION default_transaction_read_only = on")
+            dbapi_connection.commit()
+
+        event.listen(engine, "connect", read_only)
+        engine.dispose()  # connections opened before (the instance's) are still writable
+        yield
+        event.remove(engine, "connect", read_only)
+        return
+
+    def refuse(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT"):
+            raise engine.dialect.loaded_dbapi.InternalError(
+                "cannot execute INSERT in a read-only transaction"
+            )
+
+    event.listen(engine, "before_cursor_execute", refuse)
+    yield
+    event.remove(engine, "before_cursor_execute", refuse)
+
+
+@pytest.mark.usefixtures("database_refuses_writes")
+def test_database_refusing_writes_gives_503_and_logs_no_row_values(
+    post: Any, instance: TestInstance, count_rows: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    message = media_message(url=SIGNED_URL, caption="private caption")
+    with caplog.at_level(logging.DEBUG):
+        response = post(encode(envelope(change(instance.phone_number_id, [message]))))
+    assert_error(response, 503)
+    assert response.headers["Retry-After"]
+    assert count_rows() == 0
+    assert "database unavailable (InternalError/" in caplog.text
+    for secret in ("SECRETHASH", "private caption"):
+        assert secret not in caplog.text
+
+
 def test_same_payload_posted_50_times_concurrently_yields_one_row_per_message(
     app: Any, instance: TestInstance, rows: Any, scheduler: Any
 ) -> None:
@@ -553,6 +684,25 @@ def test_one_log_line_per_request_without_url_or_secrets(
     everything = caplog.text
     for secret in ("SECRETHASH", "lookaside", "app-secret", sign(body, "app-secret")[7:]):
         assert secret not in everything
+
+
+def test_unhandled_database_error_is_logged_without_its_text(
+    app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    def fails() -> Any:
+        raise DataError(
+            "INSERT INTO media_items (download_url) VALUES (%(url)s)",
+            {"url": SIGNED_URL},
+            ValueError(f"Failing row contains ({SIGNED_URL})."),
+        )
+
+    app.add_url_rule("/fails", view_func=fails)
+    with caplog.at_level(logging.DEBUG):
+        response = app.test_client().get("/fails")
+    assert_error(response, 500)
+    assert "DataError/ValueError" in caplog.text
+    assert "in fails" in caplog.text  # where it failed is still there
+    assert "SECRETHASH" not in caplog.text
 
 
 # --- property: no input is a 500 -----------------------------------------------------------
