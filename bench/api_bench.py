@@ -10,10 +10,9 @@
    goal is growth under 32 MB. Its throughput (raw MB/s) is set against
    ``base64.b64encode`` over the same bytes read from the same store in the same run; the
    goal is at least 0.8 of it. The client reads the body in 1 MiB pieces and keeps none.
-2. Small: a 50 KB image looked up as base64 at 16 keep-alive-capable connections (gunicorn's
-   sync worker closes after each answer; the generator reconnects), requests per second and
-   p99, beside a bare Flask endpoint returning the same body from memory under the same
-   gunicorn settings.
+2. Small: a 50 KB image looked up as base64 at 16 keep-alive connections (the generator
+   reconnects whenever the server closes one), requests per second and p99, beside a bare
+   Flask endpoint returning the same body from memory under the same gunicorn settings.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The generator runs in separate processes (spawned, so the server under test and the client
 do not share a GIL), each with threads holding one ``http.client`` connection apiece,
-re-opened whenever the server closes it (gunicorn's sync worker does after every answer).
+re-opened whenever the server closes it.
 Requests before the warm-up ends are sent and answered but not measured.
 """
 
@@ -205,7 +205,11 @@ def gunicorn(
     graceful_timeout: int | None = None,
 ) -> tuple[ManagedProcess, int]:
     """``factory`` under gunicorn with ``ingest web``'s settings, on a free port, answering."""
+    from ingest.settings import Settings
     from tests.plugins.processes import ProcessError, free_port, http_answers, wait_for
+
+    # The default, as `ingest web` runs it (the benchmarks set no INGEST_WEB_THREADS).
+    threads = Settings.model_fields["web_threads"].default
 
     last: ProcessError | None = None
     for _ in range(3):  # a free port may be taken before gunicorn binds it
@@ -214,7 +218,7 @@ def gunicorn(
             sys.executable, "-m", "gunicorn",
             "--bind", f"127.0.0.1:{port}",
             "--workers", str(workers),
-            "--threads", "1",
+            "--threads", str(threads),
             "--worker-tmp-dir", "/dev/shm",
             "--access-logfile", "-",
             "--log-level", "info",

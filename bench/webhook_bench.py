@@ -3,12 +3,12 @@
 ``python -m bench.webhook_bench [--tiny] [--output PATH]`` prints one JSON line and writes
 ``bench/results/webhook.json``.
 
-Both endpoints run under gunicorn with the same settings as ``ingest web`` (sync workers,
-``INGEST_WEB_WORKERS`` processes, access log on, logging at INFO), one after the other in the
-same run, loaded by the same generator: separate processes, each with threads holding
-``http.client`` connections (re-opened whenever the server closes them, as gunicorn's sync
-worker does after every response). The receiver runs against a scratch PostgreSQL database and
-a Redis key prefix of its own for the run; every request is a new, signed image message.
+Both endpoints run under gunicorn with the same settings as ``ingest web`` (threaded workers,
+``INGEST_WEB_THREADS`` threads each, access log on, logging at INFO), one after the other in
+the same run, loaded by the same generator: separate processes, each with threads holding
+``http.client`` connections (re-opened whenever the server closes them). The receiver runs
+against a scratch PostgreSQL database and a Redis key prefix of its own for the run; every
+request is a new, signed image message.
 
 Goals: at least 0.35 of the bare endpoint's throughput, p99 under 50 ms at 16 connections, and
 every acknowledged event committed (rows are counted after the run).

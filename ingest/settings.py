@@ -97,7 +97,10 @@ class Settings(BaseSettings):
     # gunicorn's own rule of thumb, (2 x cores) + 1: the receiver waits on the database's
     # commit, so more processes than cores keep the CPUs busy.
     web_workers: int = Field(default_factory=lambda: 2 * (os.cpu_count() or 1) + 1, gt=0)
-    web_threads: int = Field(default=1, gt=0)
+    # More than one thread selects gunicorn's threaded worker. Its liveness check does not
+    # depend on requests finishing, so a large base64 body streamed to a slow reader for
+    # minutes is not killed at the worker timeout, and it holds one thread, not a process.
+    web_threads: int = Field(default=4, gt=0)
 
     # Archive API.
     api_rate_limit: str = "100/minute"

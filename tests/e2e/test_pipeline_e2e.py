@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.util
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -261,3 +262,44 @@ def test_worker_killed_mid_download_loses_nothing_and_leaves_one_object(
     objects = _stored_objects(Path(embedded_stack.env["INGEST_VAR_DIR"]) / "media")
     assert len(objects) == 1, objects
     assert hashlib.sha256(objects[0].read_bytes()).hexdigest() == media.sha256_hex
+
+
+def test_a_slow_reader_of_a_large_base64_body_does_not_hold_up_the_web_process(
+    stack: StackEnv, stack_processes: ProcessGroup, sandbox_root: str, control: SandboxControl
+) -> None:
+    stack_processes.env = {**stack.env, **provider_env(sandbox_root)}
+    # One web process: whatever the slow reader holds, the other requests need the same one.
+    web = stack_processes.web(workers=1)
+    stack_processes.worker(concurrency=2)
+    assert web.base_url is not None
+    settings = stack.settings()
+    reg = register(settings, Provider.CLOUD)
+    control.add_number(reg.phone_number_id, reg.api_key)
+    # Its base64 (32 MB) is far more than the loopback socket buffers hold for a reader
+    # that has stopped reading, so the server side stays in the middle of sending it.
+    big = control.add_media(reg.phone_number_id, "document", 24 * 1024 * 1024)
+    small = control.add_media(reg.phone_number_id, "image", 20_000)
+    wamids = [post_media(web.base_url, reg, media, n) for n, media in enumerate((big, small))]
+    rows = wait_final(settings, wamids, timeout=90)
+    assert {row.state for row in rows.values()} == {MediaState.STORED}
+
+    with (
+        httpx.Client(timeout=30) as slow,
+        slow.stream(
+            "GET",
+            f"{web.base_url}/api/chat/base64/{reg.instance}",
+            params={"messageId": wamids[0]},
+            headers={"token": reg.token},
+        ) as response,
+    ):
+        assert response.status_code == 200
+        pieces = response.iter_bytes()
+        received = [next(pieces)]
+        # The slow reader pauses mid-body; the same web process still answers others.
+        health = httpx.get(f"{web.base_url}/healthz", timeout=5)
+        assert health.status_code == 200
+        assert_served_byte_identical(web.base_url, reg, wamids[1], small)
+        received.extend(pieces)
+    body = json.loads(b"".join(received))
+    data = base64.b64decode(body["base64"], validate=True)
+    assert hashlib.sha256(data).hexdigest() == big.sha256_hex
