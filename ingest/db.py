@@ -9,11 +9,18 @@ from typing import Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 # Execution option for a unit of work that only reads (see the SQLite BEGIN hook below).
 READ_ONLY_OPTION = "ingest_read_only"
+
+# The database itself failing: anything the driver raised (down, unreachable, locked, a
+# primary turned read-only by a failover, a statement refused) and the pool giving up. Callers
+# answer 503 or retry later; SQLAlchemy's complaints about our own use of it are bugs and stay
+# loud.
+DATABASE_DOWN = (DBAPIError, PoolTimeout)
 
 
 def make_engine(

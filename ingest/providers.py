@@ -180,11 +180,9 @@ def _origin(url: str) -> egress.Origin:
     return egress.Origin.of(url)
 
 
-def _raise_unless_ok(
-    response: egress.EgressResponse, endpoint: Endpoint, max_retry_after: float
-) -> None:
+def _raise_unless_ok(response: egress.EgressResponse, endpoint: Endpoint) -> None:
     if response.status_code != 200:
-        retry_after = _retry_after(response.headers.get("retry-after"), max_retry_after)
+        retry_after = _retry_after(response.headers.get("retry-after"))
         raise _status_error(response.status_code, endpoint, response.host, retry_after)
 
 
@@ -207,12 +205,12 @@ def _status_error(
     return ProviderRejected(where, endpoint=endpoint, status=status)
 
 
-def _retry_after(value: str | None, maximum: float) -> float | None:
-    """Seconds the provider asked us to wait, at most ``maximum`` (our longest backoff).
+def _retry_after(value: str | None) -> float | None:
+    """Seconds the provider asked us to wait, as it said them (the retry policy caps them).
 
-    The header is the provider's (or a proxy's) text: "inf", "nan" or "1e12" parse as
-    floats and would overflow the next-attempt time; a negative wait means nothing. Those
-    are ignored and our own backoff applies, as for an HTTP date.
+    The header is the provider's (or a proxy's) text: "inf" and "nan" parse as floats but
+    are no wait at all, and a negative wait means nothing. Those are ignored and our own
+    backoff applies, as for an HTTP date.
     """
     if not value:
         return None
@@ -222,7 +220,7 @@ def _retry_after(value: str | None, maximum: float) -> float | None:
         return None  # an HTTP date: rare from these providers; our own backoff applies
     if not math.isfinite(seconds) or seconds < 0:
         return None
-    return min(seconds, maximum)
+    return seconds
 
 
 def _decode_lookup(body: bytes, host: str) -> dict[str, Any]:
@@ -291,7 +289,7 @@ class _HttpClient:
             raise ProviderRejected("empty media id", endpoint="lookup", counts_against_budget=False)
         url = f"{self._lookup_base}/{quote(media_id, safe='')}"
         with self._egress.get(url, endpoint="lookup", credential=self._credential) as response:
-            _raise_unless_ok(response, "lookup", self._settings.retry_max_seconds)
+            _raise_unless_ok(response, "lookup")
             body = response.read(LOOKUP_MAX_BYTES)
             data = _decode_lookup(body, response.host)
         return MediaLocation(
@@ -310,7 +308,7 @@ class _HttpClient:
     def _download(self, url: str, max_bytes: int) -> Iterator[Iterator[bytes]]:
         target = self.download_url(url)
         with self._egress.get(target, endpoint="download", credential=self._credential) as response:
-            _raise_unless_ok(response, "download", self._settings.retry_max_seconds)
+            _raise_unless_ok(response, "download")
             yield response.iter_bytes(max_bytes)
 
     def download(self, url: str, *, max_bytes: int) -> AbstractContextManager[Iterator[bytes]]:

@@ -21,11 +21,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select, update
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
-from ingest.db import session_scope
+from ingest.db import DATABASE_DOWN, session_scope
 from ingest.intake import forget_enqueued
 from ingest.media_rules import queue_for
 from ingest.models import TERMINAL_STATES, MediaItem, MediaState, MediaType, utcnow
@@ -38,10 +36,6 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH = 1000
 
 ACTIVE_STATES = (MediaState.PENDING, MediaState.DOWNLOADING)
-
-# The database itself failing (anything the driver raised, or the pool giving up), as the
-# webhook counts it; SQLAlchemy's complaints about our own use of it stay loud.
-DATABASE_DOWN = (DBAPIError, PoolTimeout)
 
 
 @dataclass(frozen=True)

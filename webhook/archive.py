@@ -15,12 +15,10 @@ from typing import BinaryIO
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.blueprints import BlueprintSetupState
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ingest import archive, metrics
 from ingest.archive import ArchiveError, MediaRecord
-from ingest.db import READ_ONLY_OPTION
+from ingest.db import DATABASE_DOWN, READ_ONLY_OPTION
 from ingest.rate_limit import Decision, RateLimiter
 from ingest.services import Services
 from ingest.storage import StorageError
@@ -33,7 +31,6 @@ bp = Blueprint("archive", __name__)
 
 API_PREFIX = "/api/chat/"
 LIMITER = "ingest.rate_limiter"
-DATABASE_DOWN = (OperationalError, InterfaceError, PoolTimeout)
 RAW_CHUNK_BYTES = 256 * 1024
 # Outages of the database or the store are usually brief (a failover, a pool refilled).
 RETRY_AFTER = {"Retry-After": "5"}

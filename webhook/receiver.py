@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ingest import metrics
 from ingest.accounts import find_instance
+from ingest.db import DATABASE_DOWN
 from ingest.events import ParsedWebhook, PayloadError, parse_body
 from ingest.intake import (
     InstanceDirectory,
@@ -42,10 +42,6 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("receiver", __name__)
 
-# Failures of the database itself: anything the driver raised (down, unreachable, locked, a
-# primary turned read-only by a failover, a statement refused) and the pool giving up. The
-# provider should retry. SQLAlchemy's complaints about our own use of it are bugs and stay loud.
-DATABASE_DOWN = (DBAPIError, PoolTimeout)
 MAX_CHALLENGE_CHARS = 256
 
 

@@ -339,8 +339,7 @@ def _answer(status: int, headers: dict[str, str]) -> EgressResponse:
         ("60", 60.0),
         (" 2.5 ", 2.5),
         ("0", 0.0),
-        ("1e12", 3600.0),
-        ("99999999999999999999", 3600.0),
+        ("1e12", 1e12),  # taken as said: the retry policy caps it (test_retry_policy)
         ("inf", None),
         ("-inf", None),
         ("Infinity", None),
@@ -350,11 +349,9 @@ def _answer(status: int, headers: dict[str, str]) -> EgressResponse:
         ("", None),
     ],
 )
-def test_retry_after_is_finite_and_at_most_the_longest_backoff(
-    header: str, expected: float | None
-) -> None:
+def test_retry_after_is_a_finite_wait_or_none(header: str, expected: float | None) -> None:
     with pytest.raises(ProviderThrottled) as caught:
-        _raise_unless_ok(_answer(429, {"Retry-After": header}), "lookup", 3600.0)
+        _raise_unless_ok(_answer(429, {"Retry-After": header}), "lookup")
     assert caught.value.retry_after == expected
 
 
