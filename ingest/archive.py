@@ -28,6 +28,7 @@ from sqlalchemy import ColumnElement, and_, false, select
 from sqlalchemy.orm import Session
 
 from ingest.accounts import hash_secret
+from ingest.events import has_control_character
 from ingest.models import ApiToken, Instance, MediaItem, MediaState
 from ingest.storage import StorageIntegrityError
 
@@ -48,10 +49,6 @@ B64_CHUNK_BYTES = 3 * 256 * 1024
 
 _MIME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
 _FILENAME_UNSAFE = re.compile(r'[\x00-\x1f\x7f"\\/:*?<>|;]')
-# Instance names and wamids are printable, so a control character only comes from a crafted
-# URL; and PostgreSQL refuses NUL in text outright (psycopg DataError, a 500), where the
-# answer should be the seed's 404.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class ArchiveError(Exception):
@@ -208,7 +205,9 @@ _Found = tuple[ApiToken, Instance | None, MediaItem | None]
 
 
 def _printable(value: str | None) -> bool:
-    return value is None or _CONTROL.search(value) is None
+    # A control character comes only from a crafted URL; PostgreSQL would refuse a NUL (a
+    # 500) where the seed's answer is a 404.
+    return value is None or not has_control_character(value)
 
 
 def _lookup(

@@ -249,7 +249,15 @@ def _phone_number_id(value: Mapping[str, Any]) -> str | None:
     return _identifier(raw, "metadata.phone_number_id")
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode's "Cc" category, exactly
+
+
+def has_control_character(text: str) -> bool:
+    """Ids and instance names are printable: one with a control character names nothing.
+
+    Also what keeps such text from PostgreSQL, which refuses a NUL in any text parameter.
+    """
+    return _CONTROL.search(text) is not None
 
 
 def _clean(value: str) -> bool:
@@ -272,7 +280,7 @@ def _identifier(
         return None
     if not isinstance(value, str) or not _clean(value):
         raise PayloadError(f"{where} must be a string")
-    if _CONTROL.search(value):
+    if has_control_character(value):
         # Ids are printable; one with a control character could be stored but never looked
         # up again through the archive API, which refuses such ids.
         raise PayloadError(f"{where} contains a control character")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from ingest import metrics
 from ingest.accounts import find_instance
 from ingest.db import DATABASE_DOWN
-from ingest.events import ParsedWebhook, PayloadError, parse_body
+from ingest.events import ParsedWebhook, PayloadError, has_control_character, parse_body
 from ingest.intake import (
     InstanceDirectory,
     Recorded,
@@ -83,7 +82,7 @@ def verify(instance: str | None = None) -> Response:
                 candidates = list(
                     session.scalars(select(Instance).where(Instance.verify_token.is_not(None)))
                 )
-            elif _has_control_character(instance):
+            elif has_control_character(instance):  # names nothing; never sent to the database
                 candidates = []
             else:
                 found = find_instance(session, instance)
@@ -211,22 +210,17 @@ def _database_errors(directory: InstanceDirectory) -> Iterator[None]:
         raise Rejected(503, "Service unavailable") from None
 
 
-def _has_control_character(name: str) -> bool:
-    # No instance is named so, and PostgreSQL refuses a NUL in any text parameter (DataError):
-    # such a name is answered as unknown without asking the database.
-    return any(unicodedata.category(char) == "Cc" for char in name)
-
-
 def _loggable(name: str) -> str:
     # The name comes from the URL path: a decoded newline must not start a forged log line.
-    return name.encode("unicode_escape").decode("ascii") if _has_control_character(name) else name
+    return name.encode("unicode_escape").decode("ascii") if has_control_character(name) else name
 
 
 def _route_to_instance(
     directory: InstanceDirectory, name: str, raw: bytes
 ) -> tuple[ParsedWebhook, list[RoutedEvent]]:
     """``POST /webhook/<instance>``: authenticate before reading the body at all."""
-    instance = None if _has_control_character(name) else directory.by_name(name)
+    # A name with a control character names no instance; asked, PostgreSQL would refuse it.
+    instance = None if has_control_character(name) else directory.by_name(name)
     if instance is None:
         raise Rejected(404, "Instance not found")
     if not authenticate(instance, raw, request.headers):

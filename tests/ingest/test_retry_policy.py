@@ -1,11 +1,11 @@
 import random
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
 from ingest.models import MediaState, utcnow
-from ingest.retry_policy import RULES, Action, Outcome, backoff_seconds, decide
+from ingest.retry_policy import RULES, Action, Decision, Outcome, backoff_seconds, decide
 
 NEVER_RETRIED = {
     Outcome.PROVIDER_REJECTED: "provider_rejected",
@@ -119,51 +119,41 @@ def test_budget_block_waits_for_the_window_and_gives_the_attempt_back(make_setti
     assert RULES[Outcome.BUDGET_EXHAUSTED].action is Action.RETRY
 
 
-@pytest.mark.parametrize("retry_after", [1e12, 1e300, 101.0])
-def test_a_huge_retry_after_is_capped_at_the_longest_backoff(
-    make_settings: Any, retry_after: float
-) -> None:
+def _throttled(settings: Any, retry_after: float) -> tuple[datetime, Decision]:
+    """A first throttled attempt of a fresh item, with the provider's Retry-After."""
     now = utcnow()
     decision = decide(
         Outcome.THROTTLED,
         attempts=1,
         now=now,
         expires_at=now + timedelta(days=7),
-        settings=make_settings(retry_base_seconds=1, retry_max_seconds=100),
+        settings=settings,
         rng=random.Random(1),
         retry_after=retry_after,
     )
+    return now, decision
+
+
+@pytest.mark.parametrize("retry_after", [1e12, 1e300, 101.0])
+def test_a_huge_retry_after_is_capped_at_the_longest_backoff(
+    make_settings: Any, retry_after: float
+) -> None:
+    settings = make_settings(retry_base_seconds=1, retry_max_seconds=100)
+    now, decision = _throttled(settings, retry_after)
     assert decision.state is MediaState.PENDING
     assert decision.next_attempt_at == now + timedelta(seconds=100)
 
 
 @pytest.mark.parametrize("retry_after", [float("inf"), float("nan"), float("-inf"), -30.0])
 def test_a_meaningless_retry_after_is_ignored(make_settings: Any, retry_after: float) -> None:
-    now = utcnow()
-    decision = decide(
-        Outcome.THROTTLED,
-        attempts=1,
-        now=now,
-        expires_at=now + timedelta(days=7),
-        settings=make_settings(retry_base_seconds=10, retry_max_seconds=100),
-        rng=random.Random(1),
-        retry_after=retry_after,
-    )
+    settings = make_settings(retry_base_seconds=10, retry_max_seconds=100)
+    now, decision = _throttled(settings, retry_after)
     assert decision.state is MediaState.PENDING
     assert decision.next_attempt_at is not None
     assert now + timedelta(seconds=5) <= decision.next_attempt_at <= now + timedelta(seconds=10)
 
 
 def test_a_delay_past_any_datetime_expires_instead_of_overflowing(make_settings: Any) -> None:
-    now = utcnow()
-    decision = decide(
-        Outcome.THROTTLED,
-        attempts=1,
-        now=now,
-        expires_at=now + timedelta(days=7),
-        settings=make_settings(retry_max_seconds=1e300),
-        rng=random.Random(1),
-        retry_after=1e300,
-    )
+    _, decision = _throttled(make_settings(retry_max_seconds=1e300), 1e300)
     assert decision.state is MediaState.EXPIRED
     assert decision.next_attempt_at is None
