@@ -28,6 +28,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import TYPE_CHECKING, Any
 
 import httpcore
@@ -349,6 +350,9 @@ class Egress:
             trust_env=False,
             timeout=httpx.Timeout(settings.http_timeout_seconds),
             headers={"Accept-Encoding": ACCEPT_ENCODING, "User-Agent": "ingest-media/1"},
+            # One client serves every instance of the process: a cookie set in answer to one
+            # instance's request must never be sent with another's, so none is kept.
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
         )
         self._lock = threading.Lock()
         self._closed = False

@@ -272,6 +272,28 @@ def test_credentials_are_dropped_on_a_hop_to_another_host(
     assert seen == [("127.0.0.1", True), ("127.0.0.1", True), ("localhost", False)]
 
 
+def test_no_cookie_is_kept_or_sent_so_no_request_carries_another_s_state(
+    make_settings: Any,
+) -> None:
+    # One egress serves every instance of the process: a cookie the provider set while
+    # answering one instance must not ride along on the next instance's request.
+    cookies_seen: list[str | None] = []
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        cookies_seen.append(environ.get("HTTP_COOKIE"))
+        start_response(
+            "200 OK",
+            [("Set-Cookie", "session=instance-a; Path=/"), ("Content-Length", "2")],
+        )
+        return [b"ok"]
+
+    with wsgi_server(app) as base, Egress(make_settings()) as egress:
+        for _ in range(2):
+            with egress.get(base + "/media", endpoint="download") as response:
+                assert response.status_code == 200
+    assert cookies_seen == [None, None]
+
+
 # --- body size ---------------------------------------------------------------------------
 
 
