@@ -132,8 +132,12 @@ def capacity_note(worker: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _num(value: Any, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def rounds_note(worker: dict[str, Any]) -> list[str]:
-    """Every baseline/worker pair of the run, so the spread behind the median is visible."""
+    """Every round of the run, so the spread behind the median is visible."""
     rounds = worker.get("rounds") or []
     if len(rounds) < 2:
         return []
@@ -141,24 +145,62 @@ def rounds_note(worker: dict[str, Any]) -> list[str]:
         "",
         "## Worker throughput, every round",
         "",
-        "Baseline and worker alternate; the table above reports the round with the median "
-        "ratio. Everything runs on this one machine: the CDN, the S3 server (moto), "
+        "Baseline, bare Celery and worker take turns; the table above reports the round with "
+        "the median ratio. Everything runs on this one machine: the CDN, the S3 server (moto), "
         "PostgreSQL and Redis share its cores with the worker, while the baseline loop needs "
-        "only the CDN and S3. CPU per item is the figure that carries over to a machine where "
-        "the worker has its cores to itself.",
+        "only the CDN and S3. Bare Celery is the baseline's two calls inside a Celery task on "
+        "the worker's Celery configuration, pool and processes (`bench/bare_celery.py`): the "
+        "gap between it and the worker is what the claim, the lease, the error budget, the "
+        "checks and the SQL record cost. Cores busy is the whole machine's use while each ran.",
         "",
-        "| round | baseline items/s | worker items/s | ratio | worker CPU ms/item "
-        "| baseline CPU ms/item |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| round | baseline items/s | bare Celery items/s (ratio) | worker items/s | ratio "
+        "| CPU ms/item: loop, bare Celery, worker | cores busy: baseline, bare, worker |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for number, r in enumerate(rounds, 1):
-        baseline_cpu = r.get("baseline_cpu_ms_per_item")
+        busy = r.get("cores_busy") or {}
         lines.append(
             f"| {number} | {r['baseline_items_per_second']:.0f} | "
+            f"{_num(r.get('bare_celery_items_per_second'), 0)} "
+            f"({_num(r.get('bare_celery_ratio'), 2)}) | "
             f"{r['worker_items_per_second']:.0f} | {r['ratio']:.2f} | "
+            f"{_num(r.get('baseline_cpu_ms_per_item'), 2)}, "
+            f"{_num(r.get('bare_celery_cpu_ms_per_item'), 2)}, "
             f"{r['worker_cpu_ms_per_item']:.2f} | "
-            + ("-" if baseline_cpu is None else f"{baseline_cpu:.2f}")
-            + " |"
+            f"{_num(busy.get('baseline'), 2)}, {_num(busy.get('bare_celery'), 2)}, "
+            f"{_num(busy.get('worker'), 2)} |"
+        )
+    lines += cpu_note(worker)
+    return lines
+
+
+def cpu_note(worker: dict[str, Any]) -> list[str]:
+    """Where the machine's CPU went per item in the median round, contender by contender."""
+    contenders = [
+        ("baseline loop", worker.get("baseline"), "cpu_ms_per_item"),
+        ("bare Celery", worker.get("bare_celery"), "cpu_ms_per_item"),
+        ("worker", worker.get("throughput"), "worker_cpu_ms_per_item"),
+    ]
+    measured = [(name, r, key) for name, r, key in contenders if r and r.get("machine")]
+    if not measured:
+        return []
+    helpers = sorted({h for _, r, _ in measured for h in r["machine"]["helpers_cpu_ms_per_item"]})
+    lines = [
+        "",
+        "CPU per item in the median round (ms), by process; the machine column is all CPU "
+        "used on the machine while the contender ran, divided by its items:",
+        "",
+        "| contender | itself | " + " | ".join(helpers) + " | machine | cores busy |",
+        "| --- | --- | " + " | ".join("---" for _ in helpers) + " | --- | --- |",
+    ]
+    for name, r, key in measured:
+        machine = r["machine"]
+        cells = [_num(machine["helpers_cpu_ms_per_item"].get(h), 2) for h in helpers]
+        lines.append(
+            f"| {name} | {_num(r.get(key), 2)} | "
+            + " | ".join(cells)
+            + f" | {_num(machine['machine_cpu_ms_per_item'], 2)} | "
+            f"{_num(machine['cores_busy'], 2)} |"
         )
     return lines
 

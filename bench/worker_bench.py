@@ -9,8 +9,13 @@
    Goal: at least 0.8 of the baseline's items per second. Worker CPU per item is reported.
    ``ingest worker`` runs one Celery process per CPU by default, each with its share of the
    threads: the total concurrency is the baseline's (recorded as ``worker_processes``).
-   The clock starts once every worker process is ready. Baseline and worker alternate for
-   ``rounds`` pairs; every pair is recorded and the pair with the median ratio is reported.
+   The clock starts once every worker process is ready. Baseline, bare Celery and worker
+   take turns for ``rounds`` rounds; every round is recorded and the round with the median
+   ratio is reported.
+   Bare Celery (``bench.bare_celery``, services flavour only) is the baseline's two calls
+   inside a Celery task on the worker's Celery configuration, pool and processes: what
+   Celery alone allows. For each contender the machine's busy cores and the CPU per item of
+   the processes it shares them with (CDN, S3, PostgreSQL, Redis) are recorded.
 2. Memory: one 100 MB document archived; the worker's peak RSS (process tree) grows by less
    than 32 MB.
 3. Latency: 100 events per second for 60 s through the real receiver; p99 from webhook
@@ -27,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -54,15 +60,20 @@ from cli.demo import (
 )
 from ingest.db import make_engine, make_session_factory
 from ingest.models import MediaItem, MediaState, Provider
+from ingest.queues import SMALL_MEDIA
 from ingest.settings import Settings
 from sandbox.payloads import sign
 from tests.plugins.processes import (
     S3_DUMMY_CREDENTIALS,
+    WORKER_READY_MARKER,
     ManagedProcess,
     ProcessGroup,
     StackEnv,
+    child_environment,
     embedded_stack_env,
+    log_contains,
     service_stack_env,
+    wait_for,
 )
 from tests.plugins.s3 import start_moto_server, stop_moto_server
 
@@ -82,12 +93,12 @@ class Plan:
     big_bytes: int
     rate_per_second: int
     rate_seconds: int
-    # Baseline and worker are measured this many times, alternating; the round with the
-    # median ratio is the headline. One pair alone swings by +-15% on a small VM.
+    # Baseline, bare Celery and worker are measured this many times, taking turns; the round
+    # with the median ratio is the headline. One round alone swings by +-15% on a small VM.
     rounds: int
 
 
-FULL = Plan(1000, 100 * KB, 16, 50, 100 * MB, 100, 60, 3)
+FULL = Plan(1000, 100 * KB, 16, 50, 100 * MB, 100, 60, 5)
 TINY = Plan(24, 100 * KB, 8, 50, 4 * MB, 10, 2, 1)
 
 
@@ -171,6 +182,61 @@ def _rss(process: ManagedProcess) -> int:
     return total
 
 
+class MachineCpu:
+    """CPU used by the whole machine and by the helper processes over one interval.
+
+    Everything here shares two cores: a contender that leaves the machine saturated is
+    limited by CPU, not by waiting on the CDN, and the helpers' share shows who used it.
+    Helpers are the CDN and S3 server (by pid) and PostgreSQL's and Redis' server processes
+    (by name, looked up at both ends: PostgreSQL forks a process per new connection).
+    """
+
+    SERVERS = {"postgres": "postgresql", "redis-server": "redis"}
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self._busy = self._machine_busy()
+        self._started = time.perf_counter()
+        self._before = self._helper_times()
+
+    @staticmethod
+    def _machine_busy() -> float:
+        # Linux counts guest time inside user time already: those two fields are left out.
+        times = psutil.cpu_times()._asdict()
+        idle = {"idle", "iowait", "guest", "guest_nice"}
+        return float(sum(value for name, value in times.items() if name not in idle))
+
+    def _helper_times(self) -> dict[int, tuple[str, float]]:
+        labels = {pid: name for name, pid in self.pids.items()}
+        found: dict[int, tuple[str, float]] = {}
+        for proc in psutil.process_iter(["name", "cpu_times"]):
+            name = proc.info["name"] or ""
+            label = labels.get(proc.pid) or next(
+                (server for prefix, server in self.SERVERS.items() if name.startswith(prefix)),
+                None,
+            )
+            times = proc.info["cpu_times"]
+            if label is not None and times is not None:
+                found[proc.pid] = (label, times.user + times.system)
+        return found
+
+    def report(self, items: int) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self._started
+        busy = self._machine_busy() - self._busy
+        per_label: dict[str, float] = {}
+        for pid, (label, cpu) in self._helper_times().items():
+            before = self._before.get(pid, (label, 0.0))[1]
+            per_label[label] = per_label.get(label, 0.0) + cpu - before
+        return {
+            "cores_busy": round(busy / elapsed, 2),
+            "machine_cpu_ms_per_item": round(1000 * busy / max(items, 1), 2),
+            "helpers_cpu_ms_per_item": {
+                label: round(1000 * cpu / max(items, 1), 2)
+                for label, cpu in sorted(per_label.items())
+            },
+        }
+
+
 class RssSampler:
     """Peak RSS of a process tree, sampled every 20 ms in a thread."""
 
@@ -247,6 +313,20 @@ def _wait_stored(settings: Settings, expected: int, timeout: float) -> int:
         engine.dispose()
 
 
+def _last_finished_at(settings: Settings) -> datetime | None:
+    """When the last finished row was written: the end of a drain, without polling's lag."""
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            return session.scalar(
+                select(func.max(MediaItem.updated_at)).where(
+                    MediaItem.state.in_([MediaState.STORED, MediaState.FAILED])
+                )
+            )
+    finally:
+        engine.dispose()
+
+
 def _timestamps(settings: Settings) -> list[tuple[datetime, datetime | None, str]]:
     engine = make_engine(settings.database_url)
     try:
@@ -274,7 +354,12 @@ def _truncate_media(settings: Settings) -> None:
 
 
 def baseline(
-    control: SandboxControl, phone: str, api_key: str, plan: Plan, stack: StackEnv
+    control: SandboxControl,
+    phone: str,
+    api_key: str,
+    plan: Plan,
+    stack: StackEnv,
+    helpers: dict[str, int],
 ) -> dict[str, Any]:
     """The plain loop: GET with httpx, put_object with boto3, same concurrency."""
     import boto3
@@ -298,6 +383,7 @@ def baseline(
     # This process runs nothing else meanwhile (the CDN and S3 are other processes), so its
     # CPU time is the loop's: the baseline for the worker's CPU per item.
     cpu_before = time.process_time()
+    machine = MachineCpu(helpers)
     started = time.perf_counter()
     with ThreadPoolExecutor(plan.concurrency) as pool:
         list(pool.map(copy, media))
@@ -310,6 +396,89 @@ def baseline(
         "seconds": elapsed,
         "items_per_second": plan.items / elapsed,
         "cpu_ms_per_item": 1000 * cpu / plan.items,
+        "machine": machine.report(plan.items),
+    }
+
+
+def bare_celery(
+    group: ProcessGroup,
+    control: SandboxControl,
+    reg: DemoRegistration,
+    plan: Plan,
+    stack: StackEnv,
+    helpers: dict[str, int],
+    workdir: Path,
+) -> dict[str, Any]:
+    """The baseline's work as a Celery task (bench.bare_celery), with the worker's processes."""
+    import redis
+
+    media = [
+        control.add_media(reg.phone_number_id, "image", plan.item_bytes) for _ in range(plan.items)
+    ]
+    plan_file = workdir / f"bare-plan-{uuid.uuid4().hex[:8]}.json"
+    plan_file.write_text(json.dumps([[m.url, f"bare/{m.media_id}"] for m in media]))
+    prefix = f"{stack.env['INGEST_BROKER_PREFIX']}:bare-{uuid.uuid4().hex[:8]}"
+    counter = f"{prefix}:copied"
+    env = {
+        # A queue of its own: a worker of the service still running would not know the task.
+        "INGEST_BROKER_PREFIX": prefix,
+        "BENCH_BARE_PLAN": str(plan_file),
+        "BENCH_BARE_BUCKET": stack.storage_url.removeprefix("s3://").split("/", 1)[0],
+        "BENCH_BARE_API_KEY": reg.api_key,
+        "BENCH_BARE_COUNTER": counter,
+        "INGEST_LOG_LEVEL": "INFO",
+    }
+    subprocess.run(
+        [sys.executable, "-m", "bench.bare_celery", str(plan.items)],
+        env=child_environment({**group.env, **env}),
+        check=True,
+        timeout=120,
+    )
+    count = min(os.cpu_count() or 1, plan.concurrency)
+    # As ``ingest worker`` shares its threads out over its processes.
+    shares = [
+        plan.concurrency // count + (1 if n < plan.concurrency % count else 0) for n in range(count)
+    ]
+    processes = [
+        group.start(
+            "bare-celery",
+            [
+                *(sys.executable, "-m", "celery", "-A", "bench.bare_celery", "worker"),
+                *("--loglevel=INFO", "--pool=threads", f"--concurrency={share}"),
+                *(f"--queues={SMALL_MEDIA}", "--without-gossip", "--without-mingle"),
+                f"--hostname=bare{n + 1}@%h",
+            ],
+            env=env,
+        )
+        for n, share in enumerate(shares)
+    ]
+    try:
+        for process in processes:
+            wait_for(process, log_contains(process, WORKER_READY_MARKER), "ready")
+        client = redis.Redis.from_url(stack.env["INGEST_REDIS_URL"])
+        cpu_before = sum(_cpu_seconds(p) for p in processes)
+        machine = MachineCpu(helpers)
+        started = time.perf_counter()
+        deadline = time.monotonic() + 600
+        copied = 0
+        while copied < plan.items and time.monotonic() < deadline:
+            time.sleep(0.02)
+            copied = int(client.get(counter) or 0)
+        elapsed = time.perf_counter() - started
+        cpu = sum(_cpu_seconds(p) for p in processes) - cpu_before
+        machine_report = machine.report(plan.items)
+        client.close()
+    finally:
+        for process in processes:
+            process.stop()
+    return {
+        "items": plan.items,
+        "done": copied,
+        "seconds": elapsed,
+        "items_per_second": copied / elapsed,
+        "cpu_ms_per_item": 1000 * cpu / max(copied, 1),
+        "processes": count,
+        "machine": machine_report,
     }
 
 
@@ -319,6 +488,7 @@ def throughput(
     control: SandboxControl,
     settings: Settings,
     plan: Plan,
+    helpers: dict[str, int],
 ) -> tuple[dict[str, Any], ManagedProcess]:
     """Rows and wake-ups are created first; then one worker drains them, timed."""
     media = [
@@ -329,10 +499,14 @@ def throughput(
         list(pool.map(poster.post, media))
     worker = group.worker(concurrency=plan.concurrency, queues="media.small,media.large")
     cpu_before = _cpu_seconds(worker)
-    started = time.perf_counter()
+    machine = MachineCpu(helpers)
+    started_at = datetime.now(UTC)
     done = _wait_stored(settings, plan.items, timeout=600)
-    elapsed = time.perf_counter() - started
+    # The drain ended when the last row was written, not when the 0.1 s poll noticed.
+    finished_at = _last_finished_at(settings) or datetime.now(UTC)
+    elapsed = (finished_at - started_at).total_seconds()
     cpu = _cpu_seconds(worker) - cpu_before
+    machine_report = machine.report(plan.items)
     return (
         {
             "items": plan.items,
@@ -342,6 +516,7 @@ def throughput(
             "worker_cpu_ms_per_item": 1000 * cpu / max(done, 1),
             "concurrency": plan.concurrency,
             "worker_processes": min(os.cpu_count() or 1, plan.concurrency),
+            "machine": machine_report,
         },
         worker,
     )
@@ -431,8 +606,10 @@ def run(plan: Plan, tiny: bool) -> dict[str, Any]:
         # baseline's threads and slow the baseline down (by about a fifth, measured).
         cdn_group = ProcessGroup(log_dir=root / "logs", env={})
         stack.callback(cdn_group.stop_all)
-        sandbox_root = cdn_group.sandbox(latency_ms=plan.cdn_latency_ms).base_url
+        cdn = cdn_group.sandbox(latency_ms=plan.cdn_latency_ms)
+        sandbox_root = cdn.base_url
         assert sandbox_root is not None
+        helpers = {"cdn": cdn.pid, "s3 (moto)": moto.pid}
         control = SandboxControl(sandbox_root)
         stack.callback(control.close)
         env = stack.enter_context(bench_stack(root, sandbox_root, endpoint_url))
@@ -454,26 +631,29 @@ def run(plan: Plan, tiny: bool) -> dict[str, Any]:
             if worker is not None:
                 worker.stop()
                 _truncate_media(settings)
-            base = baseline(control, reg.phone_number_id, reg.api_key, plan, env)
-            measured, worker = throughput(group, poster, control, settings, plan)
-            ratio = measured["items_per_second"] / base["items_per_second"]
-            rounds.append(
-                {"baseline": base, "throughput": {**measured, "ratio_to_baseline": ratio}}
+            base = baseline(control, reg.phone_number_id, reg.api_key, plan, env, helpers)
+            bare = (
+                bare_celery(group, control, reg, plan, env, helpers, root)
+                if env.flavour == "services"
+                else None
             )
-        result["rounds"] = [
-            {
-                "baseline_items_per_second": r["baseline"]["items_per_second"],
-                "worker_items_per_second": r["throughput"]["items_per_second"],
-                "ratio": r["throughput"]["ratio_to_baseline"],
-                "worker_cpu_ms_per_item": r["throughput"]["worker_cpu_ms_per_item"],
-                "baseline_cpu_ms_per_item": r["baseline"]["cpu_ms_per_item"],
-            }
-            for r in rounds
-        ]
+            measured, worker = throughput(group, poster, control, settings, plan, helpers)
+            ratio = measured["items_per_second"] / base["items_per_second"]
+            if bare is not None:
+                bare["ratio_to_baseline"] = bare["items_per_second"] / base["items_per_second"]
+            rounds.append(
+                {
+                    "baseline": base,
+                    "bare_celery": bare,
+                    "throughput": {**measured, "ratio_to_baseline": ratio},
+                }
+            )
+        result["rounds"] = [_round_summary(r) for r in rounds]
         median = sorted(rounds, key=lambda r: r["throughput"]["ratio_to_baseline"])[
             len(rounds) // 2
         ]
         result["baseline"] = median["baseline"]
+        result["bare_celery"] = median["bare_celery"]
         result["throughput"] = median["throughput"]
         ratio = result["throughput"]["ratio_to_baseline"]
         result["throughput"]["goal_ratio"] = 0.8
@@ -486,10 +666,30 @@ def run(plan: Plan, tiny: bool) -> dict[str, Any]:
     return result
 
 
+def _round_summary(r: dict[str, Any]) -> dict[str, Any]:
+    bare = r["bare_celery"] or {}
+    return {
+        "baseline_items_per_second": r["baseline"]["items_per_second"],
+        "bare_celery_items_per_second": bare.get("items_per_second"),
+        "bare_celery_ratio": bare.get("ratio_to_baseline"),
+        "worker_items_per_second": r["throughput"]["items_per_second"],
+        "ratio": r["throughput"]["ratio_to_baseline"],
+        "worker_cpu_ms_per_item": r["throughput"]["worker_cpu_ms_per_item"],
+        "bare_celery_cpu_ms_per_item": bare.get("cpu_ms_per_item"),
+        "baseline_cpu_ms_per_item": r["baseline"]["cpu_ms_per_item"],
+        "cores_busy": {
+            "baseline": r["baseline"]["machine"]["cores_busy"],
+            "bare_celery": bare.get("machine", {}).get("cores_busy"),
+            "worker": r["throughput"]["machine"]["cores_busy"],
+        },
+    }
+
+
 def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The rows ``bench.run_all`` puts in docs/PERFORMANCE.md (one shape for every bench)."""
     thr, mem, lat = result["throughput"], result["memory"], result["latency"]
-    return [
+    bare = result.get("bare_celery")
+    rows = [
         {
             "figure": "worker throughput, 100 KB media from a 50 ms CDN to S3 (items/s)",
             "value": round(thr["items_per_second"], 1),
@@ -499,6 +699,21 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
             "goal": ">= 0.8 of baseline",
             "ok": thr["ok"],
         },
+    ]
+    if bare is not None:
+        rows.append(
+            {
+                "figure": "bare Celery task doing only the baseline's GET + put (items/s)",
+                "value": round(bare["items_per_second"], 1),
+                "baseline": round(result["baseline"]["items_per_second"], 1),
+                "baseline_name": "httpx GET + boto3 put_object loop, same concurrency",
+                "ratio": round(bare["ratio_to_baseline"], 2),
+                "goal": "reference: what Celery alone allows",
+                "ok": None,
+            }
+        )
+    return [
+        *rows,
         {
             "figure": "worker CPU per item (ms)",
             "value": round(thr["worker_cpu_ms_per_item"], 2),

@@ -53,21 +53,44 @@ def test_bench_tiny_mode_runs_and_writes_its_result(name: str, tmp_path: Path) -
             assert {"figure", "value", "goal"} <= set(row)
 
 
+def _machine(cores_busy: float, machine_ms: float, **servers: float) -> dict[str, Any]:
+    return {
+        "cores_busy": cores_busy,
+        "machine_cpu_ms_per_item": machine_ms,
+        "helpers_cpu_ms_per_item": {"cdn": 1.0, "s3 (moto)": 2.0, **servers},
+    }
+
+
 def _worker_result() -> dict[str, Any]:
     samples = [0.2 + i / 100 for i in range(100)]
     return {
         "command": "python -m bench.worker_bench",
         "flavour": "services",
-        "throughput": {"items_per_second": 150.0, "worker_cpu_ms_per_item": 4.0, "concurrency": 16},
+        "throughput": {
+            "items_per_second": 150.0,
+            "worker_cpu_ms_per_item": 4.0,
+            "concurrency": 16,
+            "machine": _machine(1.7, 9.0, postgresql=0.5),
+        },
+        "baseline": {"cpu_ms_per_item": 2.5, "machine": _machine(1.3, 5.0)},
+        "bare_celery": {"cpu_ms_per_item": 3.0, "machine": _machine(1.5, 6.5)},
         "rounds": [
             {
                 "baseline_items_per_second": b,
+                "bare_celery_items_per_second": bare,
+                "bare_celery_ratio": None if bare is None else bare / b,
                 "worker_items_per_second": w,
                 "ratio": w / b,
                 "worker_cpu_ms_per_item": 4.0,
+                "bare_celery_cpu_ms_per_item": None if bare is None else 3.0,
                 "baseline_cpu_ms_per_item": 2.5,
+                "cores_busy": {
+                    "baseline": 1.3,
+                    "bare_celery": None if bare is None else 1.5,
+                    "worker": 1.7,
+                },
             }
-            for b, w in ((160.0, 150.0), (170.0, 130.0), (150.0, 150.0))
+            for b, bare, w in ((160.0, 152.0, 150.0), (170.0, None, 130.0), (150.0, 150.0, 150.0))
         ],
         "latency": {
             "events": 100,
@@ -109,10 +132,15 @@ def test_report_has_table_chart_capacity_and_names_what_is_missing(
     )
     assert "| worker_bench | worker throughput (items/s) | 150 | 160 | 0.94 |" in report
     assert "| api_bench | throughput | 90 | 100 | 0.9 | >= 0.8 |" in report
-    # Every round of the worker's throughput, not only the median one.
-    assert "| 1 | 160 | 150 | 0.94 | 4.00 | 2.50 |" in report
-    assert "| 2 | 170 | 130 | 0.76 | 4.00 | 2.50 |" in report
-    assert "| 3 | 150 | 150 | 1.00 | 4.00 | 2.50 |" in report
+    # Every round of the worker's throughput, not only the median one; a round without the
+    # bare Celery contender (embedded flavour) says so.
+    assert "| 1 | 160 | 152 (0.95) | 150 | 0.94 | 2.50, 3.00, 4.00 | 1.30, 1.50, 1.70 |" in report
+    assert "| 2 | 170 | - (-) | 130 | 0.76 | 2.50, -, 4.00 | 1.30, -, 1.70 |" in report
+    assert "| 3 | 150 | 150 (1.00) | 150 | 1.00 | 2.50, 3.00, 4.00 | 1.30, 1.50, 1.70 |" in report
+    # Where the machine's CPU went, contender by contender; a helper one did not use is "-".
+    assert "| contender | itself | cdn | postgresql | s3 (moto) | machine | cores busy |" in report
+    assert "| baseline loop | 2.50 | 1.00 | - | 2.00 | 5.00 | 1.30 |" in report
+    assert "| worker | 4.00 | 1.00 | 0.50 | 2.00 | 9.00 | 1.70 |" in report
     assert "| api_bench | rss_growth_mb | 3.5 |" in report
     assert "`webhook_bench`: bench/webhook_bench.py does not exist yet" in report
     assert f"![time from webhook receipt to stored]({chart.name})" in report
