@@ -692,32 +692,41 @@ def _round_summary(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _against_baseline(
+    figure: str, contender: dict[str, Any], base: dict[str, Any], *, goal: str, ok: bool | None
+) -> dict[str, Any]:
+    return {
+        "figure": figure,
+        "value": round(contender["items_per_second"], 1),
+        "baseline": round(base["items_per_second"], 1),
+        "baseline_name": "httpx GET + boto3 put_object loop, same concurrency",
+        "ratio": round(contender["ratio_to_baseline"], 2),
+        "goal": goal,
+        "ok": ok,
+    }
+
+
 def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The rows ``bench.run_all`` puts in docs/PERFORMANCE.md (one shape for every bench)."""
     thr, mem, lat = result["throughput"], result["memory"], result["latency"]
-    bare = result.get("bare_celery")
     rows = [
-        {
-            "figure": "worker throughput, 100 KB media from a 50 ms CDN to S3 (items/s)",
-            "value": round(thr["items_per_second"], 1),
-            "baseline": round(result["baseline"]["items_per_second"], 1),
-            "baseline_name": "httpx GET + boto3 put_object loop, same concurrency",
-            "ratio": round(thr["ratio_to_baseline"], 2),
-            "goal": ">= 0.8 of baseline",
-            "ok": thr["ok"],
-        },
+        _against_baseline(
+            "worker throughput, 100 KB media from a 50 ms CDN to S3 (items/s)",
+            thr,
+            result["baseline"],
+            goal=">= 0.8 of baseline",
+            ok=thr["ok"],
+        )
     ]
-    if bare is not None:
+    if result.get("bare_celery") is not None:
         rows.append(
-            {
-                "figure": "bare Celery task doing only the baseline's GET + put (items/s)",
-                "value": round(bare["items_per_second"], 1),
-                "baseline": round(result["baseline"]["items_per_second"], 1),
-                "baseline_name": "httpx GET + boto3 put_object loop, same concurrency",
-                "ratio": round(bare["ratio_to_baseline"], 2),
-                "goal": "reference: what Celery alone allows",
-                "ok": None,
-            }
+            _against_baseline(
+                "bare Celery task doing only the baseline's GET + put (items/s)",
+                result["bare_celery"],
+                result["baseline"],
+                goal="reference: what Celery alone allows",
+                ok=None,
+            )
         )
     return [
         *rows,
