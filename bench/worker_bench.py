@@ -58,6 +58,7 @@ from cli.demo import (
     register,
     webhook_body,
 )
+from cli.service import thread_shares
 from ingest.db import make_engine, make_session_factory
 from ingest.models import MediaItem, MediaState, Provider
 from ingest.queues import SMALL_MEDIA
@@ -353,6 +354,10 @@ def _truncate_media(settings: Settings) -> None:
 # --- scenarios -------------------------------------------------------------------------
 
 
+def _bucket(stack: StackEnv) -> str:
+    return stack.storage_url.removeprefix("s3://").split("/", 1)[0]
+
+
 def baseline(
     control: SandboxControl,
     phone: str,
@@ -365,7 +370,7 @@ def baseline(
     import boto3
 
     media = [control.add_media(phone, "image", plan.item_bytes) for _ in range(plan.items)]
-    bucket = stack.storage_url.removeprefix("s3://").split("/", 1)[0]
+    bucket = _bucket(stack)
     s3 = boto3.client(
         "s3",
         endpoint_url=stack.env["INGEST_S3_ENDPOINT_URL"],
@@ -423,7 +428,7 @@ def bare_celery(
         # A queue of its own: a worker of the service still running would not know the task.
         "INGEST_BROKER_PREFIX": prefix,
         "BENCH_BARE_PLAN": str(plan_file),
-        "BENCH_BARE_BUCKET": stack.storage_url.removeprefix("s3://").split("/", 1)[0],
+        "BENCH_BARE_BUCKET": _bucket(stack),
         "BENCH_BARE_API_KEY": reg.api_key,
         "BENCH_BARE_COUNTER": counter,
         "INGEST_LOG_LEVEL": "INFO",
@@ -435,10 +440,6 @@ def bare_celery(
         timeout=120,
     )
     count = min(os.cpu_count() or 1, plan.concurrency)
-    # As ``ingest worker`` shares its threads out over its processes.
-    shares = [
-        plan.concurrency // count + (1 if n < plan.concurrency % count else 0) for n in range(count)
-    ]
     processes = [
         group.start(
             "bare-celery",
@@ -450,7 +451,8 @@ def bare_celery(
             ],
             env=env,
         )
-        for n, share in enumerate(shares)
+        # As ``ingest worker`` shares its threads out over its processes.
+        for n, share in enumerate(thread_shares(plan.concurrency, count))
     ]
     try:
         for process in processes:

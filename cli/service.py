@@ -163,15 +163,19 @@ def _declare_queues_of_database_broker(settings: Settings) -> None:
         )
 
 
+def thread_shares(total: int, count: int) -> list[int]:
+    """``total`` threads over ``count`` worker processes, as evenly as they go."""
+    return [total // count + (1 if n < total % count else 0) for n in range(count)]
+
+
 def _run_worker_processes(count: int, total: int, queues: str, pool: str | None) -> int:
     """Start ``count`` single-process workers and stay until they end.
 
     A signal is passed on to every child; when one child ends the others are stopped too,
     so a supervisor sees the failure and restarts the whole worker.
     """
-    shares = [total // count + (1 if n < total % count else 0) for n in range(count)]
     children: list[subprocess.Popen[bytes]] = []
-    for n, share in enumerate(shares):
+    for n, share in enumerate(thread_shares(total, count)):
         argv = [sys.executable, "-c", _ENTRY, "worker", "--processes", "1"]
         argv += ["--concurrency", str(share), "--queues", queues]
         if pool:
