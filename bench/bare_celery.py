@@ -22,16 +22,14 @@ Environment (set by ``bench.worker_bench``): the stack's ``INGEST_*`` settings, 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import threading
 from typing import Any
 
 from celery.signals import worker_init
 
 from ingest.queues import SMALL_MEDIA
 from ingest.settings import Settings
-from tasks.celery_app import make_celery
+from tasks.celery_app import make_celery, quiet_duplicate_task_lines
 
 TASK = "bench.bare_copy"
 
@@ -60,31 +58,22 @@ class _Clients:
         self.redis = redis.Redis.from_url(settings.redis_url)
 
 
-_lock = threading.Lock()
 _clients: _Clients | None = None
-
-
-def clients() -> _Clients:
-    global _clients
-    if _clients is None:
-        with _lock:
-            if _clients is None:
-                _clients = _Clients()
-    return _clients
 
 
 @worker_init.connect
 def _prepare(**_: Any) -> None:
-    # As in tasks.media: no per-task "received"/"succeeded" INFO lines, and the clients are
-    # built before the worker reports ready, so neither costs CPU inside the timed run.
-    for name in ("celery.worker.strategy", "celery.app.trace"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    clients()
+    # As tasks.media does: Celery's per-task lines quieted, and the clients built before the
+    # worker reports ready, so neither costs CPU inside the timed run.
+    global _clients
+    quiet_duplicate_task_lines(settings)
+    _clients = _Clients()
 
 
 @app.task(name=TASK)
 def bare_copy(index: int) -> None:
-    held = clients()
+    held = _clients
+    assert held is not None, "built at worker_init"
     url, key = held.plan[index]
     response = held.http.get(url, headers=held.headers)
     response.raise_for_status()

@@ -47,7 +47,8 @@ from typing import Any
 
 import httpx
 import psutil
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
 
 from cli.demo import (
     DemoRegistration,
@@ -295,60 +296,49 @@ class Poster:
         self.http.close()
 
 
-def _wait_stored(settings: Settings, expected: int, timeout: float) -> int:
+@contextmanager
+def _session(settings: Settings) -> Iterator[Session]:
+    """A session on an engine of its own, disposed after: the benchmark's reads and resets."""
     engine = make_engine(settings.database_url)
-    sessions = make_session_factory(engine)
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            with sessions() as session:
-                done = session.scalar(
-                    select(func.count())
-                    .select_from(MediaItem)
-                    .where(MediaItem.state.in_([MediaState.STORED, MediaState.FAILED]))
-                )
-            if (done or 0) >= expected or time.monotonic() > deadline:
-                return int(done or 0)
-            time.sleep(0.1)
+        with make_session_factory(engine)() as session:
+            yield session
     finally:
         engine.dispose()
+
+
+_FINISHED = MediaItem.state.in_([MediaState.STORED, MediaState.FAILED])
+
+
+def _wait_stored(settings: Settings, expected: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    with _session(settings) as session:
+        while True:
+            done = int(session.scalar(select(func.count()).where(_FINISHED)) or 0)
+            session.rollback()  # the next count sees rows committed since
+            if done >= expected or time.monotonic() > deadline:
+                return done
+            time.sleep(0.1)
 
 
 def _last_finished_at(settings: Settings) -> datetime | None:
     """When the last finished row was written: the end of a drain, without polling's lag."""
-    engine = make_engine(settings.database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            return session.scalar(
-                select(func.max(MediaItem.updated_at)).where(
-                    MediaItem.state.in_([MediaState.STORED, MediaState.FAILED])
-                )
-            )
-    finally:
-        engine.dispose()
+    with _session(settings) as session:
+        return session.scalar(select(func.max(MediaItem.updated_at)).where(_FINISHED))
 
 
 def _timestamps(settings: Settings) -> list[tuple[datetime, datetime | None, str]]:
-    engine = make_engine(settings.database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            rows = session.execute(
-                select(MediaItem.received_at, MediaItem.stored_at, MediaItem.state)
-            ).all()
-        return [(r[0], r[1], r[2]) for r in rows]
-    finally:
-        engine.dispose()
+    with _session(settings) as session:
+        rows = session.execute(
+            select(MediaItem.received_at, MediaItem.stored_at, MediaItem.state)
+        ).all()
+    return [(r[0], r[1], r[2]) for r in rows]
 
 
 def _truncate_media(settings: Settings) -> None:
-    from sqlalchemy import delete
-
-    engine = make_engine(settings.database_url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(delete(MediaItem))
-    finally:
-        engine.dispose()
+    with _session(settings) as session:
+        session.execute(delete(MediaItem))
+        session.commit()
 
 
 # --- scenarios -------------------------------------------------------------------------

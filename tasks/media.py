@@ -25,7 +25,7 @@ from ingest.queues import DownloadScheduler
 from ingest.reconciler import reconcile as reconcile_rows
 from ingest.services import Services
 from ingest.settings import Settings
-from tasks.celery_app import DOWNLOAD_TASK, RECONCILE_TASK
+from tasks.celery_app import DOWNLOAD_TASK, RECONCILE_TASK, quiet_duplicate_task_lines
 from tasks.dispatch import CeleryScheduler
 
 log = logging.getLogger(__name__)
@@ -100,21 +100,13 @@ def install_runtime(new: WorkerRuntime | None) -> WorkerRuntime | None:
     return previous
 
 
-# Celery logs two INFO lines per task ("received", "succeeded"); the pipeline already logs
-# one line per attempt saying more (item, instance, outcome, state, duration). At hundreds of
-# items a second the two duplicates were about 3% of the worker's CPU. Failures still show
-# (a task that raises is logged at ERROR), and at DEBUG Celery's own lines come back.
-_DUPLICATE_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
-
-
 @worker_init.connect
 def _quiet_duplicate_task_lines(sender: Any = None, **_: Any) -> None:
     # At worker_init, before the consumer builds its task strategies (they read the level).
     app = getattr(sender, "app", None)
     settings: Settings | None = getattr(getattr(app, "conf", None), "ingest_settings", None)
-    if settings is not None and settings.log_level != "DEBUG":
-        for name in _DUPLICATE_TASK_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
+    if settings is not None:
+        quiet_duplicate_task_lines(settings)
 
 
 @worker_init.connect

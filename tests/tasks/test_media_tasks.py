@@ -19,7 +19,7 @@ from ingest.queues import LARGE_MEDIA, SMALL_MEDIA, DownloadScheduler, Recording
 from ingest.services import Services
 from ingest.settings import Settings
 from tasks import media
-from tasks.celery_app import DOWNLOAD_TASK, RECONCILE_TASK, make_celery
+from tasks.celery_app import DOWNLOAD_TASK, DUPLICATE_TASK_LOGGERS, RECONCILE_TASK, make_celery
 from tasks.dispatch import CeleryScheduler
 from tests.factories import make_instance, make_media_item
 from tests.ingest.test_pipeline import FakeProvider, jpeg
@@ -157,7 +157,7 @@ def test_celerys_per_task_lines_are_off_unless_debugging(
     import logging
     from types import SimpleNamespace
 
-    loggers = [logging.getLogger(name) for name in media._DUPLICATE_TASK_LOGGERS]
+    loggers = [logging.getLogger(name) for name in DUPLICATE_TASK_LOGGERS]
     before = [logger.level for logger in loggers]
     try:
         for logger in loggers:
