@@ -11,8 +11,18 @@ only past errors could overshoot. Each provider call therefore *reserves* a slot
 reservation counts against the budget like an error), and then either *releases* it (the call
 succeeded, or failed without the provider seeing an error) or *confirms* it (an error
 response: it stays, dated now). The number of errors in a window can thus never exceed the
-limit, whatever the concurrency. A reservation left behind by a crashed worker counts until
-it leaves the window: the safe side.
+limit, whatever the concurrency.
+
+A reservation is bounded by the call it guards: one that is neither confirmed nor released
+within ``in_flight_ttl_seconds`` (the HTTP timeout or the lease, whichever is shorter) belongs
+to a worker that was killed, and stops counting. A long transfer keeps its reservation alive
+with :meth:`ErrorBudget.renew`. A budget that is full only because of calls in flight frees
+within seconds, so :func:`guarded` waits a little for such a slot instead of deferring the
+row for a whole window; only confirmed errors defer for long.
+
+Bookkeeping must never undo work: when the budget's store fails while *releasing* or
+*confirming* (Redis blipped after the transfer), the failure is logged and the call's own
+result stands. Only a failed *reservation* stops a call, since no call may go unguarded.
 
 Two backends with the same rules: :class:`RedisErrorBudget` (a sorted set per key, checked
 and updated by one Lua script, so the check and the reservation are atomic across processes)
@@ -23,6 +33,9 @@ advisory lock on PostgreSQL and by SQLite's single writer).
 from __future__ import annotations
 
 import hashlib
+import logging
+import random
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -42,11 +55,13 @@ from ingest.settings import Settings
 if TYPE_CHECKING:
     from redis import Redis
 
+log = logging.getLogger(__name__)
+
 Clock = Callable[[], datetime]
 
 # When a budget is full only because of calls still in flight, a slot is likely to free as
 # soon as one of them ends: look again after this long rather than a whole window later.
-IN_FLIGHT_RETRY_SECONDS = 30.0
+IN_FLIGHT_RETRY_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -63,12 +78,17 @@ class Reservation:
 
 
 class BudgetExhausted(Exception):
-    """The number's budget is spent: do not call the provider before ``retry_at``."""
+    """The number's budget is spent: do not call the provider before ``retry_at``.
 
-    def __init__(self, key: str, retry_at: datetime) -> None:
+    ``in_flight``: the first slot to free is held by a call still in flight (likely to end
+    within seconds), not by a confirmed error (which frees only when it leaves the window).
+    """
+
+    def __init__(self, key: str, retry_at: datetime, *, in_flight: bool = False) -> None:
         super().__init__(f"error budget {key} is spent until {retry_at.isoformat()}")
         self.key = key
         self.retry_at = retry_at
+        self.in_flight = in_flight
 
 
 class BudgetUnavailable(Exception):
@@ -84,6 +104,10 @@ class ErrorBudget(Protocol):
 
     def confirm(self, reservation: Reservation) -> None: ...
 
+    def renew(self, reservation: Reservation) -> None:
+        """The call is still in flight: restart its reservation's time bound."""
+        ...
+
 
 def limits_for(
     settings: Settings, provider: Provider, phone_number_id: str, endpoint: Endpoint
@@ -98,60 +122,122 @@ def limits_for(
     return tuple(limits)
 
 
+def in_flight_ttl(settings: Settings) -> float:
+    """How long a reservation counts without news from its call: the call's own bound."""
+    return min(settings.http_timeout_seconds, settings.lease_seconds)
+
+
+def reserve_waiting(
+    budget: ErrorBudget,
+    limits: Sequence[BudgetLimit],
+    *,
+    max_wait_seconds: float = 0.0,
+    sleep: Callable[[float], None] = time.sleep,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> Reservation:
+    """Reserve, waiting up to ``max_wait_seconds`` while the budget is full only because of
+    calls in flight (each ends within seconds). A budget spent on confirmed errors raises at
+    once: its slots free only as the errors leave the window."""
+    deadline = monotonic() + max_wait_seconds
+    while True:
+        try:
+            return budget.reserve(limits)
+        except BudgetExhausted as exc:
+            remaining = deadline - monotonic()
+            if not exc.in_flight or remaining <= 0:
+                raise
+            # Jittered, so threads waiting on the same number do not retry in lockstep.
+            sleep(min(remaining, IN_FLIGHT_RETRY_SECONDS * random.uniform(0.5, 1.0)))
+
+
 @contextmanager
-def guarded(budget: ErrorBudget, limits: Sequence[BudgetLimit]) -> Iterator[None]:
-    """Reserve around one provider call; confirm on an error response, release otherwise."""
-    reservation = budget.reserve(limits)
+def guarded(
+    budget: ErrorBudget, limits: Sequence[BudgetLimit], *, max_wait_seconds: float = 0.0
+) -> Iterator[Reservation]:
+    """Reserve around one provider call; confirm on an error response, release otherwise.
+
+    Failing to release or confirm is logged, never raised: the call's result (a transfer
+    that succeeded, the provider's own error) is what the attempt must act on.
+    """
+    reservation = reserve_waiting(budget, limits, max_wait_seconds=max_wait_seconds)
     try:
-        yield
+        yield reservation
     except ProviderError as exc:
         if exc.counts_against_budget:
-            budget.confirm(reservation)
+            _settle(budget.confirm, reservation, "confirm")
         else:
-            budget.release(reservation)
+            _settle(budget.release, reservation, "release")
         raise
     except BaseException:
-        budget.release(reservation)
+        _settle(budget.release, reservation, "release")
         raise
-    budget.release(reservation)
+    _settle(budget.release, reservation, "release")
+
+
+def _settle(step: Callable[[Reservation], None], reservation: Reservation, name: str) -> None:
+    try:
+        step(reservation)
+    except BudgetUnavailable as exc:
+        # Unreleased, the slot frees itself after the in-flight bound; unconfirmed, one error
+        # goes uncounted, which the one-short-of-the-threshold margin absorbs.
+        log.warning("error budget: could not %s a reservation (%s)", name, exc)
 
 
 # --- Redis ---------------------------------------------------------------------------------
 
-# KEYS: the budget keys. ARGV: now_ms, window_ms, member, in_flight_retry_ms, limit per key.
-# Members are "p:<token>" while in flight and "c:<token>" once confirmed as an error.
+# KEYS: the budget keys. ARGV: now_ms, window_ms, member, in_flight_retry_ms, in_flight_ttl_ms,
+# limit per key. Members are "p:<token>" while in flight (scored when reserved or last
+# renewed) and "c:<token>" once confirmed as an error (scored when confirmed).
 _RESERVE = """
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local member = ARGV[3]
 local in_flight_retry = tonumber(ARGV[4])
+local in_flight_ttl = tonumber(ARGV[5])
 for i, key in ipairs(KEYS) do
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-  if redis.call('ZCARD', key) >= tonumber(ARGV[4 + i]) then
+  for _, stale in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', now - in_flight_ttl)) do
+    if string.sub(stale, 1, 2) == 'p:' then redis.call('ZREM', key, stale) end
+  end
+  if redis.call('ZCARD', key) >= tonumber(ARGV[5 + i]) then
     local free_at = nil
+    local in_flight = 0
     local entries = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
     for j = 1, #entries, 2 do
       local at
+      local pending = 0
       if string.sub(entries[j], 1, 2) == 'c:' then
         at = tonumber(entries[j + 1]) + window
       else
         at = now + in_flight_retry
+        pending = 1
       end
-      if free_at == nil or at < free_at then free_at = at end
+      if free_at == nil or at < free_at then
+        free_at = at
+        in_flight = pending
+      end
     end
-    return {i, tostring(free_at)}
+    return {i, tostring(free_at), in_flight}
   end
 end
 for i, key in ipairs(KEYS) do
   redis.call('ZADD', key, now, 'p:' .. member)
   redis.call('PEXPIRE', key, window)
 end
-return {0, '0'}
+return {0, '0', 0}
 """
 
 _RELEASE = """
 for i, key in ipairs(KEYS) do
   redis.call('ZREM', key, 'p:' .. ARGV[1])
+end
+return 0
+"""
+
+_RENEW = """
+local now = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now, 'p:' .. ARGV[2])
 end
 return 0
 """
@@ -175,6 +261,7 @@ class RedisErrorBudget:
         *,
         prefix: str,
         window_seconds: float,
+        in_flight_ttl_seconds: float,
         clock: Clock = utcnow,
         in_flight_retry_seconds: float = IN_FLIGHT_RETRY_SECONDS,
     ) -> None:
@@ -183,10 +270,12 @@ class RedisErrorBudget:
         self._window_ms = int(window_seconds * 1000)
         self._clock = clock
         self._in_flight_retry_ms = int(in_flight_retry_seconds * 1000)
+        self._in_flight_ttl_ms = int(in_flight_ttl_seconds * 1000)
         self._reserve = redis.register_script(_RESERVE)
         # Release runs after every successful provider call: one script call is one command,
         # cheaper on the client than a pipeline of ZREMs.
         self._release = redis.register_script(_RELEASE)
+        self._renew = redis.register_script(_RENEW)
         self._confirm = redis.register_script(_CONFIRM)
 
     @classmethod
@@ -195,6 +284,7 @@ class RedisErrorBudget:
             redis,
             prefix=settings.redis_prefix,
             window_seconds=settings.error_budget_window_seconds,
+            in_flight_ttl_seconds=in_flight_ttl(settings),
             **kwargs,
         )
 
@@ -204,14 +294,16 @@ class RedisErrorBudget:
         token = uuid.uuid4().hex
         keys = [self._prefix + limit.key for limit in limits]
         args: list[Any] = [self._now_ms(), self._window_ms, token, self._in_flight_retry_ms]
-        args += [limit.limit for limit in limits]
+        args += [self._in_flight_ttl_ms, *(limit.limit for limit in limits)]
         try:
-            index, free_at = self._reserve(keys=keys, args=args)
+            index, free_at, in_flight = self._reserve(keys=keys, args=args)
         except RedisError as exc:
             raise BudgetUnavailable(f"redis: {type(exc).__name__}") from exc
         if int(index):
             retry_at = datetime.fromtimestamp(float(free_at) / 1000, tz=UTC)
-            raise BudgetExhausted(limits[int(index) - 1].key, retry_at)
+            raise BudgetExhausted(
+                limits[int(index) - 1].key, retry_at, in_flight=bool(int(in_flight))
+            )
         return Reservation(token, tuple(limit.key for limit in limits))
 
     def release(self, reservation: Reservation) -> None:
@@ -220,6 +312,17 @@ class RedisErrorBudget:
         keys = [self._prefix + key for key in reservation.keys]
         try:
             self._release(keys=keys, args=[reservation.token])
+        except RedisError as exc:
+            raise BudgetUnavailable(f"redis: {type(exc).__name__}") from exc
+
+    def renew(self, reservation: Reservation) -> None:
+        from redis import RedisError
+
+        keys = [self._prefix + key for key in reservation.keys]
+        try:
+            # ZADD, not ZADD XX: a reservation that outlived its bound while its call was
+            # still alive (a read that stalled just under the timeout) counts again.
+            self._renew(keys=keys, args=[self._now_ms(), reservation.token])
         except RedisError as exc:
             raise BudgetUnavailable(f"redis: {type(exc).__name__}") from exc
 
@@ -250,11 +353,13 @@ class SqlErrorBudget:
         sessions: sessionmaker[Session],
         *,
         window_seconds: float,
+        in_flight_ttl_seconds: float,
         clock: Clock = utcnow,
         in_flight_retry_seconds: float = IN_FLIGHT_RETRY_SECONDS,
     ) -> None:
         self._sessions = sessions
         self._window = timedelta(seconds=window_seconds)
+        self._in_flight_ttl = timedelta(seconds=in_flight_ttl_seconds)
         self._clock = clock
         self._in_flight_retry = timedelta(seconds=in_flight_retry_seconds)
 
@@ -262,7 +367,12 @@ class SqlErrorBudget:
     def from_settings(
         cls, sessions: sessionmaker[Session], settings: Settings, **kwargs: Any
     ) -> SqlErrorBudget:
-        return cls(sessions, window_seconds=settings.error_budget_window_seconds, **kwargs)
+        return cls(
+            sessions,
+            window_seconds=settings.error_budget_window_seconds,
+            in_flight_ttl_seconds=in_flight_ttl(settings),
+            **kwargs,
+        )
 
     def reserve(self, limits: Sequence[BudgetLimit]) -> Reservation:
         try:
@@ -291,6 +401,18 @@ class SqlErrorBudget:
         except SQLAlchemyError as exc:
             raise BudgetUnavailable(f"sql: {type(exc).__name__}") from exc
 
+    def renew(self, reservation: Reservation) -> None:
+        try:
+            with session_scope(self._sessions) as session:
+                session.execute(
+                    update(ErrorBudgetEvent)
+                    .where(ErrorBudgetEvent.id.in_(reservation.row_ids))
+                    .where(ErrorBudgetEvent.confirmed.is_(False))
+                    .values(occurred_at=self._clock())
+                )
+        except SQLAlchemyError as exc:
+            raise BudgetUnavailable(f"sql: {type(exc).__name__}") from exc
+
     def confirm(self, reservation: Reservation) -> None:
         try:
             with session_scope(self._sessions) as session:
@@ -315,11 +437,16 @@ class SqlErrorBudget:
             )
 
     def _check(self, session: Session, limit: BudgetLimit, now: datetime) -> None:
-        horizon = now - self._window
         session.execute(
             delete(ErrorBudgetEvent)
             .where(ErrorBudgetEvent.budget_key == limit.key)
-            .where(ErrorBudgetEvent.occurred_at <= horizon)
+            .where(
+                (ErrorBudgetEvent.occurred_at <= now - self._window)
+                | (
+                    ErrorBudgetEvent.confirmed.is_(False)
+                    & (ErrorBudgetEvent.occurred_at <= now - self._in_flight_ttl)
+                )
+            )
         )
         events = session.execute(
             select(ErrorBudgetEvent.occurred_at, ErrorBudgetEvent.confirmed).where(
@@ -328,11 +455,11 @@ class SqlErrorBudget:
         ).all()
         if len(events) < limit.limit:
             return
-        free_at = min(
-            (at + self._window) if confirmed else (now + self._in_flight_retry)
+        free_at, in_flight = min(
+            ((at + self._window), False) if confirmed else ((now + self._in_flight_retry), True)
             for at, confirmed in events
         )
-        raise BudgetExhausted(limit.key, free_at)
+        raise BudgetExhausted(limit.key, free_at, in_flight=in_flight)
 
 
 def budget_for(

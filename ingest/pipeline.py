@@ -13,6 +13,13 @@ The URL rule: the signed URL from the webhook is used while it is fresh (issued 
 otherwise, or when the CDN refuses it, the media id is resolved for a new one. Every provider
 call is guarded by the number's error budget.
 
+Faults end an attempt cleanly rather than repeating work: after ``storage_breaker_failures``
+consecutive object-store failures the pipeline stops claiming (rows are deferred, no provider
+call is spent on bytes that could not be kept) and probes the store every
+``storage_breaker_reset_seconds`` until it answers; :meth:`Pipeline.abandon_all` (a worker's
+bounded shutdown) stops every transfer in flight and hands its row, lease and budget slot back
+at once, so another worker can take it.
+
 Nothing unverified is ever stored: the body is spooled while hashed (small in memory, large
 on disk, capped at 100 MB and at any stated size), compared with the webhook's and the
 lookup's sha256 and size (a mismatch is retried once with a fresh URL), its first bytes are
@@ -27,12 +34,14 @@ import math
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
+import pybreaker
 from sqlalchemy import bindparam, case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.dml import Update
@@ -43,8 +52,10 @@ from ingest.error_budget import (
     BudgetExhausted,
     BudgetUnavailable,
     ErrorBudget,
+    Reservation,
     budget_for,
     guarded,
+    in_flight_ttl,
     limits_for,
 )
 from ingest.intake import URL_LIFETIME
@@ -74,7 +85,7 @@ from ingest.providers import (
 from ingest.retry_policy import Decision, Outcome, decide
 from ingest.services import Services
 from ingest.settings import Settings
-from ingest.storage import Storage, StorageError
+from ingest.storage import InvalidKeyError, Storage, StorageError, StorageIntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +97,10 @@ MAX_ERROR_CHARS = 300
 SKIPPED = "skipped"
 # Why an attempt that had claimed its row ended as skipped: another worker owns the row now.
 LEASE_LOST = "lease_lost"
+# Why an attempt ended as skipped: the worker is stopping and handed the row back.
+ABANDONED = "abandoned"
+# Why a due row was not claimed: the object store is failing, so nothing is downloaded.
+STORAGE_PAUSED = "storage_paused"
 # A transfer renews its lease every lease_seconds / 3: a renewal that comes a whole stalled
 # read (the HTTP timeout) late still finds the lease live, with a wide margin for clock skew.
 LEASE_RENEWALS_PER_LEASE = 3
@@ -169,6 +184,10 @@ class LeaseLost(Exception):
     """Another worker owns the row now: the attempt stops and writes nothing more."""
 
 
+class Abandoned(Exception):
+    """The worker is stopping: the attempt stops and its row is handed back."""
+
+
 @dataclass
 class _Verified:
     spool: HashingSpool
@@ -187,6 +206,9 @@ class _Attempt:
     downloads: int = 0
     # time.monotonic() value after which the lease is renewed; never, unless set.
     renew_at: float = math.inf
+    # The error-budget reservation of the provider call in flight, and when to renew it.
+    reservation: Reservation | None = None
+    reservation_renew_at: float = math.inf
 
 
 # Only a row that is due and holds no live lease can be claimed. Taking over a row still in
@@ -267,6 +289,37 @@ _RENEW_LEASE = (
 )
 
 
+# A stopping worker hands the row back as it was before the claim: due now, the attempt given
+# back (no provider call finished), the wake-up forgotten so the reconciler re-publishes it.
+_HAND_BACK = (
+    update(MediaItem)
+    .where(MediaItem.id == bindparam("p_id"))
+    .where(MediaItem.lease_owner == bindparam("p_owner"))
+    .where(MediaItem.state == MediaState.DOWNLOADING)
+    .values(
+        state=MediaState.PENDING,
+        attempts=MediaItem.attempts - 1,
+        next_attempt_at=bindparam("p_now"),
+        enqueued_at=None,
+        last_error="handed back: the worker stopped mid-attempt",
+        lease_owner=None,
+        lease_until=None,
+        updated_at=bindparam("p_now"),
+    )
+)
+
+# A due row whose download would be thrown away (the object store is failing) waits for the
+# store's next probe instead; no claim, no attempt counted.
+_DEFER_UNCLAIMED = (
+    update(MediaItem)
+    .where(MediaItem.id == bindparam("p_id"))
+    .where(MediaItem.state == MediaState.PENDING)
+    .where(MediaItem.next_attempt_at <= bindparam("p_now"))
+    .where((MediaItem.lease_until.is_(None)) | (MediaItem.lease_until < bindparam("p_now")))
+    .values(next_attempt_at=bindparam("p_next"), updated_at=bindparam("p_now"))
+)
+
+
 def new_lease_owner() -> str:
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
@@ -294,6 +347,23 @@ class Pipeline:
         self.rng = rng or random.Random()
         self.monotonic = monotonic
         self._renew_every = settings.lease_seconds / LEASE_RENEWALS_PER_LEASE
+        # A reservation lives for the call's own bound; renewing at a third of it keeps a
+        # live transfer's slot however slowly the bytes come.
+        self._renew_reservation_every = in_flight_ttl(settings) / 3
+        # Consecutive failures of the store open the breaker; integrity refusals and key
+        # bugs say nothing about the store's health and do not count.
+        self.storage_breaker = pybreaker.CircuitBreaker(
+            fail_max=settings.storage_breaker_failures,
+            reset_timeout=settings.storage_breaker_reset_seconds,
+            exclude=[StorageIntegrityError, InvalidKeyError],
+            throw_new_error_on_trip=False,
+            name="storage",
+        )
+        self._probe_lock = threading.Lock()
+        # Attempts in flight in this process, for a bounded shutdown (abandon_all).
+        self.stopping = threading.Event()
+        self._active: dict[int, _Attempt] = {}
+        self._active_lock = threading.Lock()
 
     @classmethod
     def for_services(
@@ -312,6 +382,12 @@ class Pipeline:
 
     def run(self, item_id: int) -> AttemptResult:
         started = time.monotonic()
+        if self.stopping.is_set():
+            # The message is acknowledged unrun; the row is still pending and due, and the
+            # reconciler wakes it for another worker.
+            return AttemptResult(item_id, SKIPPED, None, ABANDONED)
+        if not self.storage_available():
+            return self._defer_unclaimed(item_id)
         work = self.claim(item_id)
         if work is None:
             metrics.DOWNLOADS.labels(SKIPPED, "").inc()
@@ -322,22 +398,93 @@ class Pipeline:
             self.clients(work.credentials),
             renew_at=self.monotonic() + self._renew_every,
         )
+        with self._active_lock:
+            self._active[work.id] = attempt
+        try:
+            result = self._attempt(attempt)
+        finally:
+            with self._active_lock:
+                self._active.pop(work.id, None)
+        result = replace(result, seconds=time.monotonic() - started)
+        self._record(work, result)
+        return result
+
+    def _attempt(self, attempt: _Attempt) -> AttemptResult:
+        work = attempt.work
         try:
             verified = self._fetch_verified(attempt)
             try:
-                result = self._store(attempt, verified)
+                return self._store(attempt, verified)
             finally:
                 verified.spool.close()
         except AttemptFailed as failure:
-            result = self._finish_unstored(attempt, failure)
+            return self._finish_unstored(attempt, failure)
         except LeaseLost as lost:
             # The row is the new owner's to finish: recording anything here would overwrite
             # its attempt, and counting this one as stored or retried would count it twice.
             log.warning("download item=%s %s", work.id, lost)
-            result = AttemptResult(work.id, SKIPPED, None, LEASE_LOST)
-        result = replace(result, seconds=time.monotonic() - started)
-        self._record(work, result)
-        return result
+            return AttemptResult(work.id, SKIPPED, None, LEASE_LOST)
+        except Abandoned:
+            self._hand_back(work)
+            return AttemptResult(work.id, SKIPPED, None, ABANDONED)
+
+    # --- faults: the object store, a stopping worker -------------------------------------
+
+    def storage_available(self) -> bool:
+        """False while the storage breaker is open. Once its pause has passed, one thread
+        probes the store (``Storage.check``) and closes the breaker if it answers."""
+        if self.storage_breaker.current_state == pybreaker.STATE_CLOSED:
+            return True
+        if not self._probe_lock.acquire(blocking=False):
+            return False  # another thread is probing
+        try:
+            self.storage_breaker.call(self.storage.check)
+        except (pybreaker.CircuitBreakerError, StorageError, OSError):
+            return False
+        finally:
+            self._probe_lock.release()
+        log.warning("storage answers again; downloads resume")
+        return True
+
+    def _defer_unclaimed(self, item_id: int) -> AttemptResult:
+        now = self.clock()
+        pause = self.settings.storage_breaker_reset_seconds
+        next_attempt_at = now + timedelta(seconds=pause + self.rng.uniform(0, pause))
+        with self._one_statement.begin() as connection:
+            connection.execute(
+                _DEFER_UNCLAIMED, {"p_id": item_id, "p_now": now, "p_next": next_attempt_at}
+            )
+        metrics.DOWNLOADS.labels(SKIPPED, STORAGE_PAUSED).inc()
+        log.info("download item=%s outcome=skipped reason=%s", item_id, STORAGE_PAUSED)
+        return AttemptResult(
+            item_id, SKIPPED, None, STORAGE_PAUSED, next_attempt_at=next_attempt_at
+        )
+
+    def abandon_all(self) -> int:
+        """Stop every attempt in flight in this process and hand its row back: lease
+        cleared, due now, budget slot released. Returns how many were handed back.
+
+        Called once when a worker's shutdown bound is reached. Transfers stop at their next
+        chunk; one blocked in a read is handed back from here, and its thread, once it
+        wakes, finds the row no longer its own and writes nothing.
+        """
+        self.stopping.set()
+        with self._active_lock:
+            attempts = list(self._active.values())
+        for attempt in attempts:
+            if attempt.reservation is not None:
+                try:
+                    self.budget.release(attempt.reservation)
+                except BudgetUnavailable as exc:
+                    log.warning("shutdown: could not release a budget slot (%s)", exc)
+            self._hand_back(attempt.work)
+        return len(attempts)
+
+    def _hand_back(self, work: WorkItem) -> None:
+        with self._one_statement.begin() as connection:
+            connection.execute(
+                _HAND_BACK, {"p_id": work.id, "p_owner": work.owner, "p_now": self.clock()}
+            )
 
     def claim(self, item_id: int) -> WorkItem | None:
         """Take the row with a lease, or return None if it is not ours to work on now.
@@ -460,7 +607,9 @@ class Pipeline:
         )
         attempt.resolves += 1
         try:
-            with guarded(self.budget, limits):
+            with guarded(
+                self.budget, limits, max_wait_seconds=self.settings.error_budget_wait_seconds
+            ):
                 location = attempt.client.resolve(work.media_id)
         except (ProviderError, BudgetExhausted, BudgetUnavailable) as exc:
             raise _failure_for(exc, "lookup", work.credentials.provider) from None
@@ -474,13 +623,18 @@ class Pipeline:
         )
         attempt.downloads += 1
         try:
-            with (
-                guarded(self.budget, limits),
-                attempt.client.download(url, max_bytes=spool.cap) as chunks,
-            ):
-                for chunk in chunks:
-                    spool.write(chunk)
-                    self._keep_lease(attempt, "while downloading; stopped without storing")
+            with guarded(
+                self.budget, limits, max_wait_seconds=self.settings.error_budget_wait_seconds
+            ) as reservation:
+                attempt.reservation = reservation
+                attempt.reservation_renew_at = self.monotonic() + self._renew_reservation_every
+                try:
+                    with attempt.client.download(url, max_bytes=spool.cap) as chunks:
+                        for chunk in chunks:
+                            spool.write(chunk)
+                            self._keep_lease(attempt, "while downloading; stopped without storing")
+                finally:
+                    attempt.reservation = None
         except UrlRejected:
             raise
         except (ProviderError, BudgetExhausted, BudgetUnavailable) as exc:
@@ -496,10 +650,22 @@ class Pipeline:
     def _keep_lease(self, attempt: _Attempt, when: str) -> None:
         """Renew the lease once a renewal is due; raise :class:`LeaseLost` if it is not ours.
 
-        Called per chunk, so it costs one clock read until the first renewal is due: a
-        transfer shorter than the interval never renews.
+        Called per chunk, so it costs one clock read and a flag until the first renewal is
+        due: a transfer shorter than the interval never renews. Also renews the budget
+        reservation of the call in flight, and stops the transfer when the worker is stopping.
         """
-        if self.monotonic() < attempt.renew_at:
+        if self.stopping.is_set():
+            raise Abandoned
+        now_monotonic = self.monotonic()
+        if attempt.reservation is not None and now_monotonic >= attempt.reservation_renew_at:
+            try:
+                self.budget.renew(attempt.reservation)
+            except BudgetUnavailable as exc:
+                log.warning(
+                    "download item=%s could not renew its budget slot (%s)", attempt.work.id, exc
+                )
+            attempt.reservation_renew_at = now_monotonic + self._renew_reservation_every
+        if now_monotonic < attempt.renew_at:
             return
         work = attempt.work
         now = self.clock()
@@ -555,13 +721,18 @@ class Pipeline:
         # record below reports the loss instead of recording the copy.
         self._keep_lease(attempt, "before uploading; nothing was stored")
         try:
-            stored = self.storage.put(
+            stored = self.storage_breaker.call(
+                self.storage.put,
                 key,
                 spool.reader(),
                 size=spool.size,
                 sha256=spool.sha256,
                 content_type=verified.mime,
             )
+        except pybreaker.CircuitBreakerError:
+            raise AttemptFailed(
+                Outcome.STORAGE_UNAVAILABLE, "storage is failing; upload not attempted"
+            ) from None
         except StorageError as exc:
             raise AttemptFailed(Outcome.STORAGE_UNAVAILABLE, _short(str(exc))) from None
         except OSError as exc:

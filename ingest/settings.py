@@ -88,10 +88,22 @@ class Settings(BaseSettings):
     error_budget_window_seconds: float = Field(default=3600.0, gt=0)
     error_budget_media: int = Field(default=19, gt=0)
     error_budget_lookup_360dialog: int = Field(default=4, gt=0)
+    # A worker that finds a number's budget full only because of calls still in flight
+    # waits this long at most for one of them to end, rather than deferring the row.
+    error_budget_wait_seconds: float = Field(default=10.0, ge=0)
 
     # Worker processes.
     worker_concurrency: int = Field(default=16, gt=0)
     worker_pool: str = "threads"
+    # SIGTERM: transfers still running after this long are abandoned (their rows released
+    # for another worker), so a stop ends within it; under Kubernetes' default 30 s grace.
+    worker_shutdown_seconds: float = Field(default=25.0, gt=0)
+    # Touched every few seconds while the worker's consumer runs (`ingest worker-alive`).
+    # Default: <var_dir>/worker.heartbeat.
+    worker_heartbeat_file: Path | None = None
+    # Consecutive object-store failures that pause claiming, and how often it is probed then.
+    storage_breaker_failures: int = Field(default=5, gt=0)
+    storage_breaker_reset_seconds: float = Field(default=30.0, gt=0)
 
     # Web processes.
     # gunicorn's own rule of thumb, (2 x cores) + 1: the receiver waits on the database's
@@ -174,6 +186,8 @@ class Settings(BaseSettings):
             object.__setattr__(self, "broker_url", f"sqla+sqlite:///{var / 'broker.sqlite3'}")
         if not self.storage_url:
             object.__setattr__(self, "storage_url", (var / "media").as_uri())
+        if self.worker_heartbeat_file is None:
+            object.__setattr__(self, "worker_heartbeat_file", var / "worker.heartbeat")
         _check_scheme(
             "database_url",
             self.database_url,

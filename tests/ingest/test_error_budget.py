@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ingest.error_budget import (
     BudgetExhausted,
     BudgetLimit,
+    BudgetUnavailable,
     ErrorBudget,
     RedisErrorBudget,
     SqlErrorBudget,
@@ -21,11 +22,13 @@ from ingest.error_budget import (
     count_events,
     guarded,
     limits_for,
+    reserve_waiting,
 )
 from ingest.models import Provider, utcnow
 from ingest.providers import ProviderRejected, ProviderUnavailable
 
 WINDOW = 3600.0
+IN_FLIGHT_TTL = 30.0
 Factory = Callable[[], ErrorBudget]
 
 
@@ -91,6 +94,54 @@ class BudgetContract:
         with pytest.raises(BudgetExhausted) as refused:
             budget.reserve(limit)
         assert refused.value.retry_at - clock() <= timedelta(minutes=1)
+
+    def test_a_full_budget_says_whether_calls_in_flight_or_errors_hold_it(
+        self, make: Factory
+    ) -> None:
+        budget = make()
+        budget.reserve([BudgetLimit("media:held", 1)])
+        with pytest.raises(BudgetExhausted) as in_flight:
+            budget.reserve([BudgetLimit("media:held", 1)])
+        assert in_flight.value.in_flight
+        budget.confirm(budget.reserve([BudgetLimit("media:spent", 1)]))
+        with pytest.raises(BudgetExhausted) as spent:
+            budget.reserve([BudgetLimit("media:spent", 1)])
+        assert not spent.value.in_flight
+
+    def test_a_reservation_nobody_settles_stops_counting_after_its_bound(
+        self, make: Factory, clock: FakeClock
+    ) -> None:
+        """A worker killed mid-call never releases; its slot frees after the call's bound,
+        not after the hour-long window."""
+        budget = make()
+        limit = [BudgetLimit("media:killed", 2)]
+        budget.reserve(limit)
+        budget.reserve(limit)
+        with pytest.raises(BudgetExhausted):
+            budget.reserve(limit)
+        clock.advance(IN_FLIGHT_TTL + 1)
+        budget.reserve(limit)
+        budget.reserve(limit)
+
+    def test_renewing_keeps_a_long_call_counted(self, make: Factory, clock: FakeClock) -> None:
+        budget = make()
+        limit = [BudgetLimit("media:long", 1)]
+        reservation = budget.reserve(limit)
+        for _ in range(3):
+            clock.advance(IN_FLIGHT_TTL * 0.6)
+            budget.renew(reservation)
+        with pytest.raises(BudgetExhausted):
+            budget.reserve(limit)
+
+    def test_confirmed_errors_outlive_the_in_flight_bound(
+        self, make: Factory, clock: FakeClock
+    ) -> None:
+        budget = make()
+        limit = [BudgetLimit("media:errors", 1)]
+        budget.confirm(budget.reserve(limit))
+        clock.advance(IN_FLIGHT_TTL * 3)
+        with pytest.raises(BudgetExhausted):
+            budget.reserve(limit)
 
     def test_numbers_do_not_share_a_budget(self, make: Factory) -> None:
         budget = make()
@@ -171,13 +222,79 @@ class BudgetContract:
         assert peak <= 5
 
 
+class _StoreDownOnSettle:
+    """A budget whose store fails after the reservation (Redis blipped mid-transfer)."""
+
+    def __init__(self) -> None:
+        self.reserved = 0
+
+    def reserve(self, limits: Any) -> Any:
+        self.reserved += 1
+        return object()
+
+    def release(self, reservation: Any) -> None:
+        raise BudgetUnavailable("redis: ConnectionError")
+
+    confirm = release
+
+    def renew(self, reservation: Any) -> None:
+        raise BudgetUnavailable("redis: ConnectionError")
+
+
+def test_a_failed_release_never_undoes_a_successful_call(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    budget = _StoreDownOnSettle()
+    finished = False
+    with guarded(budget, [BudgetLimit("media:1", 3)]):
+        finished = True
+    assert finished
+    assert "could not release" in caplog.text
+
+
+def test_a_failed_confirm_keeps_the_providers_own_error() -> None:
+    with pytest.raises(ProviderUnavailable), guarded(_StoreDownOnSettle(), []):
+        raise ProviderUnavailable("503", endpoint="download", status=503)
+
+
+def test_reserve_waiting_waits_for_calls_in_flight_but_not_for_errors() -> None:
+    attempts: list[bool] = []
+
+    class Budget(_StoreDownOnSettle):
+        def __init__(self, in_flight: bool, full_times: int) -> None:
+            super().__init__()
+            self.in_flight = in_flight
+            self.full_times = full_times
+
+        def reserve(self, limits: Any) -> Any:
+            attempts.append(True)
+            if len(attempts) <= self.full_times:
+                raise BudgetExhausted("media:1", utcnow(), in_flight=self.in_flight)
+            return "reservation"
+
+    slept: list[float] = []
+    assert (
+        reserve_waiting(Budget(True, 3), [], max_wait_seconds=10, sleep=slept.append)
+        == "reservation"
+    )
+    assert len(slept) == 3 and all(0 < s <= 1 for s in slept)
+    attempts.clear()
+    with pytest.raises(BudgetExhausted):
+        reserve_waiting(Budget(False, 1), [], max_wait_seconds=10, sleep=slept.append)
+    assert len(attempts) == 1
+
+
 class TestRedisErrorBudget(BudgetContract):
     @pytest.fixture
     def make(self, redis_client: Any, redis_prefix: str, clock: FakeClock) -> Iterator[Factory]:
         if type(redis_client).__module__.startswith("fakeredis"):
             pytest.importorskip("lupa", reason="fakeredis runs Lua only with lupa installed")
         yield lambda: RedisErrorBudget(
-            redis_client, prefix=redis_prefix, window_seconds=WINDOW, clock=clock
+            redis_client,
+            prefix=redis_prefix,
+            window_seconds=WINDOW,
+            in_flight_ttl_seconds=IN_FLIGHT_TTL,
+            clock=clock,
         )
         keys = list(redis_client.scan_iter(f"{redis_prefix}:*"))
         if keys:
@@ -195,7 +312,9 @@ class TestRedisErrorBudget(BudgetContract):
 class TestSqlErrorBudget(BudgetContract):
     @pytest.fixture
     def make(self, sessions: sessionmaker[Session], clock: FakeClock) -> Factory:
-        return lambda: SqlErrorBudget(sessions, window_seconds=WINDOW, clock=clock)
+        return lambda: SqlErrorBudget(
+            sessions, window_seconds=WINDOW, in_flight_ttl_seconds=IN_FLIGHT_TTL, clock=clock
+        )
 
     def test_old_events_are_deleted_when_the_window_passes(
         self, make: Factory, sessions: sessionmaker[Session], clock: FakeClock

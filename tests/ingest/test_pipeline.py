@@ -6,6 +6,7 @@ import hashlib
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,7 +18,13 @@ from sqlalchemy import event, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest import metrics
-from ingest.error_budget import BudgetLimit, SqlErrorBudget
+from ingest.error_budget import (
+    BudgetExhausted,
+    BudgetLimit,
+    SqlErrorBudget,
+    count_events,
+    in_flight_ttl,
+)
 from ingest.models import Instance, MediaItem, MediaState, Provider, utcnow
 from ingest.pipeline import Pipeline
 from ingest.providers import (
@@ -193,6 +200,12 @@ class Env:
             item = session.get(MediaItem, item_id)
             assert item is not None
             return item
+
+    def phone_number_id(self) -> str:
+        with self.sessions() as session:
+            instance = session.get(Instance, self.instance_id)
+            assert instance is not None
+            return instance.phone_number_id
 
     def make_due(self, item_id: int) -> None:
         """Move the clock past the row's next attempt."""
@@ -656,6 +669,118 @@ def test_storage_failure_is_retried_and_nothing_is_recorded_as_stored(env: Env) 
     result = env.pipeline.run(item_id)
     assert (result.outcome, result.state) == ("storage_unavailable", "pending")
     assert env.row(item_id).storage_key is None
+
+
+def _failing_storage() -> MemoryStorage:
+    class BrokenStorage(MemoryStorage):
+        puts = 0
+        healthy = False
+
+        def put(self, *args: Any, **kwargs: Any) -> Any:
+            type(self).puts += 1
+            if not self.healthy:
+                raise StorageError("s3 put failed: ServiceUnavailable")
+            return super().put(*args, **kwargs)
+
+        def check(self) -> None:
+            if not self.healthy:
+                raise StorageError("s3 bucket is not reachable")
+
+    return BrokenStorage()
+
+
+def test_a_failing_store_pauses_downloads_until_a_probe_finds_it_back(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    """Items downloaded while S3 is down are thrown away: after a few failed uploads the
+    pipeline stops claiming (no provider call at all) until the store answers again."""
+    env = build_env(
+        settings.model_copy(
+            update={"storage_breaker_failures": 2, "storage_breaker_reset_seconds": 0.05}
+        ),
+        sessions,
+    )
+    storage = _failing_storage()
+    env.pipeline = Pipeline(
+        settings=env.settings,
+        sessions=sessions,
+        storage=storage,
+        budget=env.budget,
+        clients=env.provider.client,
+        clock=env.clock,
+        rng=random.Random(0),
+        monotonic=env.clock.monotonic,
+    )
+    items = [env.item(f"s{n}") for n in range(5)]
+    for n in range(5):
+        env.provider.add(f"s{n}", jpeg(seed=n))
+
+    results = [env.pipeline.run(item_id) for item_id in items]
+
+    assert [r.outcome for r in results[:2]] == ["storage_unavailable"] * 2
+    assert [(r.outcome, r.reason) for r in results[2:]] == [("skipped", "storage_paused")] * 3
+    assert env.provider.count("download") == 2  # nothing fetched while paused
+    paused = env.row(items[4])
+    assert (paused.state, paused.attempts) == ("pending", 0)
+    assert paused.next_attempt_at > env.clock()  # deferred, woken again by the reconciler
+
+    time.sleep(0.1)  # the breaker's pause passes; the store is still down: stays paused
+    assert env.pipeline.run(items[4]).reason == "storage_paused"
+    storage.healthy = True  # type: ignore[attr-defined]
+    time.sleep(0.1)
+    env.make_due(items[4])
+    assert env.pipeline.run(items[4]).outcome == "stored"
+
+
+def test_abandoning_hands_the_row_lease_and_budget_slot_back_at_once(env: Env) -> None:
+    env.provider.add("big", jpeg(8 * CHUNK))
+    item_id = env.item("big")
+    limits = [BudgetLimit(f"media:{env.phone_number_id()}", 19)]
+    held: list[int] = []
+
+    def stop_mid_transfer(index: int) -> None:
+        if index == 2:
+            held.append(count_events(env.sessions, limits[0].key))
+            assert env.pipeline.abandon_all() == 1
+
+    env.provider.on_chunk = stop_mid_transfer
+    result = env.pipeline.run(item_id)
+
+    assert (result.outcome, result.reason) == ("skipped", "abandoned")
+    row = env.row(item_id)
+    assert (row.state, row.lease_owner, row.lease_until, row.attempts) == (
+        "pending",
+        None,
+        None,
+        0,
+    )
+    assert row.next_attempt_at <= env.clock() and row.enqueued_at is None
+    assert held == [1] and count_events(env.sessions, limits[0].key) == 0
+    assert env.storage.keys() == []
+    # A stopping worker takes nothing new.
+    assert env.pipeline.run(env.item("other")).reason == "abandoned"
+
+
+def test_a_long_download_keeps_its_budget_slot_past_the_in_flight_bound(env: Env) -> None:
+    env.provider.add("long", jpeg(6 * CHUNK))
+    item_id = env.item("long")
+    key = f"media:{env.phone_number_id()}"
+    ttl = in_flight_ttl(env.settings)
+    others: list[str] = []
+
+    def slow_link(index: int) -> None:
+        env.clock.advance(ttl * 0.4)  # 2.4 bounds in all: only renewals keep the slot
+        if index == 5:
+            try:
+                env.budget.reserve([BudgetLimit(key, 1)])
+                others.append("reserved")
+            except BudgetExhausted:
+                others.append("refused")
+
+    env.provider.on_chunk = slow_link
+    assert env.pipeline.run(item_id).outcome == "stored"
+    assert others == ["refused"]  # the live transfer still held the number's only slot
+    assert count_events(env.sessions, key) == 0
 
 
 # --- integrity: nothing unverified is stored ---------------------------------------------
