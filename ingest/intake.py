@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest.accounts import secret_matches
 from ingest.events import MediaEvent
 from ingest.media_rules import over_send_limit, queue_for
-from ingest.models import Instance, MediaItem, MediaState
+from ingest.models import Instance, MediaItem, MediaState, MediaType
 from ingest.queues import DownloadJob
 from ingest.settings import Settings
 
@@ -239,10 +239,12 @@ def record_events(
     stmt = _insert_statement(dialect.name)
     jobs: list[DownloadJob] = []
     new = failed = 0
+    inserted: set[tuple[int, str]] = set()
     for start in range(0, len(rows), INSERT_CHUNK):
         chunk = rows[start : start + INSERT_CHUNK]
         for item_id, instance_id, message_id in session.execute(stmt, chunk):
             new += 1
+            inserted.add((instance_id, message_id))
             routed = unique[(instance_id, message_id)]
             if routed.event.fault is not None:
                 failed += 1
@@ -251,8 +253,52 @@ def record_events(
                 routed.event.media_type, routed.event.file_size, settings.large_media_bytes
             )
             jobs.append(DownloadJob(media_item_id=item_id, queue=queue))
+    repeated = [
+        key for key, routed in unique.items() if key not in inserted and routed.event.fault is None
+    ]
+    if repeated:
+        jobs += _rewake_repeated(session, repeated, settings, received_at)
     jobs.sort(key=lambda job: job.media_item_id)
     return Recorded(media=len(events), new=new, failed=failed, jobs=tuple(jobs))
+
+
+def wake_timeout(settings: Settings) -> timedelta:
+    """How old a pending row's wake-up may grow before it is presumed lost when nothing
+    else explains the wait (its queue is empty, or the provider redelivered the webhook)."""
+    return timedelta(seconds=settings.reconcile_interval_seconds)
+
+
+def _rewake_repeated(
+    session: Session | Connection,
+    keys: Sequence[tuple[int, str]],
+    settings: Settings,
+    received_at: datetime,
+) -> list[DownloadJob]:
+    """Wake rows that a redelivered webhook names, when they are still pending and due and
+    their wake-up is old: a provider redelivers when we did not answer, which may mean the
+    process that committed the rows died before it could wake anyone."""
+    stale_before = received_at - wake_timeout(settings)
+    jobs: list[DownloadJob] = []
+    for start in range(0, len(keys), INSERT_CHUNK):
+        woken = session.execute(
+            update(MediaItem)
+            .where(
+                tuple_(MediaItem.instance_id, MediaItem.message_id).in_(
+                    keys[start : start + INSERT_CHUNK]
+                )
+            )
+            .where(MediaItem.state == MediaState.PENDING)
+            .where(MediaItem.next_attempt_at <= received_at)
+            .where(MediaItem.enqueued_at.is_(None) | (MediaItem.enqueued_at < stale_before))
+            .values(enqueued_at=received_at)
+            .returning(MediaItem.id, MediaItem.media_type, MediaItem.declared_size)
+            .execution_options(synchronize_session=False)
+        )
+        jobs += [
+            DownloadJob(item_id, queue_for(MediaType(kind), size, settings.large_media_bytes))
+            for item_id, kind, size in woken
+        ]
+    return jobs
 
 
 def is_one_insert(events: Sequence[RoutedEvent]) -> bool:

@@ -226,3 +226,18 @@ class ErrorBudgetEvent(Base):
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     # False while the call is in flight (a reservation), True once it was an error.
     confirmed: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class MaintenanceTurn(Base):
+    """Whose turn it is to run a deployment-wide periodic job (the reconciler), and until when.
+
+    Every worker process offers to run the reconciler; the one whose conditional UPDATE moves
+    ``until`` forward runs it, the others skip that period. Beat is then a convenience: with
+    it dead, or with two of them, the pass still runs about once per interval.
+    """
+
+    __tablename__ = "maintenance_turns"
+
+    name: Mapped[str] = mapped_column(String(50), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    until: Mapped[datetime] = mapped_column(UTCDateTime)

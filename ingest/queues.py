@@ -14,6 +14,7 @@ SMALL_MEDIA = "media.small"
 LARGE_MEDIA = "media.large"
 MAINTENANCE = "maintenance"
 ALL_QUEUES = (SMALL_MEDIA, LARGE_MEDIA, MAINTENANCE)
+MEDIA_QUEUES = (SMALL_MEDIA, LARGE_MEDIA)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,11 @@ class DownloadScheduler(Protocol):
         """Wake workers for these rows. Raises :class:`SchedulerUnavailable` on failure."""
         ...
 
+    def queue_depths(self, queues: Sequence[str]) -> dict[str, int]:
+        """Wake-ups waiting in each queue (not those a worker already holds).
+        Raises :class:`SchedulerUnavailable` when the broker cannot say."""
+        ...
+
 
 class RecordingScheduler:
     """Keeps jobs in a list: for tests and for code paths that must not touch a broker."""
@@ -40,3 +46,12 @@ class RecordingScheduler:
 
     def schedule(self, jobs: Sequence[DownloadJob]) -> None:
         self.jobs.extend(jobs)
+
+    def queue_depths(self, queues: Sequence[str]) -> dict[str, int]:
+        """What was scheduled and not yet taken with :meth:`take`."""
+        return {name: sum(1 for job in self.jobs if job.queue == name) for name in queues}
+
+    def take(self) -> list[DownloadJob]:
+        """The jobs so far, as a worker would consume them: the queues are empty after."""
+        taken, self.jobs = self.jobs, []
+        return taken

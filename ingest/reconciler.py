@@ -1,4 +1,10 @@
-"""The safety net, run by beat every minute: SQL says what must happen, the broker may forget.
+"""The safety net, run about once a minute: SQL says what must happen, the broker may forget.
+
+Every worker process offers to run the pass from a thread of its own
+(:class:`ReconcilerLoop`), so it never waits behind downloads and does not depend on one beat
+process; a row in ``maintenance_turns`` lets exactly one offer per interval run it
+(:func:`reconcile_if_its_turn`). Beat's scheduled task takes the same turn, so any number of
+beats and workers is harmless.
 
 One pass, each step its own short transaction:
 
@@ -10,24 +16,36 @@ One pass, each step its own short transaction:
 4. purge signed URLs that are stale or no longer needed;
 5. wake the rows that are due and have no recent wake-up: ``enqueued_at`` older than the
    moment they became due (a retry's backoff ended after its last wake-up), or older than
-   one lease (that wake-up was lost). A backlog thus gets one wake-up per row, not one per
-   minute per row.
+   one lease (that wake-up was lost), or older than one interval while their queue is empty
+   (nothing in the broker can still wake them: Redis was flushed or restarted empty). A
+   backlog thus gets one wake-up per row, not one per minute per row.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest.db import DATABASE_DOWN, session_scope
-from ingest.intake import forget_enqueued
+from ingest.intake import forget_enqueued, wake_timeout
 from ingest.media_rules import queue_for
-from ingest.models import TERMINAL_STATES, MediaItem, MediaState, MediaType, utcnow
-from ingest.queues import DownloadJob, DownloadScheduler, SchedulerUnavailable
+from ingest.models import (
+    TERMINAL_STATES,
+    MaintenanceTurn,
+    MediaItem,
+    MediaState,
+    MediaType,
+    utcnow,
+)
+from ingest.queues import MEDIA_QUEUES, DownloadJob, DownloadScheduler, SchedulerUnavailable
 from ingest.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,6 +54,11 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH = 1000
 
 ACTIVE_STATES = (MediaState.PENDING, MediaState.DOWNLOADING)
+
+RECONCILE_TURN = "reconcile"
+# A turn lasts a little less than the interval, so the next offer (about an interval later,
+# from whichever process) finds it free even with timer drift.
+TURN_FRACTION = 0.8
 
 
 @dataclass(frozen=True)
@@ -46,6 +69,80 @@ class ReconcileReport:
     purged_urls: int
     woken: int
     publish_failed: bool = False
+
+
+def reconcile_if_its_turn(
+    sessions: sessionmaker[Session],
+    scheduler: DownloadScheduler,
+    settings: Settings,
+    *,
+    owner: str,
+    now: datetime | None = None,
+) -> ReconcileReport | None:
+    """Run one pass unless another process ran one less than an interval ago."""
+    now = now or utcnow()
+    period = timedelta(seconds=settings.reconcile_interval_seconds * TURN_FRACTION)
+    if not take_turn(sessions, RECONCILE_TURN, owner=owner, now=now, period=period):
+        return None
+    return reconcile(sessions, scheduler, settings, now=now)
+
+
+def take_turn(
+    sessions: sessionmaker[Session], name: str, *, owner: str, now: datetime, period: timedelta
+) -> bool:
+    """Claim the periodic job ``name`` until ``now + period``; False if someone holds it."""
+    with session_scope(sessions) as session:
+        taken = session.execute(
+            update(MaintenanceTurn)
+            .where(MaintenanceTurn.name == name)
+            .where(MaintenanceTurn.until <= now)
+            .values(owner=owner[:100], until=now + period)
+            .execution_options(synchronize_session=False)
+        )
+        if _count(taken) == 1:
+            return True
+        if session.get(MaintenanceTurn, name) is not None:
+            return False
+    try:  # the first turn ever: the row does not exist yet
+        with session_scope(sessions) as session:
+            session.add(MaintenanceTurn(name=name, owner=owner[:100], until=now + period))
+    except IntegrityError:
+        return False  # another process created it first, and holds the turn
+    return True
+
+
+class ReconcilerLoop:
+    """Offers to run the reconciler about once per interval, from a daemon thread.
+
+    Runs in every worker process: its own thread means a pass never waits behind downloads
+    (all download threads blocked on a stalled store, say), and the turn in SQL means the
+    deployment runs one pass per interval however many workers offer. Any error is logged
+    and the loop goes on: it is the part that must outlive every other failure.
+    """
+
+    def __init__(self, run_pass: Callable[[], object], interval_seconds: float) -> None:
+        self._run_pass = run_pass
+        self._interval = interval_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        # Processes started together spread their offers over the interval.
+        delay = random.uniform(0, self._interval)
+        while not self._stop.wait(delay):
+            try:
+                self._run_pass()
+            except Exception:  # logged; the next interval tries again
+                log.exception("reconcile pass failed; trying again in %.0f s", self._interval)
+            delay = self._interval * random.uniform(0.9, 1.1)
 
 
 def reconcile(
@@ -171,30 +268,47 @@ def wake_due(
 
     ``enqueued_at`` is written before publishing; if the broker refuses, it is cleared again
     so the next pass tries at once (a duplicate wake-up is harmless, a lost one only slow).
+
+    A wake-up older than a lease is presumed lost. So is one older than the wake timeout (one
+    interval) when its queue is empty: nothing left in the broker can wake that row, as after
+    Redis lost its data. While a queue holds messages its rows wait their turn, so a normal
+    backlog is never flooded with duplicates.
     """
     lost_after = now - timedelta(seconds=settings.lease_seconds)
+    empty_queues = _empty_queues(scheduler)
+    stale_after = now - wake_timeout(settings) if empty_queues else lost_after
     with session_scope(sessions) as session:
         rows = session.execute(
-            select(MediaItem.id, MediaItem.media_type, MediaItem.declared_size)
+            select(
+                MediaItem.id,
+                MediaItem.media_type,
+                MediaItem.declared_size,
+                MediaItem.enqueued_at,
+                MediaItem.next_attempt_at,
+            )
             .where(MediaItem.state == MediaState.PENDING)
             .where(MediaItem.next_attempt_at <= now)
             .where(
                 or_(
                     MediaItem.enqueued_at.is_(None),
                     MediaItem.enqueued_at < MediaItem.next_attempt_at,
-                    MediaItem.enqueued_at < lost_after,
+                    MediaItem.enqueued_at < max(lost_after, stale_after),
                 )
             )
             .order_by(MediaItem.next_attempt_at, MediaItem.id)
             .limit(batch)
         ).all()
-        jobs = [
-            DownloadJob(
-                media_item_id=item_id,
-                queue=queue_for(MediaType(media_type), size, settings.large_media_bytes),
-            )
-            for item_id, media_type, size in rows
-        ]
+        jobs = []
+        for item_id, media_type, size, enqueued_at, next_attempt_at in rows:
+            queue = queue_for(MediaType(media_type), size, settings.large_media_bytes)
+            if (
+                enqueued_at is not None
+                and enqueued_at >= next_attempt_at
+                and enqueued_at >= lost_after
+                and queue not in empty_queues
+            ):
+                continue  # young enough, and its queue still holds wake-ups: not lost
+            jobs.append(DownloadJob(media_item_id=item_id, queue=queue))
         if jobs:
             session.execute(
                 update(MediaItem)
@@ -216,6 +330,16 @@ def wake_due(
         _forget_enqueued(sessions, jobs)
         raise
     return len(jobs), False
+
+
+def _empty_queues(scheduler: DownloadScheduler) -> frozenset[str]:
+    """Media queues the broker says are empty; none when it cannot say (then only the
+    lease-long rule applies)."""
+    try:
+        depths = scheduler.queue_depths(MEDIA_QUEUES)
+    except SchedulerUnavailable:
+        return frozenset()
+    return frozenset(name for name, depth in depths.items() if depth == 0)
 
 
 def _forget_enqueued(sessions: sessionmaker[Session], jobs: list[DownloadJob]) -> None:

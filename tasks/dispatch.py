@@ -118,6 +118,19 @@ class CeleryScheduler:
             retry=False,
         )
 
+    def queue_depths(self, queues: Sequence[str]) -> dict[str, int]:
+        # A declare answers with the queue's message count on every transport (on Redis an
+        # empty queue has no key, so a passive declare would call it missing).
+        try:
+            with self.app.connection_for_write() as conn:
+                channel = conn.default_channel
+                return {
+                    name: int(self.app.amqp.queues[name](channel).queue_declare().message_count)
+                    for name in queues
+                }
+        except self._publish_errors as exc:
+            raise SchedulerUnavailable(type(exc).__name__) from exc
+
     def ping(self) -> None:
         with self.app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)

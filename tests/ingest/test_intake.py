@@ -200,6 +200,65 @@ def test_repeats_insert_nothing_and_schedule_nothing(
     )
 
 
+def test_a_redelivery_wakes_a_pending_row_whose_wake_up_is_old(
+    session: Session, settings: Settings, instance: Instance
+) -> None:
+    """The process that committed the row may have died before waking anyone: the
+    provider's redelivery wakes it, once its wake-up is older than the wake timeout."""
+    first = record_events(
+        session, [RoutedEvent(instance.id, image("r1"))], settings=settings, received_at=NOW
+    )
+    session.commit()
+    soon = NOW + timedelta(seconds=settings.reconcile_interval_seconds / 2)
+    early = record_events(
+        session, [RoutedEvent(instance.id, image("r1"))], settings=settings, received_at=soon
+    )
+    session.commit()
+    late_at = NOW + timedelta(seconds=settings.reconcile_interval_seconds + 1)
+    late = record_events(
+        session, [RoutedEvent(instance.id, image("r1"))], settings=settings, received_at=late_at
+    )
+    session.commit()
+    again = record_events(
+        session, [RoutedEvent(instance.id, image("r1"))], settings=settings, received_at=late_at
+    )
+    session.commit()
+
+    (row,) = stored(session)
+    assert early.jobs == ()  # its wake-up is recent: nothing to do
+    assert (
+        [job.media_item_id for job in late.jobs]
+        == [row.id]
+        == [job.media_item_id for job in first.jobs]
+    )
+    assert (late.new, again.jobs) == (0, ())  # stamped: the next redelivery waits again
+    assert row.enqueued_at == late_at
+
+
+def test_a_redelivery_leaves_rows_that_are_not_pending_and_due_alone(
+    session: Session, settings: Settings, instance: Instance
+) -> None:
+    record_events(
+        session,
+        [RoutedEvent(instance.id, image(name)) for name in ("done", "later")],
+        settings=settings,
+        received_at=NOW,
+    )
+    session.commit()
+    done, later = stored(session)
+    done.state = MediaState.STORED
+    later.next_attempt_at = NOW + timedelta(hours=1)
+    session.commit()
+    late_at = NOW + timedelta(minutes=10)
+    again = record_events(
+        session,
+        [RoutedEvent(instance.id, image(name)) for name in ("done", "later")],
+        settings=settings,
+        received_at=late_at,
+    )
+    assert again.jobs == ()
+
+
 @pytest.mark.parametrize(
     ("sent", "issued"),
     [

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -14,7 +15,13 @@ from ingest.queues import (
     RecordingScheduler,
     SchedulerUnavailable,
 )
-from ingest.reconciler import reconcile
+from ingest.reconciler import (
+    RECONCILE_TURN,
+    ReconcilerLoop,
+    reconcile,
+    reconcile_if_its_turn,
+    take_turn,
+)
 from ingest.settings import Settings
 from tests.factories import make_instance, make_media_item
 
@@ -87,8 +94,10 @@ def test_a_retry_whose_backoff_ended_is_woken_and_a_lost_wake_up_is_resent(
         next_attempt_at=now - timedelta(seconds=settings.lease_seconds + 1),
     )
     scheduler = RecordingScheduler()
+    backlog = DownloadJob(-1, SMALL_MEDIA)  # the queue still holds wake-ups
+    scheduler.schedule([backlog])
     reconcile(sessions, scheduler, settings, now=now)
-    assert {job.media_item_id for job in scheduler.jobs} == {retry, lost}
+    assert {job.media_item_id for job in scheduler.jobs[1:]} == {retry, lost}
     assert recent not in {job.media_item_id for job in scheduler.jobs}
 
 
@@ -154,7 +163,7 @@ def test_signed_urls_are_purged_once_stale_or_used(
 def test_a_broker_outage_leaves_the_rows_for_the_next_pass(
     rows: Rows, sessions: sessionmaker[Session], settings: Settings
 ) -> None:
-    class DownScheduler:
+    class DownScheduler(RecordingScheduler):
         def schedule(self, jobs: Any) -> None:
             raise SchedulerUnavailable("ConnectionRefusedError")
 
@@ -170,7 +179,7 @@ def test_a_broker_outage_leaves_the_rows_for_the_next_pass(
 def test_a_publish_that_blows_up_does_not_leave_its_rows_waiting_a_lease(
     rows: Rows, sessions: sessionmaker[Session], settings: Settings
 ) -> None:
-    class BrokenScheduler:
+    class BrokenScheduler(RecordingScheduler):
         def schedule(self, jobs: Any) -> None:
             raise RuntimeError("a bug in the publisher")
 
@@ -193,7 +202,7 @@ def test_a_database_failure_while_undoing_the_wake_up_stamp_does_not_crash_the_p
 
     from ingest import reconciler
 
-    class DownScheduler:
+    class DownScheduler(RecordingScheduler):
         def schedule(self, jobs: Any) -> None:
             raise SchedulerUnavailable("ConnectionError")
 
@@ -204,3 +213,93 @@ def test_a_database_failure_while_undoing_the_wake_up_stamp_does_not_crash_the_p
     monkeypatch.setattr(reconciler, "forget_enqueued", database_down)
     report = reconcile(sessions, DownScheduler(), settings, now=utcnow())
     assert report.publish_failed and report.woken == 0
+
+
+# --- lost wake-ups, and who runs the pass ------------------------------------------------
+
+
+def test_a_wake_up_lost_with_the_brokers_data_is_resent_after_one_interval(
+    rows: Rows, sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    """Redis flushed: the queue is empty, yet rows wait with a recent wake-up. They are
+    woken after one interval, not after a whole lease."""
+    now = utcnow()
+    interval = timedelta(seconds=settings.reconcile_interval_seconds)
+    lost = rows.add(
+        enqueued_at=now - interval - timedelta(seconds=1), next_attempt_at=now - interval * 2
+    )
+    recent = rows.add(enqueued_at=now - interval / 2, next_attempt_at=now - interval * 2)
+    scheduler = RecordingScheduler()  # empty queues
+
+    reconcile(sessions, scheduler, settings, now=now)
+
+    assert [job.media_item_id for job in scheduler.jobs] == [lost]
+    assert rows.get(recent).enqueued_at == now - interval / 2
+
+
+def test_a_backlog_waiting_in_its_queue_gets_no_duplicate_wake_ups(
+    rows: Rows, sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    now = utcnow()
+    woken_at = now - timedelta(seconds=settings.reconcile_interval_seconds * 5)
+    waiting = rows.add(enqueued_at=woken_at, next_attempt_at=woken_at)
+    scheduler = RecordingScheduler()
+    scheduler.schedule([DownloadJob(waiting, SMALL_MEDIA)])  # still in the queue
+
+    reconcile(sessions, scheduler, settings, now=now)
+
+    assert scheduler.jobs == [DownloadJob(waiting, SMALL_MEDIA)]
+
+
+def test_a_broker_that_cannot_count_its_queues_falls_back_to_the_lease_rule(
+    rows: Rows, sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    class Uncountable(RecordingScheduler):
+        def queue_depths(self, queues: Any) -> dict[str, int]:
+            raise SchedulerUnavailable("ConnectionError")
+
+    now = utcnow()
+    woken_at = now - timedelta(seconds=settings.reconcile_interval_seconds * 2)
+    recent = rows.add(enqueued_at=woken_at, next_attempt_at=woken_at)
+    lost_at = now - timedelta(seconds=settings.lease_seconds + 1)
+    lost = rows.add(enqueued_at=lost_at, next_attempt_at=lost_at)
+    scheduler = Uncountable()
+    reconcile(sessions, scheduler, settings, now=now)
+    assert [job.media_item_id for job in scheduler.jobs] == [lost]
+    assert rows.get(recent).enqueued_at is not None
+
+
+def test_one_pass_per_interval_however_many_processes_offer(
+    rows: Rows, sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    now = utcnow()
+    rows.add(enqueued_at=None)
+    interval = timedelta(seconds=settings.reconcile_interval_seconds)
+    offers = [
+        reconcile_if_its_turn(sessions, RecordingScheduler(), settings, owner=f"w{n}", now=now)
+        for n in range(3)
+    ]
+    assert [report is not None for report in offers] == [True, False, False]
+    later = now + interval
+    assert take_turn(sessions, RECONCILE_TURN, owner="w2", now=later, period=interval)
+    assert not take_turn(sessions, RECONCILE_TURN, owner="w0", now=later, period=interval)
+
+
+def test_the_loop_runs_its_pass_again_after_a_failure() -> None:
+    passes: list[int] = []
+    done = threading.Event()
+
+    def flaky_pass() -> None:
+        passes.append(1)
+        if len(passes) == 1:
+            raise RuntimeError("database went away")
+        if len(passes) >= 3:
+            done.set()
+
+    loop = ReconcilerLoop(flaky_pass, interval_seconds=0.02)
+    loop.start()
+    try:
+        assert done.wait(5)
+    finally:
+        loop.stop()
+    assert len(passes) >= 3
