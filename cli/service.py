@@ -102,7 +102,8 @@ def worker(queues: str, concurrency: int | None, pool: str | None, processes: in
     count = min(processes or os.cpu_count() or 1, total)
     if count > 1:
         _declare_queues_of_database_broker(settings)
-        sys.exit(_run_worker_processes(count, total, queues, pool))
+        assert settings.worker_heartbeat_file is not None
+        sys.exit(_run_worker_processes(count, total, queues, pool, settings.worker_heartbeat_file))
     if _NODE_NAME in os.environ:
         _end_with_parent()
     # The runtime sizes its SQL pool from the settings: make them agree with the flag.
@@ -168,19 +169,33 @@ def thread_shares(total: int, count: int) -> list[int]:
     return [total // count + (1 if n < total % count else 0) for n in range(count)]
 
 
-def _run_worker_processes(count: int, total: int, queues: str, pool: str | None) -> int:
+def _run_worker_processes(
+    count: int, total: int, queues: str, pool: str | None, heartbeat: Path
+) -> int:
     """Start ``count`` single-process workers and stay until they end.
 
     A signal is passed on to every child; when one child ends the others are stopped too,
-    so a supervisor sees the failure and restarts the whole worker.
+    so a supervisor sees the failure and restarts the whole worker. Each child keeps a
+    heartbeat file of its own; the parent touches ``heartbeat`` only while every child's is
+    fresh, so `ingest worker-alive` fails when any one consumer has died.
     """
+    from tasks.heartbeat import STALE_TICKS_SECONDS, heartbeat_age, touch
+
     children: list[subprocess.Popen[bytes]] = []
+    child_heartbeats: list[Path] = []
     for n, share in enumerate(thread_shares(total, count)):
         argv = [sys.executable, "-c", _ENTRY, "worker", "--processes", "1"]
         argv += ["--concurrency", str(share), "--queues", queues]
         if pool:
             argv += ["--pool", pool]
-        env = {**os.environ, _NODE_NAME: f"worker{n + 1}@{socket.gethostname()}"}
+        child_heartbeat = heartbeat.with_name(f"{heartbeat.name}.{n + 1}")
+        child_heartbeat.unlink(missing_ok=True)
+        child_heartbeats.append(child_heartbeat)
+        env = {
+            **os.environ,
+            _NODE_NAME: f"worker{n + 1}@{socket.gethostname()}",
+            "INGEST_WORKER_HEARTBEAT_FILE": str(child_heartbeat),
+        }
         children.append(subprocess.Popen(argv, env=env))  # noqa: S603 - our own command
 
     def forward(signum: int, _frame: object) -> None:
@@ -203,11 +218,39 @@ def _run_worker_processes(count: int, total: int, queues: str, pool: str | None)
                 if status != 0 and code == 0:
                     code = status if status > 0 else 1
                     forward(signal.SIGTERM, None)
+            ages = [heartbeat_age(path) for path in child_heartbeats]
+            if all(age is not None and age < STALE_TICKS_SECONDS for age in ages):
+                touch(heartbeat)
             time.sleep(0.2)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return code
+
+
+@click.command("worker-alive")
+@click.option(
+    "--max-age",
+    type=click.FloatRange(min=1),
+    default=60.0,
+    show_default=True,
+    help="seconds since the last heartbeat",
+)
+def worker_alive(max_age: float) -> None:
+    """Exit 0 if this machine's worker consumed recently enough (its heartbeat file is
+    younger than --max-age), 1 otherwise: a liveness probe [INGEST_WORKER_HEARTBEAT_FILE]."""
+    from tasks.heartbeat import heartbeat_age
+
+    settings = load_settings()
+    assert settings.worker_heartbeat_file is not None
+    age = heartbeat_age(settings.worker_heartbeat_file)
+    if age is None:
+        click.echo(f"worker: no heartbeat at {settings.worker_heartbeat_file}", err=True)
+        sys.exit(1)
+    if age > max_age:
+        click.echo(f"worker: last heartbeat {age:.0f} s ago (limit {max_age:.0f} s)", err=True)
+        sys.exit(1)
+    click.echo(f"worker: alive (heartbeat {age:.1f} s ago)")
 
 
 @click.command()
@@ -246,4 +289,4 @@ def db_check() -> None:
     migrate.check(load_settings().database_url)
 
 
-COMMANDS = (web, worker, beat, db)
+COMMANDS = (web, worker, worker_alive, beat, db)

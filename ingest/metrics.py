@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 WEBHOOK_REQUESTS = Counter(
     "ingest_webhook_requests_total", "Webhook POSTs answered, by HTTP status.", ["status"]
@@ -37,6 +44,12 @@ BUDGET_BLOCKED = Counter(
     "ingest_error_budget_blocked_total",
     "Provider calls not made because the number's error budget was spent.",
     ["budget"],
+)
+DEPENDENCY_UP = Gauge(
+    "ingest_dependency_up",
+    "1 if the dependency answered the last readiness check of a live process, else 0.",
+    ["dependency"],
+    multiprocess_mode="livemostrecent",
 )
 API_REQUESTS = Counter(
     "ingest_api_requests_total", "Archive API answers, by route and status.", ["route", "status"]

@@ -1,34 +1,47 @@
 """The download and reconcile tasks: thin adapters that translate a task message into a call
-on the core (ingest.pipeline, ingest.reconciler).
+on the core (ingest.pipeline, ingest.reconciler), and the worker process's lifecycle.
 
 A worker process builds its long-lived parts once, lazily and thread-safely, from the app's
 ``ingest_settings``: one Services (SQL engine, storage, Redis), one Egress (the outbound
 HTTP pool, shared by every thread), one error budget and one Pipeline. Tests and embedders
 may install their own with :func:`install_runtime`.
+
+At start the worker also starts its reconciler thread (ingest.reconciler.ReconcilerLoop: the
+pass never waits behind downloads, and does not depend on beat) and its heartbeat
+(tasks.heartbeat). On SIGTERM it stops taking tasks and lets transfers finish for at most
+``worker_shutdown_seconds``; then it hands the rest back (their rows claimable at once by
+another worker) and exits, so a supervisor's grace period is never turned into a SIGKILL.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from celery import Celery, Task, shared_task
-from celery.signals import worker_init, worker_shutdown
+from celery.signals import worker_init, worker_shutdown, worker_shutting_down
 
 from ingest.egress import Egress
-from ingest.pipeline import Pipeline
+from ingest.pipeline import Pipeline, new_lease_owner
 from ingest.providers import Credentials, ProviderClient, client_for
 from ingest.queues import DownloadScheduler
-from ingest.reconciler import reconcile as reconcile_rows
+from ingest.reconciler import ReconcileReport, ReconcilerLoop, reconcile_if_its_turn
 from ingest.services import Services
 from ingest.settings import Settings
 from tasks.celery_app import DOWNLOAD_TASK, RECONCILE_TASK, quiet_duplicate_task_lines
 from tasks.dispatch import CeleryScheduler
+from tasks.heartbeat import HeartbeatWriter
 
 log = logging.getLogger(__name__)
+
+# At the shutdown bound, transfers are stopped and handed back; this long is left for their
+# threads to notice and for Celery to finish, before the process exits regardless.
+HAND_BACK_GRACE_SECONDS = 2.0
 
 # Under load a worker's connections go back and forth within milliseconds; one that sat this
 # long may have been cut by a server restart, a proxy or a firewall, and is checked first.
@@ -41,8 +54,32 @@ class WorkerRuntime:
     pipeline: Pipeline
     scheduler: DownloadScheduler
     egress: Egress | None = None
+    reconciler: ReconcilerLoop | None = None
+    heartbeat: HeartbeatWriter | None = None
+
+    def reconcile(self) -> ReconcileReport | None:
+        """One reconciler pass, if no other process ran one in this interval."""
+        return reconcile_if_its_turn(
+            self.services.sessions,
+            self.scheduler,
+            self.services.settings,
+            owner=new_lease_owner(),
+        )
+
+    def start_background(self) -> None:
+        """The threads of a worker process (not of tests that call tasks directly)."""
+        settings = self.services.settings
+        self.reconciler = ReconcilerLoop(self.reconcile, settings.reconcile_interval_seconds)
+        self.reconciler.start()
+        if settings.worker_heartbeat_file is not None:
+            self.heartbeat = HeartbeatWriter(settings.worker_heartbeat_file)
+            self.heartbeat.start()
 
     def close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        if self.reconciler is not None:
+            self.reconciler.stop()
         if self.egress is not None:
             self.egress.close()
         self.services.close()
@@ -116,7 +153,36 @@ def _build_runtime_at_start(sender: Any = None, **_: Any) -> None:
     # of downloads, and a worker that cannot build its runtime should fail at start.
     app = getattr(sender, "app", None)
     if app is not None and getattr(app.conf, "ingest_settings", None) is not None:
-        runtime(app)
+        runtime(app).start_background()
+
+
+@worker_shutting_down.connect
+def _bound_the_shutdown(**_: Any) -> None:
+    # Sent from the signal handler: only start a timer here.
+    current = _runtime
+    if current is None or current.reconciler is None:
+        return  # not a worker process (a test calling tasks directly)
+    bound = current.services.settings.worker_shutdown_seconds
+    delay = max(bound - HAND_BACK_GRACE_SECONDS - 1.0, bound / 2)
+    timer = threading.Timer(delay, _hand_back_and_exit, args=(current,))
+    timer.daemon = True
+    timer.start()
+
+
+def _hand_back_and_exit(current: WorkerRuntime) -> None:
+    handed_back = current.pipeline.abandon_all()
+    log.warning(
+        "worker: shutdown bound of %.0f s reached; %d transfer(s) handed back to other workers",
+        current.services.settings.worker_shutdown_seconds,
+        handed_back,
+    )
+    # Celery exits by itself once the stopped transfers return; a thread still blocked in a
+    # read (or a broker that does not answer the goodbye) must not hold the process past
+    # its bound: every row it held is already handed back.
+    time.sleep(HAND_BACK_GRACE_SECONDS)
+    log.warning("worker: exiting at the shutdown bound")
+    logging.shutdown()
+    os._exit(0)
 
 
 @worker_shutdown.connect
@@ -134,7 +200,7 @@ def download_media(self: Task, media_item_id: int) -> str:
 
 
 @shared_task(name=RECONCILE_TASK, bind=True)
-def reconcile(self: Task) -> dict[str, Any]:
-    current = runtime(self.app)
-    report = reconcile_rows(current.services.sessions, current.scheduler, current.services.settings)
-    return asdict(report)
+def reconcile(self: Task) -> dict[str, Any] | None:
+    """Beat's trigger; the pass runs only if no worker's reconciler thread ran it already."""
+    report = runtime(self.app).reconcile()
+    return asdict(report) if report is not None else None
