@@ -57,6 +57,55 @@ def test_jobs_are_published_by_task_name_to_their_queue(make_settings: Any) -> N
         client.close()
 
 
+def _amqp_broker() -> str:
+    url = os.environ.get("INGEST_TEST_AMQP_URL")
+    if not url:
+        skip_or_fail("INGEST_TEST_AMQP_URL is not set (RabbitMQ broker tests)")
+    assert url is not None
+    return url
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp", "sqla"])
+def test_queue_depths_count_the_wake_ups_waiting(
+    make_settings: Any, tmp_path: Any, broker: str
+) -> None:
+    """The reconciler re-sends a row's wake-up early only when its queue is empty: the
+    count must be right on every broker, an empty Redis queue (no key at all) included."""
+    prefix = f"ingest-test-{uuid.uuid4().hex[:8]}"
+    url = {
+        "redis": _redis_broker,
+        "amqp": _amqp_broker,
+        "sqla": lambda: f"sqla+sqlite:///{tmp_path / 'broker.sqlite3'}",
+    }[broker]()
+    settings = make_settings(broker_url=url, broker_prefix=prefix)
+    scheduler = CeleryScheduler.from_settings(settings)
+    small, large = f"{SMALL_MEDIA}.{prefix}", f"{LARGE_MEDIA}.{prefix}"
+    if broker == "amqp":
+        # One RabbitMQ for every run: queues of this test's own, deleted at the end.
+        from kombu import Queue
+
+        scheduler.app.amqp.queues[small] = Queue(small, auto_delete=True)
+        scheduler.app.amqp.queues[large] = Queue(large, auto_delete=True)
+    else:
+        small, large = SMALL_MEDIA, LARGE_MEDIA
+    try:
+        assert scheduler.queue_depths([small, large]) == {small: 0, large: 0}
+        scheduler.schedule([DownloadJob(1, small), DownloadJob(2, small), DownloadJob(3, large)])
+        assert scheduler.queue_depths([small, large]) == {small: 2, large: 1}
+    finally:
+        with scheduler.app.connection_for_write() as conn:
+            for name in (small, large):
+                conn.default_channel.queue_purge(name)
+                if broker == "amqp":
+                    conn.default_channel.queue_delete(name)
+
+
+def test_a_broker_that_is_down_cannot_count_its_queues(make_settings: Any) -> None:
+    scheduler = CeleryScheduler.from_settings(make_settings(broker_url="redis://127.0.0.1:1/0"))
+    with pytest.raises(SchedulerUnavailable):
+        scheduler.queue_depths([SMALL_MEDIA])
+
+
 @pytest.mark.parametrize(
     "broker_url", ["redis://127.0.0.1:1/0", "amqp://guest:guest@127.0.0.1:1//"]
 )
