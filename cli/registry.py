@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import click
@@ -13,7 +14,8 @@ from sqlalchemy.orm import Session
 
 from ingest import accounts
 from ingest.db import make_engine, make_session_factory, session_scope
-from ingest.models import MediaItem, Provider
+from ingest.events import has_control_character
+from ingest.models import MediaItem, MediaState, Provider
 from ingest.settings import load_settings
 
 
@@ -36,8 +38,15 @@ def account() -> None:
     """Accounts group instances; an account token reaches all of them."""
 
 
+def _account_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        return accounts.check_account_name(value)
+    except accounts.RegistryError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
 @account.command("add")
-@click.argument("name")
+@click.argument("name", callback=_account_name)
 def account_add(name: str) -> None:
     """Create an account."""
     with _session() as session:
@@ -147,7 +156,8 @@ def instance_add(
 @instance.command("disconnect")
 @click.argument("name")
 def instance_disconnect(name: str) -> None:
-    """Mark NAME disconnected: the archive API answers 503 for it."""
+    """Mark NAME disconnected: no provider calls for it, and the archive API answers 503
+    for its media not yet stored (stored media is still served)."""
     with _session() as session:
         accounts.set_connected(session, name, False)
     click.echo(f"instance {name} disconnected")
@@ -156,23 +166,38 @@ def instance_disconnect(name: str) -> None:
 @instance.command("connect")
 @click.argument("name")
 def instance_connect(name: str) -> None:
-    """Mark NAME connected again."""
+    """Mark NAME connected again (forgetting why it was disconnected)."""
     with _session() as session:
         accounts.set_connected(session, name, True)
     click.echo(f"instance {name} connected")
 
 
+def _one_line(text: str) -> str:
+    """Outside text (a provider's error message) on one line of one column."""
+    return "".join(" " if has_control_character(c) else c for c in text)
+
+
+def _when(value: datetime) -> str:
+    return value.isoformat(timespec="seconds")
+
+
 @instance.command("list")
 def instance_list() -> None:
-    """List instances (credentials are never printed)."""
+    """List instances (credentials are never printed); a disconnected one says since when
+    and why (`operator`, or the outcome that made a worker disconnect it)."""
     with _session() as session:
         for row in accounts.list_instances(session):
             state = "connected" if row.connected else "disconnected"
             signed = "signed" if row.app_secret else "unsigned"
-            click.echo(
+            line = (
                 f"{row.name}\t{row.provider}\t{row.phone_number_id}\t{state}\t{signed}\t"
                 f"account={row.account.name}"
             )
+            if not row.connected:
+                if row.disconnected_at is not None:
+                    line += f"\tsince={_when(row.disconnected_at)}"
+                line += f"\treason={_one_line(row.disconnected_reason or 'unrecorded')}"
+            click.echo(line)
 
 
 @click.group()
@@ -180,21 +205,76 @@ def token() -> None:
     """Archive API tokens (only their hash is stored)."""
 
 
+def _rate_limit(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return accounts.check_rate_limit(value)
+    except accounts.RegistryError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
 @token.command("create")
 @click.option("--instance", "instance_name", help="Token for one instance.")
 @click.option("--account", "account_name", help="Token for every instance of an account.")
 @click.option("--label", help="A note to recognise the token by.")
-def token_create(instance_name: str | None, account_name: str | None, label: str | None) -> None:
+@click.option(
+    "--rate-limit",
+    callback=_rate_limit,
+    help="This token's archive API limit, e.g. '1000/minute' (default: INGEST_API_RATE_LIMIT).",
+)
+def token_create(
+    instance_name: str | None,
+    account_name: str | None,
+    label: str | None,
+    rate_limit: str | None,
+) -> None:
     """Create a token. It is printed once, alone on the last line."""
     if (instance_name is None) == (account_name is None):
         raise click.UsageError("give exactly one of --instance or --account")
     with _session() as session:
         value = accounts.create_token(
-            session, instance=instance_name, account=account_name, label=label
+            session,
+            instance=instance_name,
+            account=account_name,
+            label=label,
+            rate_limit=rate_limit,
         )
     scope = f"instance {instance_name}" if instance_name else f"account {account_name}"
     click.echo(f"token for {scope} (shown once, store it now):")
     click.echo(value)
+
+
+@token.command("list")
+@click.option("--instance", "instance_name", help="Only tokens that can read this instance.")
+@click.option(
+    "--account", "account_name", help="Only the account's tokens and its instances' tokens."
+)
+def token_list(instance_name: str | None, account_name: str | None) -> None:
+    """List tokens: id, label, scope, created, rate limit (never the token or its hash)."""
+    if instance_name is not None and account_name is not None:
+        raise click.UsageError("give at most one of --instance or --account")
+    with _session() as session:
+        rows = accounts.list_tokens(session, instance=instance_name, account=account_name)
+    if not rows:
+        click.echo("no tokens")
+        return
+    click.echo("id\tlabel\tscope\tcreated\trate limit")
+    for row in rows:
+        label = _one_line(row.label) if row.label else "-"
+        click.echo(
+            f"{row.id}\t{label}\t{row.scope}\t{_when(row.created_at)}\t"
+            f"{row.rate_limit or 'default'}"
+        )
+
+
+@token.command("revoke")
+@click.argument("token_id", metavar="ID", type=int)
+def token_revoke(token_id: int) -> None:
+    """Delete token ID (see `ingest token list`): refused from the next request on."""
+    with _session() as session:
+        accounts.revoke_token(session, token_id)
+    click.echo(f"token {token_id} revoked")
 
 
 @click.group()
@@ -204,8 +284,8 @@ def media() -> None:
 
 @media.command("list")
 @click.option("--instance", "instance_name")
-@click.option("--state")
-@click.option("--limit", default=50, show_default=True)
+@click.option("--state", type=click.Choice([state.value for state in MediaState]))
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 def media_list(instance_name: str | None, state: str | None, limit: int) -> None:
     """Newest media rows: id, instance, message id, type, state, reason, size."""
     with _session() as session:
@@ -216,11 +296,24 @@ def media_list(instance_name: str | None, state: str | None, limit: int) -> None
             )
         if state:
             query = query.where(MediaItem.state == state)
-        for row in session.scalars(query):
-            click.echo(
-                f"{row.id}\t{row.instance.name}\t{row.message_id}\t{row.media_type}\t"
-                f"{row.state}\t{row.failure_reason or '-'}\t{row.size or '-'}"
+        rows = [
+            (
+                row.id,
+                row.instance.name,
+                row.message_id,
+                row.media_type,
+                row.state,
+                row.failure_reason or "-",
+                "-" if row.size is None else row.size,
             )
+            for row in session.scalars(query)
+        ]
+    if not rows:
+        click.echo("no media")
+        return
+    click.echo("id\tinstance\tmessage id\ttype\tstate\treason\tsize")
+    for values in rows:
+        click.echo("\t".join(str(value) for value in values))
 
 
 COMMANDS = (account, instance, token, media)

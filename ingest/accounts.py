@@ -7,11 +7,13 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from ingest.models import Account, ApiToken, Instance, Provider
+from ingest.models import Account, ApiToken, Instance, Provider, utcnow
+from ingest.rate_limit import parse_limit
 
 DEFAULT_ACCOUNT = "default"
 
@@ -21,6 +23,8 @@ INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 INSTANCE_NAME_RULE = (
     "1 to 100 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
 )
+# What `ingest instance disconnect` records as the reason; a worker records its outcome code.
+OPERATOR_DISCONNECT = "operator"
 
 
 class RegistryError(Exception):
@@ -35,7 +39,15 @@ def secret_matches(value: str, expected_hash: str) -> bool:
     return hmac.compare_digest(hash_secret(value), expected_hash)
 
 
+def check_account_name(name: str) -> str:
+    # Same rule as instances: the names sit side by side in the CLI, logs and listings.
+    if INSTANCE_NAME.fullmatch(name) is None:
+        raise RegistryError(f"invalid account name {name!r}: use {INSTANCE_NAME_RULE}")
+    return name
+
+
 def add_account(session: Session, name: str) -> Account:
+    check_account_name(name)
     if session.scalar(select(Account).where(Account.name == name)) is not None:
         raise RegistryError(f"account {name!r} already exists")
     account = Account(name=name)
@@ -115,8 +127,11 @@ def find_instance_by_phone_number_id(session: Session, phone_number_id: str) -> 
 
 
 def set_connected(session: Session, name: str, connected: bool) -> Instance:
+    """The operator connects NAME (forgetting why it was disconnected) or disconnects it."""
     instance = get_instance(session, name)
     instance.connected = connected
+    instance.disconnected_reason = None if connected else OPERATOR_DISCONNECT
+    instance.disconnected_at = None if connected else utcnow()
     return instance
 
 
@@ -130,12 +145,19 @@ def create_token(
     instance: str | None = None,
     account: str | None = None,
     label: str | None = None,
+    rate_limit: str | None = None,
 ) -> str:
-    """Create an API token and return it in clear. Only its hash is stored: show it once."""
+    """Create an API token and return it in clear. Only its hash is stored: show it once.
+
+    ``rate_limit`` ("1000/minute"): the archive API's limit for this token instead of the
+    deployment's ``INGEST_API_RATE_LIMIT``.
+    """
     if (instance is None) == (account is None):
         raise RegistryError("a token belongs to exactly one instance or one account")
+    if rate_limit is not None:
+        rate_limit = check_rate_limit(rate_limit)
     token = secrets.token_urlsafe(32)
-    row = ApiToken(token_hash=hash_secret(token), label=label)
+    row = ApiToken(token_hash=hash_secret(token), label=label, rate_limit=rate_limit)
     if instance is not None:
         row.instance_id = get_instance(session, instance).id
     else:
@@ -144,6 +166,67 @@ def create_token(
     session.add(row)
     session.flush()
     return token
+
+
+def check_rate_limit(value: str) -> str:
+    """``value`` stripped, if ``limits`` reads it as one positive limit."""
+    try:
+        parse_limit(value)
+    except ValueError as exc:
+        raise RegistryError(str(exc)) from None
+    return value.strip()
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """What may be shown about a token: never the token, nor its hash."""
+
+    id: int
+    label: str | None
+    scope: str  # "instance <name>" or "account <name>"
+    created_at: datetime
+    rate_limit: str | None  # None: the deployment's
+
+
+def list_tokens(
+    session: Session, *, instance: str | None = None, account: str | None = None
+) -> list[TokenInfo]:
+    """Tokens in creation order. ``instance``: those that can read it (its own and its
+    account's). ``account``: the account's own and its instances'."""
+    query = (
+        select(ApiToken, Instance.name, Account.name)
+        .outerjoin(Instance, ApiToken.instance_id == Instance.id)
+        .outerjoin(Account, ApiToken.account_id == Account.id)
+        .order_by(ApiToken.id)
+    )
+    if instance is not None:
+        target = get_instance(session, instance)
+        query = query.where(
+            or_(ApiToken.instance_id == target.id, ApiToken.account_id == target.account_id)
+        )
+    if account is not None:
+        owner = get_account(session, account)
+        query = query.where(or_(ApiToken.account_id == owner.id, Instance.account_id == owner.id))
+    return [
+        TokenInfo(
+            id=row.id,
+            label=row.label,
+            scope=f"instance {instance_name}" if instance_name else f"account {account_name}",
+            created_at=row.created_at,
+            rate_limit=row.rate_limit,
+        )
+        for row, instance_name, account_name in session.execute(query)
+    ]
+
+
+def revoke_token(session: Session, token_id: int) -> ApiToken:
+    """Delete the token: the archive API refuses it from the next request on."""
+    row = session.get(ApiToken, token_id)
+    if row is None:
+        raise RegistryError(f"no token with id {token_id}")
+    session.delete(row)
+    session.flush()
+    return row
 
 
 def token_reaches(session: Session, token: str, instance: Instance) -> bool:

@@ -5,6 +5,9 @@ stream of base64 chunks. ``webhook/archive.py`` only translates HTTP to these ca
 
 Order of checks, when several fail: missing instance name or ``messageId`` (400), then the
 token (401), then the instance (404), then its connection (503), then the message (404).
+The connection matters only for media not yet stored: what is stored is served whatever the
+instance's state, since the archive exists to outlive the provider (a provider 401 marks an
+instance disconnected, and must not hide what was archived before it).
 A token must be valid before we say whether an instance exists: an instance token answers
 401 for every other name, known or not; an account token answers 404 for every name outside
 its account, known or not, so no token learns the names of instances it cannot reach.
@@ -171,12 +174,6 @@ def require_parameters(instance_name: str | None, message_id: str | None) -> tup
     return name, message
 
 
-def authorize(session: Session, token: str | None, instance_name: str) -> Instance:
-    """The instance ``token`` may read, or the 401/404/503 that applies (in that order)."""
-    found = _lookup(session, token, instance_name, None, name_known=_printable(instance_name))
-    return _check_reach(found)[0]
-
-
 def find_record(
     session: Session, token: str | None, instance_name: str | None, message_id: str | None
 ) -> MediaRecord:
@@ -196,9 +193,12 @@ def find_record(
         message_known=_printable(message_id),
     )
     instance, item = _check_reach(found)
-    if item is None:
+    record = None if item is None else MediaRecord.of(item, instance)
+    if not instance.connected and (record is None or not record.available):
+        raise ArchiveError(503, NOT_CONNECTED)
+    if record is None:
         raise ArchiveError(404, NO_MEDIA)
-    return MediaRecord.of(item, instance)
+    return record
 
 
 _Found = tuple[ApiToken, Instance | None, MediaItem | None]
@@ -214,7 +214,7 @@ def _lookup(
     session: Session,
     token: str | None,
     instance_name: str,
-    message_id: str | None,
+    message_id: str,
     *,
     name_known: bool = True,
     message_known: bool = True,
@@ -229,23 +229,22 @@ def _lookup(
         raise ArchiveError(401, INVALID_TOKEN)
     digest = hash_secret(token)
     instance_on: ColumnElement[bool] = Instance.name == instance_name if name_known else false()
+    message_on: ColumnElement[bool] = (
+        and_(MediaItem.instance_id == Instance.id, MediaItem.message_id == message_id)
+        if message_known
+        else false()
+    )
     query = (
-        select(ApiToken, Instance)
+        select(ApiToken, Instance, MediaItem)
         .select_from(ApiToken)
         .outerjoin(Instance, instance_on)
+        .outerjoin(MediaItem, message_on)
         .where(ApiToken.token_hash == digest)
     )
-    if message_id is not None:
-        message_on: ColumnElement[bool] = (
-            and_(MediaItem.instance_id == Instance.id, MediaItem.message_id == message_id)
-            if message_known
-            else false()
-        )
-        query = query.add_columns(MediaItem).outerjoin(MediaItem, message_on)
     row: Sequence[Any] | None = session.execute(query).first()
     if row is None or not hmac.compare_digest(row[0].token_hash, digest):
         raise ArchiveError(401, INVALID_TOKEN)
-    return row[0], row[1], (row[2] if message_id is not None else None)
+    return row[0], row[1], row[2]
 
 
 def _check_reach(found: _Found) -> tuple[Instance, MediaItem | None]:
@@ -258,8 +257,6 @@ def _check_reach(found: _Found) -> tuple[Instance, MediaItem | None]:
         # An account token sees its own account only; another account's instance is as
         # unknown to it as a name nobody registered.
         raise ArchiveError(404, INSTANCE_NOT_FOUND)
-    if not instance.connected:
-        raise ArchiveError(503, NOT_CONNECTED)
     return instance, item
 
 

@@ -45,6 +45,11 @@ BUDGET_BLOCKED = Counter(
     "Provider calls not made because the number's error budget was spent.",
     ["budget"],
 )
+INSTANCE_DISCONNECTS = Counter(
+    "ingest_instance_disconnects_total",
+    "Instances marked disconnected by a worker, by provider and reason code (an outcome).",
+    ["provider", "reason"],
+)
 DEPENDENCY_UP = Gauge(
     "ingest_dependency_up",
     "1 if the dependency answered the last readiness check of a live process, else 0.",

@@ -121,6 +121,10 @@ class Instance(Base):
     webhook_secret_header: Mapped[str | None] = mapped_column(String(100), nullable=True)
     webhook_secret_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     connected: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Why and when the instance was last marked disconnected (by a worker that met a 401, or
+    # by the operator); both cleared when it is connected again.
+    disconnected_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    disconnected_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     account: Mapped[Account] = relationship(back_populates="instances")
@@ -142,6 +146,9 @@ class ApiToken(Base):
         ForeignKey("instances.id"), nullable=True, index=True
     )
     label: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # The archive API's limit for this token in ``limits`` notation ("1000/minute"); None
+    # means the deployment's INGEST_API_RATE_LIMIT.
+    rate_limit: Mapped[str | None] = mapped_column(String(100), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (
@@ -226,6 +233,26 @@ class ErrorBudgetEvent(Base):
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     # False while the call is in flight (a reservation), True once it was an error.
     confirmed: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class ApiRateHit(Base):
+    """One archive API request counted against its token's moving window.
+
+    Used by the SQL-backed rate limit when no Redis is configured, so that every web process
+    of a deployment shares one window per token.
+    """
+
+    __tablename__ = "api_rate_hits"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The token's hash and its limit (``limits``' key), never the token itself.
+    rate_key: Mapped[str] = mapped_column(String(200))
+    hit_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # When the hit leaves its window: what the prune of quiet tokens' hits goes by, whatever
+    # each token's period.
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+    __table_args__ = (Index("ix_api_rate_hits_key_hit_at", "rate_key", "hit_at"),)
 
 
 class MaintenanceTurn(Base):

@@ -798,9 +798,30 @@ class Pipeline:
                 .execution_options(synchronize_session=False)
             )
             if decision.disconnect:
-                session.execute(
-                    update(Instance).where(Instance.id == work.instance_id).values(connected=False)
+                # Only the attempt that flips the instance says so: other rows of the same
+                # instance often meet the same 401 moments later.
+                reason = str(failure.outcome)
+                flipped = session.execute(
+                    update(Instance)
+                    .where(Instance.id == work.instance_id, Instance.connected.is_(True))
+                    .values(
+                        connected=False,
+                        disconnected_reason=_short(f"{reason}: {failure.detail}"),
+                        disconnected_at=now,
+                    )
                 )
+                if getattr(flipped, "rowcount", 0) == 1:
+                    metrics.INSTANCE_DISCONNECTS.labels(
+                        work.credentials.provider.value, reason
+                    ).inc()
+                    log.warning(
+                        "instance %s disconnected (%s: %s): no provider calls for it until "
+                        "`ingest instance connect %s`; stored media is still served",
+                        work.instance_name,
+                        reason,
+                        _short(failure.detail),
+                        work.instance_name,
+                    )
         return AttemptResult(
             work.id,
             decision.outcome,

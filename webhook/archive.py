@@ -19,11 +19,11 @@ from flask.blueprints import BlueprintSetupState
 from ingest import archive, metrics
 from ingest.archive import ArchiveError, MediaRecord
 from ingest.db import DATABASE_DOWN, READ_ONLY_OPTION
-from ingest.rate_limit import Decision, RateLimiter
+from ingest.rate_limit import Decision, RateLimiter, TokenLimits
 from ingest.services import Services
 from ingest.storage import StorageError
 from webhook import openapi
-from webhook.errors import error_response
+from webhook.errors import error_response, json_response
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ bp = Blueprint("archive", __name__)
 
 API_PREFIX = "/api/chat/"
 LIMITER = "ingest.rate_limiter"
+TOKEN_LIMITS = "ingest.token_limits"  # noqa: S105 - an extension name, not a secret
 RAW_CHUNK_BYTES = 256 * 1024
 # Outages of the database or the store are usually brief (a failover, a pool refilled).
 RETRY_AFTER = {"Retry-After": "5"}
@@ -50,18 +51,25 @@ def _build_limiter(state: BlueprintSetupState) -> None:
         services.settings.api_rate_limit,
         redis=services.redis,
         prefix=services.settings.redis_prefix,
+        sessions=services.sessions,
     )
+    state.app.extensions[TOKEN_LIMITS] = TokenLimits(services.sessions)
 
 
 @bp.before_request
 def _rate_limit() -> Response | None:
     if not request.path.startswith(API_PREFIX):
         return None
+    limiter: RateLimiter = current_app.extensions[LIMITER]
     token = _token()
     if token is None:
-        return None  # answered 400/401 without touching the database
-    limiter: RateLimiter = current_app.extensions[LIMITER]
-    decision = limiter.hit(archive.token_key(token))
+        # Answered 400/401 without touching the database, and charged to nobody: the
+        # headers describe the deployment's limit, untouched.
+        g.rate_limit = limiter.unmetered()
+        return None
+    key = archive.token_key(token)
+    token_limits: TokenLimits = current_app.extensions[TOKEN_LIMITS]
+    decision = limiter.hit(key, token_limits.for_token(key))
     g.rate_limit = decision
     if not decision.allowed:
         return error_response(429, "Too many requests", {"Retry-After": str(decision.retry_after)})
@@ -74,6 +82,7 @@ def _annotate(response: Response) -> Response:
     if decision is not None:
         response.headers["X-RateLimit-Limit"] = str(decision.limit)
         response.headers["X-RateLimit-Remaining"] = str(decision.remaining)
+        response.headers["X-RateLimit-Reset"] = str(decision.reset)
     if request.path.startswith(API_PREFIX):
         # Answers depend on who asks: a shared cache must key on the credentials.
         response.vary.update(("token", "Authorization"))
@@ -131,7 +140,7 @@ def find_message(instance: str | None = None) -> Response:
         record = _find(services, instance)
     except ArchiveError as exc:
         return error_response(exc.status, exc.message, exc.headers)
-    response = jsonify(archive.metadata(record))
+    response = json_response(archive.metadata(record))
     # The state changes until the row is terminal: always ask again.
     response.headers["Cache-Control"] = "no-store"
     return response

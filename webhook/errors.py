@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import traceback
+from typing import Any
 
-from flask import Response, jsonify
+from flask import Response
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
 
 
+def json_response(body: dict[str, Any], status: int = 200) -> Response:
+    """``body`` as JSON in the order it was written: the seed's documents put ``success``
+    first, and Flask's ``jsonify`` sorts keys (its provider's default)."""
+    # Otherwise as jsonify writes it: compact, ASCII-only, one trailing newline.
+    text = json.dumps(body, ensure_ascii=True, separators=(",", ":"))
+    return Response(f"{text}\n", status=status, mimetype="application/json")
+
+
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    response = jsonify({"success": False, "error": {"message": message}})
-    response.status_code = status
+    response = json_response({"success": False, "error": {"message": message}}, status)
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response

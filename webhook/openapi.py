@@ -45,6 +45,36 @@ def _retry_after(description: str) -> dict[str, Any]:
     }
 
 
+# On every archive answer, errors and 304s included. A request that presents no token is
+# charged to nobody: its answer describes the deployment's limit, untouched.
+RATE_LIMIT_HEADERS: dict[str, Any] = {
+    "X-RateLimit-Limit": {
+        "description": "Requests allowed per window for this token (its own limit, else "
+        "the deployment's).",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 1},
+    },
+    "X-RateLimit-Remaining": {
+        "description": "Requests left in the window, this one counted.",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 0},
+    },
+    "X-RateLimit-Reset": {
+        "description": "When the moving window next frees a request (its oldest counted "
+        "request leaves it), in Unix epoch seconds; on a 429, when to come back.",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 0},
+    },
+}
+
+
+def _with_rate_limit_headers(responses: dict[str, Any]) -> dict[str, Any]:
+    return {
+        status: {**answer, "headers": {**answer.get("headers", {}), **RATE_LIMIT_HEADERS}}
+        for status, answer in responses.items()
+    }
+
+
 _INSTANCE_PARAM = {
     "name": "instance",
     "in": "path",
@@ -77,9 +107,13 @@ def _archive_errors(*, with_413: bool = False) -> dict[str, Any]:
         ),
         "401": _error(f"`{archive.INVALID_TOKEN}`: missing, unknown, or not valid here."),
         "404": _error(f"`{archive.INSTANCE_NOT_FOUND}` or `{archive.NO_MEDIA}`."),
-        "429": _retry_after("Over the per-token rate limit."),
+        "429": _retry_after(
+            "Over the token's rate limit (a moving window; 100 a minute unless the "
+            "deployment or the token says otherwise)."
+        ),
         "503": _retry_after(
-            f"`{archive.NOT_CONNECTED}`, or the database or storage is unavailable "
+            f"`{archive.NOT_CONNECTED}` (for media not yet stored: stored media is served "
+            "whatever the connection state), or the database or storage is unavailable "
             "(those two with `Retry-After`)."
         ),
     }
@@ -106,7 +140,7 @@ def _archive_operation(
             "tags": ["archive"],
             "security": ARCHIVE_SECURITY,
             "parameters": parameters,
-            "responses": responses,
+            "responses": _with_rate_limit_headers(responses),
         }
     }
 
@@ -191,10 +225,9 @@ def _archive_paths() -> dict[str, Any]:
                     "tags": ["archive"],
                     "security": ARCHIVE_SECURITY,
                     "parameters": [{**_MESSAGE_ID_PARAM, "required": False}],
-                    "responses": {
-                        **missing,
-                        "429": _retry_after("Over the per-token rate limit."),
-                    },
+                    "responses": _with_rate_limit_headers(
+                        {**missing, "429": _retry_after("Over the per-token rate limit.")}
+                    ),
                 }
             }
     return paths
@@ -411,7 +444,10 @@ def build_document() -> dict[str, Any]:
             "title": "WhatsApp media ingestion",
             "version": "0.1.0",
             "description": "Webhook receiver for WhatsApp Business media, and the archive "
-            "API that serves the stored media back (`media-as-base64-api`).",
+            "API that serves the stored media back (`media-as-base64-api`). The archive API "
+            "is rate limited per token over a moving window shared by every web process; "
+            "every answer carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and "
+            "`X-RateLimit-Reset` (Unix epoch seconds), a 429 also `Retry-After`.",
         },
         "tags": [
             {"name": "archive", "description": "Stored media, per instance and message id."},

@@ -120,3 +120,74 @@ def test_instance_names_that_break_urls_or_keys_are_refused(session: Session, na
         make_instance(session, name=name)
     # Counted, not looked up by name: PostgreSQL refuses a NUL in a query parameter.
     assert session.scalars(select(Instance)).all() == []
+
+
+def test_disconnect_records_why_and_when_and_connect_clears_both(session: Session) -> None:
+    make_instance(session, name="shop")
+    instance = accounts.set_connected(session, "shop", False)
+    assert instance.disconnected_reason == "operator"
+    assert instance.disconnected_at is not None
+    instance = accounts.set_connected(session, "shop", True)
+    assert (instance.connected, instance.disconnected_reason, instance.disconnected_at) == (
+        True,
+        None,
+        None,
+    )
+
+
+@pytest.mark.parametrize("name", ["acme", "default-2", "a.b_c"])
+def test_plain_account_names_are_accepted(session: Session, name: str) -> None:
+    assert accounts.add_account(session, name).name == name
+
+
+@pytest.mark.parametrize("name", ["", ".acme", "a/b", "my account", "acmé", "x" * 101])
+def test_account_names_follow_the_instance_name_rule(session: Session, name: str) -> None:
+    with pytest.raises(accounts.RegistryError, match="invalid account name"):
+        accounts.add_account(session, name)
+
+
+def test_a_token_keeps_its_own_rate_limit(session: Session) -> None:
+    make_instance(session, name="shop")
+    accounts.create_token(session, instance="shop", rate_limit=" 1000/minute ")
+    accounts.create_token(session, instance="shop")
+    stored = session.scalars(select(ApiToken.rate_limit).order_by(ApiToken.id)).all()
+    assert stored == ["1000/minute", None]
+
+
+@pytest.mark.parametrize("bad", ["fast", "0/minute", "1/second;10/minute"])
+def test_a_bad_rate_limit_is_refused_before_anything_is_stored(session: Session, bad: str) -> None:
+    make_instance(session, name="shop")
+    with pytest.raises(accounts.RegistryError, match="rate limit"):
+        accounts.create_token(session, instance="shop", rate_limit=bad)
+    assert session.scalars(select(ApiToken)).all() == []
+
+
+def test_tokens_are_listed_by_what_they_reach_and_revoked_by_id(session: Session) -> None:
+    accounts.add_account(session, "acme")
+    shop = make_instance(session, name="shop")
+    make_instance(session, name="store", account="acme")
+    accounts.create_token(session, instance="shop", label="shop's")
+    accounts.create_token(session, account=accounts.DEFAULT_ACCOUNT, label="default's")
+    accounts.create_token(session, instance="store", label="store's")
+    accounts.create_token(session, account="acme", label="acme's", rate_limit="5/second")
+
+    def labels(**scope: str) -> list[str | None]:
+        return [t.label for t in accounts.list_tokens(session, **scope)]
+
+    assert labels() == ["shop's", "default's", "store's", "acme's"]
+    assert labels(instance="shop") == ["shop's", "default's"]
+    assert labels(account="acme") == ["store's", "acme's"]
+    listed = accounts.list_tokens(session, account="acme")
+    assert [(t.scope, t.rate_limit) for t in listed] == [
+        ("instance store", None),
+        ("account acme", "5/second"),
+    ]
+    with pytest.raises(accounts.RegistryError, match="no instance"):
+        accounts.list_tokens(session, instance="nowhere")
+
+    revoked = accounts.revoke_token(session, listed[0].id)
+    assert revoked.label == "store's"
+    assert labels(account="acme") == ["acme's"]
+    with pytest.raises(accounts.RegistryError, match=f"no token with id {listed[0].id}"):
+        accounts.revoke_token(session, listed[0].id)
+    assert shop.id  # the instance itself is untouched

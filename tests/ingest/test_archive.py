@@ -1,28 +1,22 @@
-"""The archive lookup rules without HTTP: checks and their order, base64 chunks, the limiter."""
+"""The archive lookup rules without HTTP: checks and their order, base64 chunks, names."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
-import logging
 import re
-from pathlib import Path
 from typing import Any
 
-import limits.storage.memory
-import limits.storage.redis
 import pytest
-import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-from ingest import accounts, archive, rate_limit
+from ingest import accounts, archive
 from ingest.archive import ArchiveError, MediaRecord
 from ingest.models import MediaState
-from ingest.rate_limit import RateLimiter, redis_storage
 from ingest.storage import StorageIntegrityError
 from tests.factories import make_instance, make_media_item
 
@@ -248,6 +242,7 @@ def test_order_of_checks(session: Session) -> None:
     account_token = accounts.create_token(session, account=accounts.DEFAULT_ACCOUNT)
     shop_token = accounts.create_token(session, instance=shop.name)
     stored = make_media_item(session, shop, state=MediaState.STORED, storage_key="k", size=1)
+    pending = make_media_item(session, shop)
 
     assert outcome(session, account_token, shop.name, stored.message_id) == (200, "ok")
     assert outcome(session, None, shop.name, "x") == (401, archive.INVALID_TOKEN)
@@ -258,11 +253,17 @@ def test_order_of_checks(session: Session) -> None:
     assert outcome(session, account_token, shop.name, "x") == (404, archive.NO_MEDIA)
     shop.connected = False
     session.flush()
+    # Disconnected: what is not stored yet is 503, still after the token and the instance.
     assert outcome(session, account_token, shop.name, "x") == (503, archive.NOT_CONNECTED)
-    assert outcome(session, shop_token, shop.name, stored.message_id) == (
+    assert outcome(session, account_token, shop.name, pending.message_id) == (
         503,
         archive.NOT_CONNECTED,
     )
+    assert outcome(session, "forged", shop.name, "x") == (401, archive.INVALID_TOKEN)
+    assert outcome(session, shop_token, other.name, "x") == (401, archive.INVALID_TOKEN)
+    # What is stored outlives the provider: served whatever the connection state.
+    assert outcome(session, shop_token, shop.name, stored.message_id) == (200, "ok")
+    assert outcome(session, account_token, shop.name, stored.message_id) == (200, "ok")
 
 
 def test_control_characters_never_reach_the_database(session: Session) -> None:
@@ -327,97 +328,3 @@ def test_account_token_of_another_account_sees_no_instance(session: Session) -> 
     theirs = make_instance(session, account="elsewhere")
     mine = accounts.create_token(session, account=accounts.DEFAULT_ACCOUNT)
     assert outcome(session, mine, theirs.name, "x") == (404, archive.INSTANCE_NOT_FOUND)
-
-
-# --- the rate limiter --------------------------------------------------------------------
-
-
-def test_limiter_counts_per_token_and_shares_through_redis(
-    redis_client: Any, redis_prefix: str
-) -> None:
-    one = RateLimiter.from_parts("3/minute", redis=redis_client, prefix=redis_prefix)
-    two = RateLimiter.from_parts("3/minute", redis=redis_client, prefix=redis_prefix)
-    try:
-        decisions = [one.hit("h1"), two.hit("h1"), one.hit("h1"), two.hit("h1")]
-        assert [d.allowed for d in decisions] == [True, True, True, False]
-        assert [d.remaining for d in decisions] == [2, 1, 0, 0]
-        assert decisions[0].retry_after == 0
-        assert 1 <= decisions[-1].retry_after <= 60
-        assert one.hit("h2").allowed
-        keys = sorted(key.decode() for key in redis_client.keys(f"{redis_prefix}:*"))
-        assert [key.split("/")[1] for key in keys] == ["h1", "h2"]
-        assert all(key.startswith(f"{redis_prefix}:api-rate:") for key in keys)
-        assert all(0 < redis_client.ttl(key) <= 60 for key in keys)
-    finally:
-        for key in redis_client.keys(f"{redis_prefix}:*"):
-            redis_client.delete(key)
-
-
-def test_limiter_in_memory_without_redis() -> None:
-    limiter = RateLimiter.from_parts("2/minute", redis=None, prefix="unused")
-    assert [limiter.hit("h").allowed for _ in range(3)] == [True, True, False]
-    assert limiter.hit("other").allowed
-
-
-class Clock:
-    """Stands in for the ``time`` module where the limiter and its storages read the time."""
-
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def time(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    clock = Clock()
-    for module in (rate_limit, limits.storage.memory, limits.storage.redis):
-        monkeypatch.setattr(module, "time", clock)
-    return clock
-
-
-def assert_window_moves_hit_by_hit(limiter: RateLimiter, clock: Clock) -> None:
-    """A 2/minute limit, hits at 0 s and 30 s."""
-    assert limiter.hit("h").allowed
-    clock.now += 30
-    assert limiter.hit("h").allowed
-    clock.now += 29
-    refused = limiter.hit("h")
-    # Refused until the first hit is a minute old, not until a window boundary.
-    assert (refused.allowed, refused.remaining, refused.retry_after) == (False, 0, 1)
-    clock.now += 2
-    # Only the first hit left the window: one request fits (at 61 s), and the next waits
-    # for the 30 s hit to age out.
-    assert limiter.hit("h").allowed
-    again = limiter.hit("h")
-    assert (again.allowed, again.retry_after) == (False, 29)
-
-
-def test_limiter_window_moves_hit_by_hit_in_memory(clock: Clock) -> None:
-    limiter = RateLimiter.from_parts("2/minute", redis=None, prefix="unused")
-    assert_window_moves_hit_by_hit(limiter, clock)
-
-
-def test_limiter_window_moves_hit_by_hit_in_redis(
-    clock: Clock, redis_client: Any, redis_prefix: str
-) -> None:
-    limiter = RateLimiter.from_parts("2/minute", redis=redis_client, prefix=redis_prefix)
-    try:
-        assert_window_moves_hit_by_hit(limiter, clock)
-    finally:
-        for key in redis_client.keys(f"{redis_prefix}:*"):
-            redis_client.delete(key)
-
-
-def test_limiter_fails_open_with_a_warning_when_redis_is_down(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    down = redis.Redis(unix_socket_path=str(tmp_path / "no-redis.sock"))
-    limiter = RateLimiter(redis_storage(down, prefix="p"), "1/minute")
-    with caplog.at_level(logging.WARNING, logger="ingest.rate_limit"):
-        decisions = [limiter.hit("secret-hash") for _ in range(3)]
-    assert all(d.allowed and d.remaining == 1 for d in decisions)
-    assert len(caplog.records) == 3
-    assert all("request allowed" in r.getMessage() for r in caplog.records)
-    down.close()

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -612,6 +612,80 @@ def test_401_from_the_lookup_disconnects_the_instance_and_retries_later(env: Env
         instance.connected = True
     env.make_due(item_id)
     assert env.pipeline.run(item_id).outcome == "stored"
+
+
+def _disconnects_counted(provider: str, reason: str) -> float:
+    for family in metrics.INSTANCE_DISCONNECTS.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels == {
+                "provider": provider,
+                "reason": reason,
+            }:
+                return sample.value
+    return 0.0
+
+
+def test_an_automatic_disconnect_is_loud_recorded_and_counted(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    for media_id in ("auth-1", "auth-2"):
+        env.provider.add(media_id, jpeg())
+        env.provider.lookup_errors.append(
+            ProviderAuthError("Invalid OAuth access token", endpoint="lookup", status=401)
+        )
+    first, second = env.item("auth-1", fresh=False), env.item("auth-2", fresh=False)
+    counted = _disconnects_counted("cloud", "instance_unauthorized")
+    with caplog.at_level(logging.INFO, logger="ingest.pipeline"):
+        env.pipeline.run(first)
+        # A second 401 in flight when the first disconnected the instance changes nothing.
+        with env.sessions.begin() as session:
+            session.execute(
+                update(Instance).where(Instance.id == env.instance_id).values(connected=True)
+            )
+        env.pipeline.run(second)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2  # one per transition from connected to disconnected
+    message = warnings[0].getMessage()
+    assert "disconnected" in message and "instance_unauthorized" in message
+    assert "HTTP 401" in message
+    with env.sessions() as session:
+        instance = session.get(Instance, env.instance_id)
+        assert instance is not None and not instance.connected
+        assert instance.disconnected_reason is not None
+        assert instance.disconnected_reason.startswith("instance_unauthorized: lookup HTTP 401")
+        assert instance.disconnected_at == env.clock()
+    assert _disconnects_counted("cloud", "instance_unauthorized") == counted + 2
+
+
+def test_an_instance_already_disconnected_is_not_disconnected_again(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rows claimed before the disconnect finish their 401s later: one warning is enough."""
+    env.provider.add("auth", jpeg())
+    env.provider.lookup_errors.append(ProviderAuthError("401", endpoint="lookup", status=401))
+    item_id = env.item("auth", fresh=False)
+    with env.sessions.begin() as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.id == env.instance_id)
+            .values(connected=False, disconnected_reason="operator", disconnected_at=utcnow())
+        )
+    # Claimed as connected (the row was read before the operator's change).
+    real_claim = env.pipeline.claim
+
+    def claim_as_connected(*args: Any, **kwargs: Any) -> Any:
+        work = real_claim(*args, **kwargs)
+        return None if work is None else replace(work, connected=True)
+
+    env.pipeline.claim = claim_as_connected  # type: ignore[method-assign]
+    counted = _disconnects_counted("cloud", "instance_unauthorized")
+    with caplog.at_level(logging.WARNING, logger="ingest.pipeline"):
+        assert env.pipeline.run(item_id).outcome == "instance_unauthorized"
+    assert not [r for r in caplog.records if "disconnected" in r.getMessage()]
+    with env.sessions() as session:
+        instance = session.get(Instance, env.instance_id)
+        assert instance is not None and instance.disconnected_reason == "operator"
+    assert _disconnects_counted("cloud", "instance_unauthorized") == counted
 
 
 def test_404_from_the_lookup_after_the_url_went_stale_fails(env: Env) -> None:

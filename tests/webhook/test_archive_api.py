@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -373,11 +374,33 @@ def test_503_database_unavailable_says_when_to_retry(
 
 
 def test_503_instance_not_connected(api: Archive) -> None:
-    message_id = api.store()
+    pending = api.row(state=MediaState.PENDING)
+    failed = api.row(state=MediaState.FAILED, failure_reason="provider_error")
     with api.services.sessions.begin() as session:
         accounts.set_connected(session, api.instance, False)
-    response = api.get(b64_path(api.instance, message_id), api.account_token)
-    assert error_of(response) == (503, "Instance is not connected to WhatsApp")
+    for message_id in (pending, failed, "wamid.UNKNOWN"):
+        for route in ("base64", "find-message", "media"):
+            response = api.get(
+                f"/api/chat/{route}/{api.instance}?messageId={message_id}", api.account_token
+            )
+            assert error_of(response) == (503, "Instance is not connected to WhatsApp")
+
+
+@pytest.mark.parametrize("route", ["base64", "find-message", "media"])
+def test_stored_media_is_served_whatever_the_connection_state(api: Archive, route: str) -> None:
+    """The archive exists so that media outlives the provider: one 401 must not hide it."""
+    message_id = api.store()
+    path = f"/api/chat/{route}/{api.instance}?messageId={message_id}"
+    before = api.get(path, api.instance_token)
+    with api.services.sessions.begin() as session:
+        accounts.set_connected(session, api.instance, False)
+    after = api.get(path, api.instance_token)
+    assert (before.status_code, after.status_code) == (200, 200)
+    assert after.data == before.data
+    etag = after.headers.get("ETag")
+    if etag is not None:
+        again = api.get(path, api.instance_token, **{"If-None-Match": etag})
+        assert again.status_code == 304
 
 
 # --- which error wins --------------------------------------------------------------------
@@ -695,7 +718,126 @@ def test_rate_limit_is_shared_by_two_apps_through_redis(
         second.close()
 
 
-def test_rate_limit_covers_every_archive_route_in_memory(
+def test_rate_limit_is_shared_by_two_apps_without_redis(
+    make_settings: Any, database_url: str
+) -> None:
+    """The embedded default too: two web processes on one database share one window."""
+    settings: Settings = make_settings(database_url=database_url, api_rate_limit="4/minute")
+    first = Services.from_settings(settings)
+    second = Services.from_settings(settings)
+    try:
+        api = build_archive(first)
+        other = create_app(services=second, scheduler=RecordingScheduler()).test_client()
+        message_id = api.store()
+        path = b64_path(api.instance, message_id)
+        headers = {"token": api.account_token}
+        answers = [
+            client.get(path, headers=headers, buffered=True).status_code
+            for client in (api.client, other, api.client, other, api.client, other)
+        ]
+        assert answers == [200, 200, 200, 200, 429, 429]
+        assert api.get(path, api.instance_token).status_code == 200
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_token_s_own_rate_limit_applies_to_it(make_settings: Any, database_url: str) -> None:
+    services = Services.from_settings(
+        make_settings(database_url=database_url, api_rate_limit="2/minute")
+    )
+    try:
+        api = build_archive(services)
+        with services.sessions.begin() as session:
+            fast = accounts.create_token(session, instance=api.instance, rate_limit="5/minute")
+        message_id = api.store()
+        path = b64_path(api.instance, message_id)
+        answers = [api.get(path, fast) for _ in range(6)]
+        assert [a.status_code for a in answers] == [200] * 5 + [429]
+        assert {a.headers["X-RateLimit-Limit"] for a in answers} == {"5"}
+        assert [a.headers["X-RateLimit-Remaining"] for a in answers] == [
+            "4",
+            "3",
+            "2",
+            "1",
+            "0",
+            "0",
+        ]
+        # Tokens without a limit of their own keep the deployment's.
+        plain = [api.get(path, api.instance_token) for _ in range(3)]
+        assert [a.status_code for a in plain] == [200, 200, 429]
+        assert plain[0].headers["X-RateLimit-Limit"] == "2"
+    finally:
+        services.close()
+
+
+def test_every_answer_says_when_the_window_resets(lite: Archive) -> None:
+    stored = lite.store()
+    good = b64_path(lite.instance, stored)
+    now = time.time()
+    answers = {
+        "200": lite.get(good, lite.account_token),
+        "304": None,
+        "400 with a token": lite.get("/api/chat/base64/?messageId=x", lite.account_token),
+        "400 without": lite.get("/api/chat/base64/?messageId=x"),
+        "401 forged": lite.get(good, "forged"),
+        "401 without": lite.get(good),
+        "404": lite.get(b64_path(lite.instance, "wamid.NONE"), lite.account_token),
+        "media 200": lite.get(media_path(lite, stored), lite.account_token),
+        "find 200": lite.get(
+            f"/api/chat/find-message/{lite.instance}?messageId={stored}", lite.account_token
+        ),
+    }
+    answers["304"] = lite.get(
+        good, lite.account_token, **{"If-None-Match": answers["200"].headers["ETag"]}
+    )
+    for name, response in answers.items():
+        assert response is not None
+        assert {"X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"} <= set(
+            response.headers.keys()
+        ), name
+        reset = response.headers["X-RateLimit-Reset"]
+        assert reset.isdigit(), (name, reset)
+        assert now - 1 <= int(reset) <= now + 61, (name, reset)
+    assert answers["304"].status_code == 304
+    assert answers["404"].status_code == 404
+
+
+def test_a_429_says_when_the_window_resets(make_settings: Any, sqlite_url: str) -> None:
+    services = Services.from_settings(
+        make_settings(database_url=sqlite_url, api_rate_limit="1/minute")
+    )
+    try:
+        api = build_archive(services)
+        path = b64_path(api.instance, api.store())
+        first = api.get(path, api.account_token)
+        refused = api.get(path, api.account_token)
+        assert (first.status_code, refused.status_code) == (200, 429)
+        reset = int(refused.headers["X-RateLimit-Reset"])
+        assert reset == int(first.headers["X-RateLimit-Reset"])
+        assert abs(reset - (time.time() + int(refused.headers["Retry-After"]))) <= 2
+        assert refused.headers["X-RateLimit-Remaining"] == "0"
+    finally:
+        services.close()
+
+
+def test_error_bodies_keep_the_seed_s_key_order(lite: Archive) -> None:
+    stored = lite.store()
+    for response in (
+        lite.get(b64_path(lite.instance, "wamid.NONE"), lite.account_token),
+        lite.get(b64_path(lite.instance, stored), "forged"),
+        lite.get("/api/chat/base64/?messageId=x", lite.account_token),
+        lite.client.post(b64_path(lite.instance, stored)),
+    ):
+        assert response.status_code >= 400
+        assert list(json.loads(response.data)) == ["success", "error"]
+    found = lite.get(
+        f"/api/chat/find-message/{lite.instance}?messageId={stored}", lite.account_token
+    )
+    assert list(json.loads(found.data))[:3] == ["success", "message", "instance"]
+
+
+def test_rate_limit_covers_every_archive_route_without_redis(
     make_settings: Any, sqlite_url: str
 ) -> None:
     services = Services.from_settings(

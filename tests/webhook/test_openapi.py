@@ -198,3 +198,19 @@ def test_every_archive_503_is_documented_with_retry_after(live: Live) -> None:
     for segment in ("base64", "find-message", "media"):
         unavailable = paths[f"/api/chat/{segment}/{{instance}}"]["get"]["responses"]["503"]
         assert "Retry-After" in unavailable["headers"]
+
+
+def test_every_archive_answer_documents_the_rate_limit_headers(live: Live) -> None:
+    paths = served_document(live.app)["paths"]
+    seen = 0
+    for path, item in paths.items():
+        if not path.startswith("/api/chat/"):
+            continue
+        for status, response in item["get"]["responses"].items():
+            headers = response.get("headers", {})
+            for name in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"):
+                assert name in headers, (path, status, name)
+                assert headers[name]["required"] is True
+            assert "epoch" in headers["X-RateLimit-Reset"]["description"]
+            seen += 1
+    assert seen > 20
