@@ -14,16 +14,14 @@ from typing import Any
 
 import click
 
+from cli.dependencies import LOG_FORMAT, warn_unreachable
 from ingest import migrate
 from ingest.queues import ALL_QUEUES
 from ingest.settings import Settings, load_settings
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=level, format=LOG_FORMAT)
 
 
 def _configure_multiprocess_metrics(var_dir: Path) -> None:
@@ -51,6 +49,7 @@ def web(host: str, port: int, workers: int | None) -> None:
     configure_logging(settings.log_level)
     settings.ensure_var_dir()
     _configure_multiprocess_metrics(settings.var_dir)
+    warn_unreachable(settings, "web")
 
     class _Gunicorn(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -98,6 +97,9 @@ def worker(queues: str, concurrency: int | None, pool: str | None, processes: in
     """
     settings = load_settings()
     settings.ensure_var_dir()
+    if _NODE_NAME not in os.environ:
+        # Once per `ingest worker`: its child processes (they have a node name) skip it.
+        warn_unreachable(settings, "worker")
     total = concurrency or settings.worker_concurrency
     count = min(processes or os.cpu_count() or 1, total)
     if count > 1:
@@ -258,6 +260,7 @@ def beat() -> None:
     """Run the beat scheduler (exactly one per deployment): the reconciler, every minute."""
     settings = load_settings()
     settings.ensure_var_dir()
+    warn_unreachable(settings, "beat")
     from tasks.worker import app
 
     app.start(

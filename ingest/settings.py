@@ -1,16 +1,20 @@
 """One settings object, built once from defaults plus ``INGEST_*`` environment variables.
 
-Every process (web, worker, beat, CLI) calls :func:`load_settings` at start-up. A bad value
-stops the process with one line naming the variable (:class:`ConfigError`), never a stack
-trace on the first request. Tests build :class:`Settings` explicitly instead.
+Every process (web, worker, beat, CLI) calls :func:`load_settings` at start-up. A bad value,
+or an ``INGEST_*`` name that is no setting (a typo), stops the process with one line naming
+the variable (:class:`ConfigError`), never a stack trace on the first request. Tests build
+:class:`Settings` explicitly instead.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -22,6 +26,39 @@ DEFAULT_MEDIA_HOSTS = (
     "lookaside.fbsbx.com",
     "waba-v2.360dialog.io",
 )
+
+
+# INGEST_* variables that are not settings, and who reads each. Any other INGEST_* name is a
+# typo and stops the process (INGEST_DATABSE_URL was once dropped silently: the service ran on
+# SQLite). A new variable read outside Settings goes here, with its reader.
+NOT_SETTINGS_PREFIXES = (
+    # The test suite: INGEST_TEST_DATABASE_URL, _REDIS_URL, _AMQP_URL, _REQUIRE_SERVICES
+    # (tests/conftest.py, tests/tasks/, .ci/run, the README's Development section).
+    "INGEST_TEST_",
+    # `ingest instance add`/`update`: a number's secrets, kept off the command line
+    # (cli/registry.py: _API_KEY, _APP_SECRET, _VERIFY_TOKEN, _WEBHOOK_SECRET).
+    "INGEST_INSTANCE_",
+)
+NOT_SETTINGS_NAMES = frozenset(
+    {
+        # Set by `ingest worker` for each of its child processes: the Celery node name
+        # (cli/service.py); the fault and outage tests set it for their workers too.
+        "INGEST_WORKER_NODE_NAME",
+        # The fault tests' report file (tests/faults/harness.py).
+        "INGEST_FAULTS_REPORT",
+    }
+)
+
+# Database schemes and the driver module each needs: only those that work are accepted.
+# Plain ``postgresql://`` is rewritten to psycopg 3, a dependency (the validators below):
+# SQLAlchemy 2.0 would pick psycopg2 for it, which is not.
+_DATABASE_DRIVERS = {
+    "sqlite": "sqlite3",
+    "postgresql": "psycopg",
+    "postgresql+psycopg": "psycopg",
+    "postgresql+psycopg2": "psycopg2",
+}
+_BROKER_SCHEMES = ("redis", "rediss", "amqp", "pyamqp", "memory")
 
 
 class ConfigError(Exception):
@@ -120,6 +157,17 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    @field_validator("database_url")
+    @classmethod
+    def _default_postgresql_driver(cls, value: str) -> str:
+        return _with_psycopg(value, "postgresql")
+
+    @field_validator("broker_url")
+    @classmethod
+    def _default_broker_postgresql_driver(cls, value: str) -> str:
+        # kombu hands what follows ``sqla+`` to SQLAlchemy's create_engine.
+        return _with_psycopg(value, "sqla+postgresql")
+
     @field_validator("media_hosts", mode="before")
     @classmethod
     def _parse_hosts(cls, value: Any) -> Any:
@@ -188,15 +236,12 @@ class Settings(BaseSettings):
             object.__setattr__(self, "storage_url", (var / "media").as_uri())
         if self.worker_heartbeat_file is None:
             object.__setattr__(self, "worker_heartbeat_file", var / "worker.heartbeat")
-        _check_scheme(
-            "database_url",
-            self.database_url,
-            ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2"),
-        )
+        database_schemes = _installed_database_schemes()
+        _check_scheme("database_url", self.database_url, database_schemes)
         _check_scheme(
             "broker_url",
             self.broker_url,
-            ("sqla+sqlite", "sqla+postgresql", "redis", "rediss", "amqp", "pyamqp", "memory"),
+            (*(f"sqla+{scheme}" for scheme in database_schemes), *_BROKER_SCHEMES),
         )
         _check_scheme("storage_url", self.storage_url, ("s3", "file"))
         if self.storage_url.startswith("s3:") and not urlsplit(self.storage_url).netloc:
@@ -220,17 +265,89 @@ class Settings(BaseSettings):
             Path(urlsplit(self.storage_url).path).mkdir(parents=True, exist_ok=True)
 
 
+def _with_psycopg(url: str, scheme: str) -> str:
+    if url.startswith(f"{scheme}://"):
+        return f"{scheme}+psycopg://" + url.removeprefix(f"{scheme}://")
+    return url
+
+
+def _installed_database_schemes() -> tuple[str, ...]:
+    """The database schemes whose driver can be imported: an accepted URL must work."""
+    return tuple(
+        scheme
+        for scheme, module in _DATABASE_DRIVERS.items()
+        if importlib.util.find_spec(module) is not None
+    )
+
+
 def _check_scheme(field: str, url: str, allowed: tuple[str, ...]) -> None:
     scheme = urlsplit(url).scheme
     if scheme not in allowed:
+        driver = _DATABASE_DRIVERS.get(scheme.removeprefix("sqla+"))
+        missing = driver is not None and importlib.util.find_spec(driver) is None
+        why = f" ({driver} is not installed)" if missing else ""
         raise ValueError(
             f"INGEST_{field.upper()}: scheme {scheme or '(none)'!r} is not one of "
             + ", ".join(allowed)
+            + why
         )
+
+
+def hide_password(url: str) -> str:
+    """``url`` fit for a message or a log line: its password, if any, replaced by ``***``.
+
+    Also a ``password=`` query parameter (libpq and redis-py accept one).
+    """
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL we can take apart (a bad port): show none of it
+        return "(unparsable URL)"
+    hidden = url
+    if password is not None:
+        userinfo, _, host = parts.netloc.rpartition("@")
+        hidden = hidden.replace(parts.netloc, f"{userinfo.partition(':')[0]}:***@{host}", 1)
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if any(key.lower() in _PASSWORD_PARAMETERS for key, _ in pairs):
+            query = urlencode(
+                [(k, "***" if k.lower() in _PASSWORD_PARAMETERS else v) for k, v in pairs],
+                safe="*",
+            )
+            hidden = hidden.replace(f"?{parts.query}", f"?{query}", 1)
+    return hidden
+
+
+_PASSWORD_PARAMETERS = frozenset({"password", "passwd"})
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Refuse ``INGEST_*`` variables that are neither settings nor read elsewhere.
+
+    A misspelt name would otherwise be ignored, and its setting silently left at its default.
+    """
+    fields = sorted(Settings.model_fields)
+    problems = []
+    for name in sorted(environ):
+        upper = name.upper()  # pydantic-settings matches names case-insensitively
+        if (
+            not upper.startswith("INGEST_")
+            or upper.removeprefix("INGEST_").lower() in Settings.model_fields
+            or upper in NOT_SETTINGS_NAMES
+            or upper.startswith(NOT_SETTINGS_PREFIXES)
+        ):
+            continue
+        # Compared without the prefix, which every candidate shares and would make alike.
+        close = difflib.get_close_matches(upper.removeprefix("INGEST_").lower(), fields, n=1)
+        hint = f"did you mean INGEST_{close[0].upper()}?" if close else "no setting is named alike"
+        problems.append(f"{name} is not a known variable ({hint})")
+    if problems:
+        raise ConfigError("configuration error: " + "; ".join(problems))
 
 
 def load_settings(**overrides: Any) -> Settings:
     """Build settings from the environment, turning validation errors into one line."""
+    check_environment(os.environ)
     try:
         return Settings(**overrides)
     except ValidationError as exc:

@@ -41,3 +41,128 @@ def test_a_bad_value_is_one_line_naming_the_variable(
     message = str(caught.value)
     assert "\n" not in message
     assert variable in message
+
+
+# --- unknown INGEST_* variables ------------------------------------------------------------
+
+
+def test_a_misspelt_variable_stops_with_one_line_naming_the_closest_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("INGEST_DATABSE_URL", "postgresql+psycopg://db/ingest")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "INGEST_DATABSE_URL" in message
+    assert "did you mean INGEST_DATABASE_URL?" in message
+
+
+def test_an_unknown_variable_with_no_close_setting_is_refused_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("INGEST_FOO", "1")
+    with pytest.raises(ConfigError, match="INGEST_FOO is not a known variable"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "INGEST_TEST_DATABASE_URL",
+        "INGEST_TEST_SOMETHING_NEW",
+        "INGEST_INSTANCE_API_KEY",
+        "INGEST_WORKER_NODE_NAME",
+        "INGEST_FAULTS_REPORT",
+        "ingest_log_level",
+    ],
+)
+def test_variables_read_outside_settings_are_accepted(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    monkeypatch.setenv(variable, "DEBUG")
+    load_settings()
+
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+# Names the tests misspell on purpose, to see them refused.
+DELIBERATE_TYPOS = {"INGEST_DATABSE_URL", "INGEST_FOO"}
+
+
+def test_every_ingest_variable_the_repository_names_is_accepted() -> None:
+    """A variable the project sets or documents must never stop a process as a typo."""
+    import re
+
+    from ingest.settings import check_environment
+
+    sources = [REPOSITORY / name for name in ("README.md", "Makefile", "Procfile", "Procfile.dev")]
+    for folder in ("ingest", "cli", "tasks", "webhook", "sandbox", "bench", "tests", "docs", ".ci"):
+        sources += [p for p in (REPOSITORY / folder).rglob("*") if p.is_file()]
+    named: set[str] = set()
+    for path in sources:
+        if path.exists() and path.suffix not in (".pyc", ".jpg", ".png", ".pdf", ".ogg", ".mp4"):
+            text = path.read_text(errors="replace")
+            named.update(re.findall(r"\bINGEST_[A-Z0-9_]*[A-Z0-9]\b", text))
+    assert "INGEST_DATABASE_URL" in named and "INGEST_WORKER_NODE_NAME" in named
+    check_environment(dict.fromkeys(named - DELIBERATE_TYPOS, "x"))
+
+
+def test_the_suites_own_environment_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # tests/conftest.py strips INGEST_* but for INGEST_TEST_*, which must stay accepted.
+    monkeypatch.setenv("INGEST_TEST_REQUIRE_SERVICES", "0")
+    load_settings()
+
+
+# --- database and broker schemes that work ---------------------------------------------------
+
+
+def test_plain_postgresql_is_driven_by_psycopg_3() -> None:
+    from sqlalchemy.engine import make_url
+
+    settings = Settings(database_url="postgresql://u@db/ingest")
+    assert settings.database_url == "postgresql+psycopg://u@db/ingest"
+    assert make_url(settings.database_url).get_dialect().driver == "psycopg"
+
+
+def test_the_postgresql_broker_is_driven_by_psycopg_3() -> None:
+    settings = Settings(broker_url="sqla+postgresql://u@db/broker")
+    assert settings.broker_url == "sqla+postgresql+psycopg://u@db/broker"
+
+
+def test_a_driver_that_is_not_installed_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        "importlib.util.find_spec", lambda name: None if name == "psycopg2" else find_spec(name)
+    )
+    monkeypatch.setenv("INGEST_DATABASE_URL", "postgresql+psycopg2://u@db/ingest")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "INGEST_DATABASE_URL" in str(caught.value)
+    assert "psycopg2 is not installed" in str(caught.value)
+
+
+# --- URLs in messages --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql+psycopg://u:hunter2@db:5432/x", "postgresql+psycopg://u:***@db:5432/x"),
+        ("redis://:hunter2@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("amqp://guest:p@ss@rabbit//", "amqp://guest:***@rabbit//"),
+        ("postgresql+psycopg://db/x?password=hunter2&sslmode=require", None),
+        ("sqlite:////var/lib/ingest.sqlite3", "sqlite:////var/lib/ingest.sqlite3"),
+    ],
+)
+def test_hide_password(url: str, shown: str | None) -> None:
+    from ingest.settings import hide_password
+
+    hidden = hide_password(url)
+    assert "hunter2" not in hidden and "p@ss" not in hidden
+    if shown is not None:
+        assert hidden == shown
