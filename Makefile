@@ -4,15 +4,26 @@ VENV := .venv
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run demo test lint format bench clean
+.PHONY: install lock run demo test lint format bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -c constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## Re-pin constraints.txt on purpose: the newest versions pyproject.toml allows, resolved in
+## a fresh virtualenv (a temporary directory, removed after); the file's header is kept.
+lock:
+	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install --quiet --upgrade pip; \
+	"$$tmp/venv/bin/python" -m pip install --quiet -e '.[dev]'; \
+	awk '!/^#/ {exit} {print}' constraints.txt > "$$tmp/constraints.txt"; \
+	"$$tmp/venv/bin/python" -m pip freeze --exclude-editable >> "$$tmp/constraints.txt"; \
+	mv "$$tmp/constraints.txt" constraints.txt
 
 # `make run` talks to a local provider sandbox (started beside the service) unless these are
 # set in the environment: export the real providers' URLs to receive real media.
@@ -23,7 +34,11 @@ run demo: export INGEST_D360_URL ?= http://127.0.0.1:$(SANDBOX_PORT)/d360
 run demo: export INGEST_MEDIA_HOSTS ?= 127.0.0.1,localhost
 
 ## Start web (http://127.0.0.1:8000), worker, beat and the provider sandbox.
+## Another port: `WEB_PORT=8001 make run` (the sandbox's: SANDBOX_PORT).
+WEB_PORT ?= 8000
+run: export WEB_PORT := $(WEB_PORT)
 run: $(STAMP)
+	@$(BIN)/ingest ports-free --then "make run" WEB_PORT=$(WEB_PORT) SANDBOX_PORT=$(SANDBOX_PORT)
 	PATH="$(BIN):$$PATH" $(BIN)/ingest db upgrade
 	PATH="$(BIN):$$PATH" $(BIN)/honcho start -f Procfile.dev
 

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from typing import Any
 
 from celery import Celery
-from kombu.entity import Queue
+from celery.app.amqp import AMQP
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
+from kombu.utils.url import maybe_sanitize_url
 
 from ingest.queues import ALL_QUEUES, SMALL_MEDIA
 from ingest.settings import Settings
-from tasks import redis_transport
+from tasks import lifecycle, redis_transport
 
 DOWNLOAD_TASK = "ingest.download_media"
 RECONCILE_TASK = "ingest.reconcile"
@@ -61,8 +65,42 @@ def _transport_options(settings: Settings) -> dict[str, object]:
     return {}
 
 
+class BrokerConnection(Connection):
+    """A kombu connection whose log lines show the broker URL as configured.
+
+    kombu writes ``:**@`` into every URL it prints, password or not (``redis://:**@host``),
+    and names a transport given by import path by that path
+    (``tasks.redis_transport:Transport://...``). Celery prints ``as_uri()`` in the worker's
+    and beat's banner and in its "Connected to" and connection-error lines.
+    """
+
+    def as_uri(
+        self, include_password: bool = False, mask: str = "**", *args: Any, **kwargs: Any
+    ) -> str:
+        uri = super().as_uri(True, mask, *args, **kwargs)
+        if uri.startswith(f"{redis_transport.TRANSPORT}://"):
+            uri = "redis" + uri.removeprefix(redis_transport.TRANSPORT)
+        if include_password:
+            return uri
+        # Masks the password only where there is one.
+        sanitized: str = maybe_sanitize_url(uri, mask)
+        return sanitized
+
+
+class _AMQP(AMQP):  # type: ignore[misc]
+    Connection = BrokerConnection
+
+
+def _queue(name: str) -> Queue:
+    # A direct exchange of the queue's own name, bound by that name, as Celery declares its
+    # default queue. Queue(name) alone was given the default queue's exchange and routing key
+    # (media.small) for every queue. Publishing is unchanged: Celery and tasks.dispatch send
+    # to the anonymous exchange, routing key = queue name.
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("ingest", broker=settings.broker_url, include=["tasks.media"])
+    app = Celery("ingest", broker=settings.broker_url, include=["tasks.media"], amqp=_AMQP)
     app.conf.update(
         # Safe formats only; results are never read (state lives in SQL).
         task_serializer="json",
@@ -79,11 +117,15 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport=_transport(settings),
         broker_transport_options=_transport_options(settings),
         broker_connection_retry_on_startup=True,
+        # Retry forever. Celery's default gives up after 100 attempts (about 45 minutes at
+        # its 30 s cap) and the worker stops: a broker outage of any length is ridden out
+        # instead, and the worker consumes again within 30 s of the broker's return.
+        broker_connection_max_retries=None,
         # The webhook must answer fast even if the broker is down: one quick attempt,
         # then the reconciler is the safety net.
         task_publish_retry=False,
         broker_connection_timeout=2,
-        task_queues=[Queue(name) for name in ALL_QUEUES],
+        task_queues=[_queue(name) for name in ALL_QUEUES],
         task_default_queue=SMALL_MEDIA,
         task_create_missing_queues=False,
         worker_hijack_root_logger=False,
@@ -97,4 +139,6 @@ def make_celery(settings: Settings) -> Celery:
         },
     )
     app.conf.ingest_settings = settings
+    # A worker whose consumer died exits non-zero within a bound (see tasks.lifecycle).
+    app.steps["worker"].add(lifecycle.ExitOnFailure)
     return app

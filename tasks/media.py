@@ -33,6 +33,7 @@ from ingest.queues import DownloadScheduler
 from ingest.reconciler import ReconcileReport, ReconcilerLoop, reconcile_if_its_turn
 from ingest.services import Services
 from ingest.settings import Settings
+from tasks import lifecycle
 from tasks.celery_app import DOWNLOAD_TASK, RECONCILE_TASK, quiet_duplicate_task_lines
 from tasks.dispatch import CeleryScheduler
 from tasks.heartbeat import HeartbeatWriter
@@ -153,7 +154,9 @@ def _build_runtime_at_start(sender: Any = None, **_: Any) -> None:
     # of downloads, and a worker that cannot build its runtime should fail at start.
     app = getattr(sender, "app", None)
     if app is not None and getattr(app.conf, "ingest_settings", None) is not None:
-        runtime(app).start_background()
+        current = runtime(app)
+        current.start_background()
+        lifecycle.BEFORE_FORCED_EXIT.append(current.pipeline.abandon_all)
 
 
 @worker_shutting_down.connect
