@@ -9,11 +9,12 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import or_, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
-from ingest.models import Account, ApiToken, Instance, Provider, utcnow
+from ingest.models import Account, ApiToken, Instance, MediaItem, Provider, utcnow
 from ingest.rate_limit import parse_limit
+from ingest.storage import Storage
 
 DEFAULT_ACCOUNT = "default"
 
@@ -137,6 +138,54 @@ def set_connected(session: Session, name: str, connected: bool) -> Instance:
 
 def list_instances(session: Session) -> list[Instance]:
     return list(session.scalars(select(Instance).order_by(Instance.name)))
+
+
+@dataclass(frozen=True)
+class RemovedInstance:
+    name: str
+    media_rows: int
+    objects: int  # stored objects deleted from the object store
+    tokens: int  # the instance's own tokens (an account token is left alone)
+
+
+def remove_instance(
+    session: Session, storage: Storage, name: str, *, purge: bool
+) -> RemovedInstance:
+    """Delete instance NAME, its own API tokens and, with ``purge``, its media rows and their
+    stored objects. Without ``purge`` an instance that has media rows is refused.
+
+    Objects go first, rows after (in the caller's transaction): a removal that fails half way
+    leaves rows whose object is gone (the archive answers 404 for them) and can simply be run
+    again, never objects that no row names. Meant for an instance whose rows are final: a
+    worker still downloading one finds its row gone, and its copy is left unnamed.
+    """
+    instance = get_instance(session, name)
+    media_rows = session.scalar(
+        select(func.count()).select_from(MediaItem).where(MediaItem.instance_id == instance.id)
+    )
+    if media_rows and not purge:
+        raise RegistryError(
+            f"instance {name!r} has {media_rows} media row(s): remove them and their stored "
+            "objects too (purge), or keep the instance"
+        )
+    keys = session.scalars(
+        select(MediaItem.storage_key).where(
+            MediaItem.instance_id == instance.id, MediaItem.storage_key.is_not(None)
+        )
+    ).all()
+    for key in keys:
+        if key is not None:
+            storage.delete(key)
+    session.execute(delete(MediaItem).where(MediaItem.instance_id == instance.id))
+    tokens = session.execute(delete(ApiToken).where(ApiToken.instance_id == instance.id))
+    session.delete(instance)
+    session.flush()
+    return RemovedInstance(
+        name=name,
+        media_rows=media_rows or 0,
+        objects=len(keys),
+        tokens=getattr(tokens, "rowcount", 0) or 0,
+    )
 
 
 def create_token(

@@ -82,7 +82,7 @@ def create_sandbox_app(
         faults = provider.faults_for(media_id)
         pause(faults)
         key = credential(kind)
-        number = provider.number_for_key(key)
+        number = provider.number_for_key(key, media_id)
         provider.record_request(endpoint, media_id, request.host, key is not None)
         phone = owner(media_id, number)
         if number is None:
@@ -135,7 +135,7 @@ def create_sandbox_app(
         faults = provider.faults_for(media_id)
         pause(faults)
         key = next((k for k in (credential(kind) for kind in kinds) if k), None)
-        number = provider.number_for_key(key)
+        number = provider.number_for_key(key, media_id)
         provider.record_request(endpoint, media_id or None, request.host, key is not None)
         phone = owner(media_id, number)
         if number is None:

@@ -246,14 +246,24 @@ class SandboxProvider:
             return "bad"
         return "expired" if self.now() > int(ext) else "ok"
 
-    def number_for_key(self, api_key: str | None) -> Number | None:
+    def number_for_key(self, api_key: str | None, media_id: str | None = None) -> Number | None:
+        """The number ``api_key`` authenticates. One key may serve several numbers (a Meta
+        system-user token reaches every number of its business): then the one that owns
+        ``media_id``, if it is among them, else the first."""
         if not api_key:
             return None
         with self._lock:
-            for number in self._numbers.values():
-                if hmac.compare_digest(number.api_key, api_key):
+            matching = [
+                number
+                for number in self._numbers.values()
+                if hmac.compare_digest(number.api_key, api_key)
+            ]
+            found = self._items.get(media_id) if media_id else None
+        if found is not None:
+            for number in matching:
+                if number.phone_number_id == found.media.phone_number_id:
                     return number
-        return None
+        return matching[0] if matching else None
 
     def item(self, media_id: str) -> tuple[SandboxMedia, Blob] | None:
         with self._lock:

@@ -232,3 +232,17 @@ def test_payloads_parse_and_sign(number: SandboxServer) -> None:
     signature = payloads.sign("app-secret", body)
     expected = hmac.new(b"app-secret", body, hashlib.sha256).hexdigest()
     assert signature == "sha256=" + expected
+
+
+def test_one_key_may_serve_several_numbers(sandbox: SandboxServer, http: httpx.Client) -> None:
+    # A Meta system-user token reaches every number of its business: two instances added
+    # with the same key both download their own media.
+    sandbox.add_number("40001", KEY)
+    sandbox.add_number("40002", KEY)
+    for phone in ("40001", "40002"):
+        media = sandbox.add_media(phone, "image", size=5_000)
+        assert http.get(f"/v21.0/{media.media_id}", headers=AUTH).status_code == 200
+        download = http.get(media.url, headers=AUTH)
+        assert download.status_code == 200
+        assert download.content == sandbox.media_bytes(media.media_id)
+    assert http.get("/v21.0/123", headers={"Authorization": "Bearer other"}).status_code == 401

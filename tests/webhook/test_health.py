@@ -56,7 +56,6 @@ def test_a_hung_dependency_is_reported_as_a_timeout_within_the_probe_budget(
 ) -> None:
     import time
 
-
     class Hung(_Broker):
         def ping(self) -> None:
             time.sleep(5)
