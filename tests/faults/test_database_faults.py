@@ -1,0 +1,68 @@
+"""PostgreSQL, the source of truth, crashes mid-burst and comes back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from ingest.models import MediaState
+from tests.faults.harness import FaultStack, assert_all_stored
+
+pytestmark = [pytest.mark.faults, pytest.mark.e2e]
+
+OUTAGE_SECONDS = 15.0
+
+
+def test_postgres_crash_mid_burst_answers_503_until_back_and_loses_nothing(
+    start_stack: Callable[..., FaultStack],
+) -> None:
+    # An attempt the crash cuts off between its claim and its record leaves its row in
+    # `downloading` until the lease runs out: on the default 900 s lease, a quarter of an
+    # hour. So the lease is short here, and when those rows finish is reported (the figure
+    # in_flight_at_stop_stored_after_seconds), not asserted to be well under a lease.
+    lease = 30
+    stack = start_stack(
+        env={
+            "INGEST_LEASE_SECONDS": str(lease),
+            "INGEST_TASK_TIME_LIMIT": "25",
+            "INGEST_TASK_SOFT_TIME_LIMIT": "20",
+        }
+    )
+    number = stack.add_number()
+    # A slow CDN (1 s a transfer): about ten attempts are in flight when the database dies.
+    stack.set_faults(latency_ms=1000)
+    # 10 a second over 20 s, so webhooks keep arriving through the whole outage.
+    burst = stack.post_in_background(number, stack.add_media(number, 200), rate=10)
+    stack.wait_rows(number, at_least=30, states=[MediaState.STORED])
+
+    in_flight = stack.message_ids(number, MediaState.DOWNLOADING)
+    stack.postgres.stop("immediate")  # a crash: no checkpoint, every client cut off
+    stopped = time.monotonic()
+    time.sleep(OUTAGE_SECONDS)
+    stack.postgres.start()
+    cleared = time.monotonic()
+    deliveries = burst.result()
+
+    answered_503 = sum(1 for d in deliveries if 503 in d.answers)
+    assert_all_stored(
+        stack,
+        deliveries,
+        fault=f"PostgreSQL stopped -m immediate for {OUTAGE_SECONDS:.0f} s mid-burst",
+        cleared_at=cleared,
+        bound=lease + 2 * 2 + 15,  # one lease, two reconciler passes, the work
+        # An attempt cut off after its transfer downloads again (its object is already in
+        # place under the same key and is not written twice).
+        max_downloads=2,
+        checks=[
+            ("attempts were in flight when the database stopped", len(in_flight) > 0),
+            ("some webhooks were answered 503 during the outage", answered_503 > 0),
+        ],
+        extra={
+            "in_flight_at_stop": len(in_flight),
+            "answered_503": answered_503,
+            "outage_seconds": round(cleared - stopped, 1),
+        },
+        stored_after={"in_flight_at_stop": in_flight},
+    )
