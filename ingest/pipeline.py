@@ -40,9 +40,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 import pybreaker
+import tenacity
 from sqlalchemy import bindparam, case, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.dml import Update
 
@@ -90,6 +94,7 @@ from ingest.storage import InvalidKeyError, Storage, StorageError, StorageIntegr
 log = logging.getLogger(__name__)
 
 ClientFactory = Callable[[Credentials], ProviderClient]
+_T = TypeVar("_T")
 Clock = Callable[[], datetime]
 
 # last_error is for operators: short, and never a URL or a secret.
@@ -101,6 +106,16 @@ LEASE_LOST = "lease_lost"
 ABANDONED = "abandoned"
 # Why a due row was not claimed: the object store is failing, so nothing is downloaded.
 STORAGE_PAUSED = "storage_paused"
+# The database went away while an attempt was finishing: its result (a verified copy in
+# storage, a retry decision) is written once the database is back, within this long, rather
+# than left for the lease to lapse (15 minutes by default). Past it the lease takes over.
+FINISH_RETRY_SECONDS = 120.0
+# A lease renewal that meets a database outage is tried again this soon, not a third of a
+# lease later: the lease still has two thirds to run.
+RENEW_RETRY_SECONDS = 5.0
+# The errors of a database that is down or restarting (not of a statement that is wrong).
+DATABASE_UNREACHABLE = (OperationalError, InterfaceError, PoolTimeout)
+
 # A transfer renews its lease every lease_seconds / 3: a renewal that comes a whole stalled
 # read (the HTTP timeout) late still finds the lease live, with a wide margin for clock skew.
 LEASE_RENEWALS_PER_LEASE = 3
@@ -669,16 +684,23 @@ class Pipeline:
             return
         work = attempt.work
         now = self.clock()
-        with self._one_statement.begin() as connection:
-            renewed = connection.execute(
-                _RENEW_LEASE,
-                {
-                    "p_id": work.id,
-                    "p_owner": work.owner,
-                    "p_lease_until": now + timedelta(seconds=self.settings.lease_seconds),
-                    "p_now": now,
-                },
+        try:
+            with self._one_statement.begin() as connection:
+                renewed = connection.execute(
+                    _RENEW_LEASE,
+                    {
+                        "p_id": work.id,
+                        "p_owner": work.owner,
+                        "p_lease_until": now + timedelta(seconds=self.settings.lease_seconds),
+                        "p_now": now,
+                    },
+                )
+        except DATABASE_UNREACHABLE as exc:
+            log.warning(
+                "download item=%s could not renew its lease (%s)", work.id, type(exc).__name__
             )
+            attempt.renew_at = now_monotonic + RENEW_RETRY_SECONDS
+            return
         if renewed.rowcount != 1:
             raise LeaseLost(f"lost its lease {when}")
         attempt.renew_at = self.monotonic() + self._renew_every
@@ -740,24 +762,23 @@ class Pipeline:
                 Outcome.STORAGE_UNAVAILABLE, f"storage failed: {exc.strerror or 'OSError'}"
             ) from None
         now = self.clock()
-        with self._one_statement.begin() as connection:
-            done = connection.execute(
-                _RECORD_STORED,
-                {
-                    "p_id": work.id,
-                    "p_owner": work.owner,
-                    "p_backend": stored.backend,
-                    "p_key": stored.key,
-                    "p_size": spool.size,
-                    "p_sha256": spool.sha256,
-                    "p_mime": verified.mime,
-                    "p_over_limit": over_send_limit(
-                        work.media_type, spool.size, animated=work.animated
-                    ),
-                    "p_now": now,
-                },
-            )
-        if getattr(done, "rowcount", 0) != 1:
+        record = {
+            "p_id": work.id,
+            "p_owner": work.owner,
+            "p_backend": stored.backend,
+            "p_key": stored.key,
+            "p_size": spool.size,
+            "p_sha256": spool.sha256,
+            "p_mime": verified.mime,
+            "p_over_limit": over_send_limit(work.media_type, spool.size, animated=work.animated),
+            "p_now": now,
+        }
+
+        def write() -> int:
+            with self._one_statement.begin() as connection:
+                return int(getattr(connection.execute(_RECORD_STORED, record), "rowcount", 0))
+
+        if self._through_outage(write, work) != 1:
             # The object is in place under its deterministic key; whoever holds the lease
             # now will find it there and record it.
             raise LeaseLost("lost its lease before recording the copy")
@@ -791,6 +812,44 @@ class Pipeline:
         if attempt.url_used or decision.state != MediaState.PENDING:
             # Used once, or no longer needed: the signed URL is not kept.
             values["download_url"] = None
+        self._through_outage(
+            lambda: self._write_unstored(work, values, decision, failure, now), work
+        )
+        return AttemptResult(
+            work.id,
+            decision.outcome,
+            decision.state,
+            decision.failure_reason,
+            next_attempt_at=decision.next_attempt_at,
+        )
+
+    def _through_outage(self, write: Callable[[], _T], work: WorkItem) -> _T:
+        """Run a finishing write, again and again while the database is unreachable, for up
+        to :data:`FINISH_RETRY_SECONDS`; then the error propagates and the lease takes over."""
+
+        def waiting(state: tenacity.RetryCallState) -> None:
+            log.warning(
+                "download item=%s cannot record its result yet (database unreachable); retrying",
+                work.id,
+            )
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(DATABASE_UNREACHABLE),
+            stop=tenacity.stop_after_delay(FINISH_RETRY_SECONDS),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=5.0),
+            before_sleep=waiting,
+            reraise=True,
+        )
+        return retrying(write)
+
+    def _write_unstored(
+        self,
+        work: WorkItem,
+        values: dict[str, object],
+        decision: Decision,
+        failure: AttemptFailed,
+        now: datetime,
+    ) -> None:
         with session_scope(self.sessions) as session:
             session.execute(
                 self._guarded_update(work)
@@ -822,13 +881,6 @@ class Pipeline:
                         _short(failure.detail),
                         work.instance_name,
                     )
-        return AttemptResult(
-            work.id,
-            decision.outcome,
-            decision.state,
-            decision.failure_reason,
-            next_attempt_at=decision.next_attempt_at,
-        )
 
     @staticmethod
     def _guarded_update(work: WorkItem) -> Update:

@@ -745,6 +745,57 @@ def test_storage_failure_is_retried_and_nothing_is_recorded_as_stored(env: Env) 
     assert env.row(item_id).storage_key is None
 
 
+@contextmanager
+def database_down_for(env: Env, writes: int, marker: str) -> Iterator[list[str]]:
+    """The next ``writes`` UPDATEs whose SQL contains ``marker`` fail as a database that went
+    away would (OperationalError); later ones go through."""
+    from sqlalchemy.exc import OperationalError
+
+    engine = env.sessions.kw["bind"]
+    failed: list[str] = []
+
+    def refuse(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if marker in statement and len(failed) < writes:
+            failed.append(statement)
+            raise OperationalError(statement, {}, Exception("server closed the connection"))
+
+    event.listen(engine, "before_cursor_execute", refuse)
+    try:
+        yield failed
+    finally:
+        event.remove(engine, "before_cursor_execute", refuse)
+
+
+def test_a_copy_is_recorded_once_the_database_is_back_not_after_the_lease(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL restarted while the upload ran: the verified copy is recorded as soon as
+    the database answers, instead of the row waiting a whole lease in `downloading`."""
+    monkeypatch.setattr(time, "sleep", lambda _seconds: None)  # tenacity's waits
+    env.provider.add("blip", jpeg())
+    item_id = env.item("blip")
+    with database_down_for(env, 3, "stored_at") as failed:
+        result = env.pipeline.run(item_id)
+    assert len(failed) == 3
+    assert (result.outcome, env.row(item_id).state) == ("stored", "stored")
+
+
+def test_a_retry_decision_is_recorded_once_the_database_is_back(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(time, "sleep", lambda _seconds: None)
+    env.provider.add("later", jpeg())
+    env.provider.download_errors.append(
+        ProviderUnavailable("503", endpoint="download", status=503)
+    )
+    item_id = env.item("later")
+    with database_down_for(env, 2, "last_error") as failed:
+        result = env.pipeline.run(item_id)
+    assert len(failed) == 2
+    row = env.row(item_id)
+    assert (result.state, row.state, row.lease_owner) == ("pending", "pending", None)
+
+
 def _failing_storage() -> MemoryStorage:
     class BrokenStorage(MemoryStorage):
         puts = 0
