@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -97,6 +97,9 @@ class Settings(BaseSettings):
 
     # Webhook receiver.
     webhook_max_bytes: int = Field(default=4 * MiB, gt=0)
+    # Phone number ids and media items one webhook body may name, checked before any
+    # database lookup (a provider's batches are far smaller).
+    webhook_max_items: int = Field(default=1000, gt=0)
 
     # Download rules (provider-media-constraints.md). The webhook URL lives 5 minutes; we
     # stop trusting it a little earlier so a download never starts on a dying URL.
@@ -153,7 +156,18 @@ class Settings(BaseSettings):
 
     # Archive API.
     api_rate_limit: str = "100/minute"
+    # Failed authentications (archive API tokens, webhook signatures), per client address
+    # and for the whole deployment: guessing costs the guesser, not the database.
+    auth_failure_rate_limit: str = "20/minute"
+    auth_failure_global_rate_limit: str = "600/minute"
     base64_max_bytes: int = Field(default=128 * MiB, gt=0)
+
+    # Encrypts provider API keys and app secrets at rest (Fernet keys, comma-separated: the
+    # first encrypts, every one decrypts, for rotation). Embedded default: generated under
+    # var_dir on first use.
+    secret_key: SecretStr | None = None
+    # A bearer token that /metrics requires when set.
+    metrics_token: SecretStr | None = None
 
     log_level: str = "INFO"
 
