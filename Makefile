@@ -31,7 +31,7 @@ SANDBOX_PORT ?= 8090
 run demo: export SANDBOX_PORT := $(SANDBOX_PORT)
 run demo: export INGEST_GRAPH_URL ?= http://127.0.0.1:$(SANDBOX_PORT)/v21.0
 run demo: export INGEST_D360_URL ?= http://127.0.0.1:$(SANDBOX_PORT)/d360
-run demo: export INGEST_MEDIA_HOSTS ?= 127.0.0.1,localhost
+run demo: export INGEST_MEDIA_HOSTS ?= 127.0.0.1:$(SANDBOX_PORT)
 
 ## Start web (http://127.0.0.1:8000), worker, beat and the provider sandbox.
 ## Another port: `WEB_PORT=8001 make run` (the sandbox's: SANDBOX_PORT).

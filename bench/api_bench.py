@@ -160,6 +160,7 @@ def _prepare(workdir: Path, plan: Plan, database_url: str) -> dict[str, str]:
     """Store both media, register their rows and a token in the (migrated) database."""
     from ingest import accounts
     from ingest.models import MediaItem, MediaState, Provider, utcnow
+    from ingest.secrets import generate_key, secret_box
     from ingest.services import Services
     from ingest.settings import Settings
 
@@ -170,6 +171,8 @@ def _prepare(workdir: Path, plan: Plan, database_url: str) -> dict[str, str]:
         database_url=database_url,
         broker_url="memory://",
         storage_url=(var / "media").as_uri(),
+        # A server database needs one; the web processes get it too (returned below).
+        secret_key=generate_key(),
     )
     services = Services.from_settings(settings)
     try:
@@ -205,7 +208,9 @@ def _prepare(workdir: Path, plan: Plan, database_url: str) -> dict[str, str]:
                     provider=Provider.CLOUD,
                     phone_number_id="109876543210",
                     api_key="bench-api-key",
+                    app_secret="bench-app-secret",
                 ),
+                secret_box(settings),
             )
             token = accounts.create_token(session, account=accounts.DEFAULT_ACCOUNT)
             for message_id, key, kind, mime, size, sha in (
@@ -234,8 +239,10 @@ def _prepare(workdir: Path, plan: Plan, database_url: str) -> dict[str, str]:
                 )
     finally:
         services.close()
+    assert settings.secret_key is not None
     return {
         "storage_url": settings.storage_url,
+        "secret_key": settings.secret_key.get_secret_value(),
         "var": str(var),
         "token": token,
         "document_sha": document_sha,
@@ -369,6 +376,7 @@ def run(plan: Plan, database_server: str | None, redis_url: str | None) -> dict[
             "INGEST_BROKER_URL": "memory://",
             "INGEST_VAR_DIR": prepared["var"],
             "INGEST_STORAGE_URL": prepared["storage_url"],
+            "INGEST_SECRET_KEY": prepared["secret_key"],
             "INGEST_LOG_LEVEL": "INFO",
             # The limit is the seed's contract, not what is measured here.
             "INGEST_API_RATE_LIMIT": "1000000/minute",

@@ -122,7 +122,11 @@ def image_body(message_id: str) -> bytes:
                                     "timestamp": str(int(time.time())),
                                     "type": "image",
                                     "image": {
-                                        "id": hashlib.sha1(message_id.encode()).hexdigest(),
+                                        # A media id is digits (Meta's form; the
+                                        # receiver refuses any other).
+                                        "id": str(
+                                            int(hashlib.sha1(message_id.encode()).hexdigest(), 16)
+                                        )[:20],
                                         "mime_type": "image/jpeg",
                                         "sha256": hashlib.sha256(message_id.encode()).hexdigest(),
                                         "caption": "bench \u00e9",
@@ -163,10 +167,11 @@ def _summary(port: int, plan: Plan, label: str) -> dict[str, Any]:
 # --- the run -----------------------------------------------------------------------------
 
 
-def _register_instance(database_url: str) -> None:
+def _register_instance(database_url: str, secret_key: str) -> None:
     from ingest import accounts
     from ingest.db import make_engine, make_session_factory
     from ingest.models import Provider
+    from ingest.secrets import SecretBox
 
     engine = make_engine(database_url)
     try:
@@ -180,6 +185,7 @@ def _register_instance(database_url: str) -> None:
                     api_key="bench-api-key",
                     app_secret=APP_SECRET,
                 ),
+                SecretBox([secret_key]),
             )
     finally:
         engine.dispose()
@@ -212,6 +218,7 @@ def _latency_row(
 
 
 def run(plan: Plan, database_server: str, redis_url: str, tiny: bool) -> dict[str, Any]:
+    from ingest.secrets import generate_key
     from tests.plugins.processes import ProcessGroup, RedisKeyspace, create_postgres_database
 
     with ExitStack() as stack:
@@ -220,9 +227,12 @@ def run(plan: Plan, database_server: str, redis_url: str, tiny: bool) -> dict[st
         stack.callback(drop)
         keyspace = RedisKeyspace(redis_url)
         stack.callback(keyspace.release)
-        _register_instance(database_url)
+        # The receiver decrypts the app secret with it (a server database needs one).
+        secret_key = generate_key()
+        _register_instance(database_url, secret_key)
         env = {
             "INGEST_DATABASE_URL": database_url,
+            "INGEST_SECRET_KEY": secret_key,
             "INGEST_BROKER_URL": redis_url,
             **keyspace.env(),
             "INGEST_VAR_DIR": str(workdir / "var"),

@@ -47,6 +47,7 @@ from typing import Any
 
 import httpx
 import psutil
+from pydantic import SecretStr
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
@@ -63,6 +64,7 @@ from cli.service import thread_shares
 from ingest.db import make_engine, make_session_factory
 from ingest.models import MediaItem, MediaState, Provider
 from ingest.queues import SMALL_MEDIA
+from ingest.secrets import generate_key
 from ingest.settings import Settings
 from sandbox.payloads import sign
 from tests.plugins.processes import (
@@ -135,6 +137,8 @@ def bench_stack(root: Path, sandbox_root: str, endpoint_url: str) -> Iterator[St
         "INGEST_D360_URL": f"{sandbox_root}/d360",
         "INGEST_API_RATE_LIMIT": "1000000/minute",
         "INGEST_LOG_LEVEL": "WARNING",
+        # Encrypts the registered instance's secrets; a server database needs one.
+        "INGEST_SECRET_KEY": generate_key(),
     }
     if ok:
         stack = service_stack_env(database, redis_url, endpoint_url, **extra)
@@ -613,7 +617,10 @@ def run(plan: Plan, tiny: bool) -> dict[str, Any]:
         stack.callback(control.close)
         env = stack.enter_context(bench_stack(root, sandbox_root, endpoint_url))
         result["flavour"] = env.flavour
-        settings = env.settings()
+        # The bench's process registers the instance with the stack's key.
+        settings = env.settings().model_copy(
+            update={"secret_key": SecretStr(env.env["INGEST_SECRET_KEY"])}
+        )
         reg = register(settings, Provider.CLOUD)
         control.add_number(reg.phone_number_id, reg.api_key)
 

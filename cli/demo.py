@@ -56,6 +56,7 @@ from ingest import accounts, migrate
 from ingest.archive import NO_MEDIA
 from ingest.db import make_engine, make_session_factory, session_scope
 from ingest.models import TERMINAL_STATES, ApiToken, Instance, MediaItem, MediaState, Provider
+from ingest.secrets import secret_box
 from ingest.settings import Settings, load_settings
 from ingest.storage import storage_from_settings
 from sandbox import payloads
@@ -259,10 +260,20 @@ def no_sandbox_problem(service_url: str, graph_url: str, environ: Mapping[str, s
     )
 
 
+def media_hosts_setting(sandbox_root: str) -> str:
+    """INGEST_MEDIA_HOSTS for the sandbox at ``sandbox_root``: its host *and port*, since an
+    entry without a port allows only 80 and 443 (sandbox.server.media_hosts_for's rule,
+    on the text as written, so the hint's placeholder root "http://127.0.0.1:P" reads too)."""
+    netloc = urlsplit(sandbox_root).netloc.rpartition("@")[2] or "127.0.0.1"
+    if netloc == "localhost" or netloc.startswith("localhost:"):
+        # Reached as 127.0.0.1 too, which the address check needs listed with its port.
+        return f"{netloc},127.0.0.1{netloc.removeprefix('localhost')}"
+    return netloc
+
+
 def service_settings(sandbox_root: str) -> str:
     """The settings a service needs to download from the sandbox at ``sandbox_root``."""
-    host = urlsplit(sandbox_root).hostname or "127.0.0.1"
-    hosts = "127.0.0.1,localhost" if host in LOOPBACK_HOSTS else host
+    hosts = media_hosts_setting(sandbox_root)
     return (
         f"INGEST_GRAPH_URL={sandbox_root}/v21.0 INGEST_D360_URL={sandbox_root}/d360 "
         f"INGEST_MEDIA_HOSTS={hosts}"
@@ -506,7 +517,7 @@ def register(
                 accounts.get_account(session, accounts.DEFAULT_ACCOUNT)
             except accounts.RegistryError:
                 accounts.add_account(session, accounts.DEFAULT_ACCOUNT)
-            accounts.add_instance(session, spec)
+            accounts.add_instance(session, spec, secret_box(settings))
             token = accounts.create_token(
                 session, instance=spec.name, label="ingest demo", rate_limit=rate_limit
             )
@@ -1124,7 +1135,7 @@ def demo(
             env = {
                 "INGEST_GRAPH_URL": f"{sandbox_root}/v21.0",
                 "INGEST_D360_URL": f"{sandbox_root}/d360",
-                "INGEST_MEDIA_HOSTS": "127.0.0.1,localhost",
+                "INGEST_MEDIA_HOSTS": media_hosts_setting(sandbox_root),
                 "INGEST_RECONCILE_INTERVAL_SECONDS": "5",
             }
             # Explicit values: the demo's own INGEST_* variables name a service that is not

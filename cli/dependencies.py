@@ -347,3 +347,27 @@ def ports_free(host: str, command: str, ports: tuple[str, ...]) -> None:
         click.echo(f"ingest: {line}", err=True)
     if problems:
         raise SystemExit(1)
+
+
+def warn_unsigned_instances(settings: Settings) -> None:
+    """One WARNING per instance that accepts unsigned webhooks: the operator allowed it
+    (`--allow-unsigned-webhooks`), and it should stay visible in every web start-up log."""
+    from ingest import accounts
+    from ingest.db import DATABASE_DOWN, make_engine, make_session_factory
+
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            names = accounts.unsigned_instances(session)
+    except DATABASE_DOWN:
+        return  # already reported by warn_unreachable
+    finally:
+        engine.dispose()
+    for name in names:
+        LOG.warning(
+            "instance %s ACCEPTS UNSIGNED WEBHOOKS: anyone who reaches this service can make "
+            "it download with that instance's provider key (`ingest instance update %s "
+            "--app-secret` or a webhook secret ends it)",
+            name,
+            name,
+        )

@@ -15,13 +15,14 @@ from sqlalchemy.orm import Session
 from ingest import accounts
 from ingest.db import make_engine, make_session_factory, session_scope
 from ingest.events import has_control_character
-from ingest.models import MediaItem, MediaState, Provider
-from ingest.settings import load_settings
+from ingest.models import Instance, MediaItem, MediaState, Provider
+from ingest.secrets import KEY_VARIABLE, generate_key, secret_box
+from ingest.settings import Settings, load_settings
 
 
 @contextmanager
-def _session() -> Iterator[Session]:
-    settings = load_settings()
+def _session(settings: Settings | None = None) -> Iterator[Session]:
+    settings = settings or load_settings()
     settings.ensure_var_dir()
     engine = make_engine(settings.database_url)
     try:
@@ -76,6 +77,9 @@ class SecretOption(click.Option):
         kwargs.setdefault("show_envvar", True)
         if kwargs.get("required"):
             kwargs.update(prompt=True, hide_input=True)
+        elif "flag_value" in kwargs:
+            # Optional, and prompted for only when its flag is given without a value.
+            kwargs.update(prompt=True, prompt_required=False, hide_input=True)
         super().__init__(*args, **kwargs)
 
     def prompt_for_value(self, ctx: click.Context) -> Any:
@@ -91,39 +95,72 @@ def _instance_name(ctx: click.Context, param: click.Parameter, value: str) -> st
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
+UNSIGNED_HELP = (
+    "Accept webhooks that carry neither Meta's signature nor the shared-secret header. "
+    "Anyone who can reach the service can then make it download with this instance's "
+    "provider key and fill its queue."
+)
+
+
+def _secret_options(*, api_key_required: bool) -> Any:
+    """The credential options of `instance add` and `instance update`, in that order."""
+
+    def apply(command: Any) -> Any:
+        # On update every secret is optional: given alone (`--api-key`) it is prompted for.
+        optional = {} if api_key_required else {"is_flag": False, "flag_value": ""}
+        prompted = (
+            "prompted for on a terminal if not given"
+            if api_key_required
+            else "prompted for on a terminal when given without a value"
+        )
+        options = [
+            click.option(
+                "--api-key",
+                cls=SecretOption,
+                envvar="INGEST_INSTANCE_API_KEY",
+                required=api_key_required,
+                help=f"Graph bearer token or D360-API-KEY ({prompted}).",
+                **optional,
+            ),
+            click.option(
+                "--app-secret",
+                cls=SecretOption,
+                envvar="INGEST_INSTANCE_APP_SECRET",
+                help="Meta app secret: X-Hub-Signature-256 is then required.",
+                **optional,
+            ),
+            click.option(
+                "--verify-token",
+                cls=SecretOption,
+                envvar="INGEST_INSTANCE_VERIFY_TOKEN",
+                help="Token for Meta's GET verification handshake (stored hashed).",
+                **optional,
+            ),
+            click.option(
+                "--webhook-secret-header",
+                help="Header a 360dialog webhook must carry (with --webhook-secret).",
+            ),
+            click.option(
+                "--webhook-secret",
+                cls=SecretOption,
+                envvar="INGEST_INSTANCE_WEBHOOK_SECRET",
+                help="Shared secret expected in that header (stored hashed).",
+                **optional,
+            ),
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
 @instance.command("add")
 @click.argument("name", callback=_instance_name)
 @click.option("--provider", type=click.Choice([p.value for p in Provider]), required=True)
 @click.option("--phone-number-id", required=True, help="Meta phone_number_id of the number.")
-@click.option(
-    "--api-key",
-    cls=SecretOption,
-    envvar="INGEST_INSTANCE_API_KEY",
-    required=True,
-    help="Graph bearer token or D360-API-KEY (prompted for on a terminal if not given).",
-)
-@click.option(
-    "--app-secret",
-    cls=SecretOption,
-    envvar="INGEST_INSTANCE_APP_SECRET",
-    help="Meta app secret: X-Hub-Signature-256 is then required.",
-)
-@click.option(
-    "--verify-token",
-    cls=SecretOption,
-    envvar="INGEST_INSTANCE_VERIFY_TOKEN",
-    help="Token for Meta's GET verification handshake.",
-)
-@click.option(
-    "--webhook-secret-header",
-    help="Header a 360dialog webhook must carry (with --webhook-secret).",
-)
-@click.option(
-    "--webhook-secret",
-    cls=SecretOption,
-    envvar="INGEST_INSTANCE_WEBHOOK_SECRET",
-    help="Shared secret expected in that header.",
-)
+@_secret_options(api_key_required=True)
+@click.option("--allow-unsigned-webhooks", "allow_unsigned", is_flag=True, help=UNSIGNED_HELP)
 @click.option("--account", "account_name", default=accounts.DEFAULT_ACCOUNT, show_default=True)
 def instance_add(
     name: str,
@@ -134,9 +171,23 @@ def instance_add(
     verify_token: str | None,
     webhook_secret_header: str | None,
     webhook_secret: str | None,
+    allow_unsigned: bool,
     account_name: str,
 ) -> None:
-    """Register a WhatsApp number under NAME."""
+    """Register a WhatsApp number under NAME.
+
+    Its webhooks must prove where they come from: give --app-secret (Meta signs every
+    webhook with it) or, for 360dialog, --webhook-secret-header and --webhook-secret.
+    Secrets come from their INGEST_INSTANCE_* variables or a hidden prompt rather than the
+    command line, which every user of the machine can see. API keys and app secrets are
+    stored encrypted (INGEST_SECRET_KEY), the other secrets hashed.
+    """
+    if not (app_secret or webhook_secret or allow_unsigned):
+        raise click.UsageError(
+            f"instance {name} would take webhooks from anyone: give --app-secret (Meta's "
+            "X-Hub-Signature-256) or --webhook-secret-header with --webhook-secret "
+            "(360dialog), or pass --allow-unsigned-webhooks to accept that risk"
+        )
     spec = accounts.InstanceSpec(
         name=name,
         provider=Provider(provider),
@@ -147,10 +198,101 @@ def instance_add(
         webhook_secret_header=webhook_secret_header,
         webhook_secret=webhook_secret,
         account=account_name,
+        allow_unsigned=allow_unsigned,
     )
-    with _session() as session:
-        accounts.add_instance(session, spec)
+    settings = load_settings()
+    with _session(settings) as session:
+        accounts.add_instance(session, spec, secret_box(settings))
     click.echo(f"instance {name} added ({provider}, phone number id {phone_number_id})")
+    if allow_unsigned:
+        click.echo(f"warning: instance {name} accepts unsigned webhooks", err=True)
+
+
+@instance.command("update")
+@click.argument("name")
+@_secret_options(api_key_required=False)
+@click.option(
+    "--allow-unsigned-webhooks/--require-signed-webhooks",
+    "allow_unsigned",
+    default=None,
+    help=f"{UNSIGNED_HELP} --require-signed-webhooks withdraws that (the instance then needs "
+    "an app secret or a webhook secret).",
+)
+def instance_update(
+    name: str,
+    api_key: str | None,
+    app_secret: str | None,
+    verify_token: str | None,
+    webhook_secret_header: str | None,
+    webhook_secret: str | None,
+    allow_unsigned: bool | None,
+) -> None:
+    """Replace some of NAME's secrets (after a leak, or a new app secret at Meta); the ones
+    not given stay as they are. A secret comes from its flag, its INGEST_INSTANCE_*
+    variable, or a hidden prompt when its flag is given alone (`--api-key`). Web processes
+    use a new secret within seconds."""
+    changes = accounts.InstanceUpdate(
+        api_key=api_key,
+        app_secret=app_secret,
+        verify_token=verify_token,
+        webhook_secret_header=webhook_secret_header,
+        webhook_secret=webhook_secret,
+        allow_unsigned=allow_unsigned,
+    )
+    changed = [
+        what
+        for what, value in (
+            ("api key", api_key),
+            ("app secret", app_secret),
+            ("verify token", verify_token),
+            ("webhook secret header", webhook_secret_header),
+            ("webhook secret", webhook_secret),
+        )
+        if value is not None
+    ]
+    if allow_unsigned is not None:
+        changed.append("unsigned webhooks " + ("accepted" if allow_unsigned else "refused"))
+    if not changed:
+        raise click.UsageError("nothing to change: give at least one secret or flag")
+    settings = load_settings()
+    with _session(settings) as session:
+        updated = accounts.update_instance(session, name, changes, secret_box(settings))
+        auth = _webhook_auth(updated)
+        disconnected = not updated.connected
+    # Names of what changed, never the values: a variable left over from another command
+    # would otherwise change a secret unnoticed.
+    click.echo(f"instance {name} updated: {', '.join(changed)} (webhooks: {auth})")
+    if disconnected and api_key is not None:
+        # A provider 401 is what usually disconnects an instance; a new key does not undo it.
+        click.echo(
+            f"instance {name} is still disconnected: `ingest instance connect {name}` to "
+            "download with the new key",
+            err=True,
+        )
+
+
+@instance.command("remove")
+@click.argument("name")
+@click.option(
+    "--purge",
+    is_flag=True,
+    help="Also delete its media rows and their stored objects (refused without it while "
+    "the instance has media).",
+)
+def instance_remove(name: str, purge: bool) -> None:
+    """Delete NAME and its own API tokens (its provider credentials go with it). Its
+    webhooks are refused from then on."""
+    from ingest.storage import storage_from_settings
+
+    settings = load_settings()
+    with _session(settings) as session:
+        removed = accounts.remove_instance(
+            session, storage_from_settings(settings), name, purge=purge
+        )
+    click.echo(
+        f"instance {name} removed: {removed.media_rows} media row(s), {removed.objects} "
+        f"stored object(s), {removed.tokens} token(s)"
+    )
 
 
 @instance.command("disconnect")
@@ -181,16 +323,37 @@ def _when(value: datetime) -> str:
     return value.isoformat(timespec="seconds")
 
 
+UNSIGNED_ACCEPTED = "UNSIGNED WEBHOOKS ACCEPTED"
+NO_WEBHOOK_AUTH = "NO WEBHOOK AUTH: webhooks refused"
+
+
+def _webhook_auth(row: Instance) -> str:
+    checks = []
+    if row.app_secret_encrypted:
+        checks.append("signed")
+    if row.webhook_secret_header and row.webhook_secret_hash:
+        checks.append(f"secret-header={_one_line(row.webhook_secret_header)}")
+    if checks:
+        return "+".join(checks)
+    return UNSIGNED_ACCEPTED if row.allow_unsigned else NO_WEBHOOK_AUTH
+
+
 @instance.command("list")
 def instance_list() -> None:
-    """List instances (credentials are never printed); a disconnected one says since when
-    and why (`operator`, or the outcome that made a worker disconnect it)."""
+    """List instances (credentials are never printed): how each one's webhooks are
+    authenticated (`signed`: Meta's signature; `secret-header=NAME`: 360dialog's shared
+    secret; or, loudly, that unsigned webhooks are accepted or that it has no check and its
+    webhooks are refused), and for a disconnected one since when and why (`operator`, or
+    the outcome that made a worker disconnect it)."""
+    unsigned = []
     with _session() as session:
         for row in accounts.list_instances(session):
             state = "connected" if row.connected else "disconnected"
-            signed = "signed" if row.app_secret else "unsigned"
+            auth = _webhook_auth(row)
+            if auth == UNSIGNED_ACCEPTED:
+                unsigned.append(row.name)
             line = (
-                f"{row.name}\t{row.provider}\t{row.phone_number_id}\t{state}\t{signed}\t"
+                f"{row.name}\t{row.provider}\t{row.phone_number_id}\t{state}\t{auth}\t"
                 f"account={row.account.name}"
             )
             if not row.connected:
@@ -198,6 +361,12 @@ def instance_list() -> None:
                     line += f"\tsince={_when(row.disconnected_at)}"
                 line += f"\treason={_one_line(row.disconnected_reason or 'unrecorded')}"
             click.echo(line)
+    if unsigned:
+        click.echo(
+            f"warning: {len(unsigned)} instance(s) accept unsigned webhooks from anyone who "
+            f"reaches the service: {', '.join(unsigned)}",
+            err=True,
+        )
 
 
 @click.group()
@@ -316,4 +485,45 @@ def media_list(instance_name: str | None, state: str | None, limit: int) -> None
         click.echo("\t".join(str(value) for value in values))
 
 
-COMMANDS = (account, instance, token, media)
+@click.group("secrets")
+def secrets_group() -> None:
+    """The key that encrypts provider API keys and app secrets at rest.
+
+    INGEST_SECRET_KEY holds Fernet keys, comma-separated: the first encrypts, every one
+    decrypts. Without it, the embedded default (SQLite) generates one into secret.key beside
+    the database file; a server database (PostgreSQL) needs INGEST_SECRET_KEY.
+
+    Rotation: put a new key (`ingest secrets generate-key`) first in INGEST_SECRET_KEY and
+    keep the old one after it (with the embedded default, the old one is the content of
+    secret.key), restart web and worker processes with it, run `ingest secrets rotate`, then
+    remove the old key from INGEST_SECRET_KEY and restart again.
+    """
+
+
+@secrets_group.command("generate-key")
+def secrets_generate_key() -> None:
+    """Print a new Fernet key, alone on standard output (for INGEST_SECRET_KEY)."""
+    click.echo(generate_key())
+
+
+@secrets_group.command("rotate")
+def secrets_rotate() -> None:
+    """Re-encrypt every stored API key and app secret with the first key of
+    INGEST_SECRET_KEY, in one transaction. Afterwards the other keys can be dropped."""
+    settings = load_settings()
+    box = secret_box(settings)
+    with _session(settings) as session:
+        count = accounts.rotate_secrets(session, box)
+    click.echo(
+        f"re-encrypted {count} secret(s) with the first key of {box.source}"
+        + (
+            f"; the other {box.key_count - 1} key(s) can now be removed"
+            if box.key_count > 1
+            else ""
+        )
+    )
+    if box.source != KEY_VARIABLE:
+        click.echo(f"note: {KEY_VARIABLE} is not set; the key in use is {box.source}", err=True)
+
+
+COMMANDS = (account, instance, token, media, secrets_group)

@@ -16,10 +16,11 @@ from cli.demo import SandboxControl, SandboxMedia, find_sandbox, missing_databas
 from ingest import accounts
 from ingest.db import make_engine, make_session_factory
 from ingest.models import Provider
+from ingest.secrets import secret_box
 from ingest.settings import Settings, load_settings
 from sandbox import payloads
 from sandbox.provider import SandboxConfig, SandboxProvider
-from sandbox.server import make_sandbox_server
+from sandbox.server import make_sandbox_server, media_hosts_for
 
 WEBHOOK_SECRET_VARIABLE = "INGEST_INSTANCE_WEBHOOK_SECRET"  # noqa: S105 - a variable's name
 
@@ -67,7 +68,7 @@ def sandbox(
     base = f"http://{shown}:{server.port}"
     click.echo(f"INGEST_GRAPH_URL={base}/{config.graph_version}")
     click.echo(f"INGEST_D360_URL={base}/d360")
-    click.echo(f"INGEST_MEDIA_HOSTS={shown}" + (",127.0.0.1" if shown == "localhost" else ""))
+    click.echo(f"INGEST_MEDIA_HOSTS={','.join(media_hosts_for(base))}")
     click.echo(f"sandbox provider at {base} (Ctrl-C to stop)", err=True)
     try:
         server.serve_forever()
@@ -109,12 +110,17 @@ def read_instance(settings: Settings, name: str) -> InstanceRow:
                 raise SendError(
                     f"no instance named {name!r} in {shown}: add it with `ingest instance add`"
                 )
+            # Decrypted with the service's key (its settings): the sandbox must be told the
+            # key the worker will send, and the webhook signed as Meta would sign it.
+            box = secret_box(settings)
             return InstanceRow(
                 name=row.name,
                 provider=Provider(row.provider),
                 phone_number_id=row.phone_number_id,
-                api_key=row.api_key,
-                app_secret=row.app_secret,
+                api_key=box.decrypt(row.api_key_encrypted),
+                app_secret=(
+                    box.decrypt(row.app_secret_encrypted) if row.app_secret_encrypted else None
+                ),
                 webhook_secret_header=row.webhook_secret_header,
                 webhook_secret_hash=row.webhook_secret_hash,
             )

@@ -14,10 +14,15 @@ from typing import Any
 
 import click
 
-from cli.dependencies import LOG_FORMAT, warn_unreachable
+from cli.dependencies import LOG_FORMAT, warn_unreachable, warn_unsigned_instances
 from ingest import migrate
 from ingest.queues import ALL_QUEUES
 from ingest.settings import Settings, load_settings
+
+# gunicorn's access line: client, request, status, bytes, milliseconds. The path goes
+# without its query string: the handshake's query carries the verify token, and secrets never
+# reach a log line. Every field is escaped (cli.web_hardening.EscapingLogger).
+ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
 
 
 def configure_logging(level: str) -> None:
@@ -50,6 +55,7 @@ def web(host: str, port: int, workers: int | None) -> None:
     settings.ensure_var_dir()
     _configure_multiprocess_metrics(settings.var_dir)
     warn_unreachable(settings, "web")
+    warn_unsigned_instances(settings)
 
     class _Gunicorn(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -58,15 +64,30 @@ def web(host: str, port: int, workers: int | None) -> None:
                 "workers": workers or settings.web_workers,
                 "threads": settings.web_threads,
                 "accesslog": "-",
-                # Path without the query string: the handshake's query carries the verify
-                # token, and secrets never reach a log line.
-                "access_log_format": '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms',
+                "access_log_format": ACCESS_LOG_FORMAT,
+                # Client-controlled text (the decoded path above all) is escaped, so a
+                # request cannot forge a log line or write a terminal escape.
+                "logger_class": "cli.web_hardening.EscapingLogger",
                 "loglevel": settings.log_level.lower(),
                 "timeout": 60,
                 "graceful_timeout": 20,
                 "worker_tmp_dir": "/dev/shm",  # noqa: S108 - gunicorn heartbeat files, RAM-backed
                 "child_exit": _mark_metrics_dead,
+                # gunicorn 25+ opens a management socket (gunicornc) by default, at one path
+                # per user ($HOME/.gunicorn/gunicorn.ctl) that every `ingest web` of that user
+                # would share. Nothing here uses it: one interface less to protect.
+                "control_socket_disable": True,
             }
+            if settings.web_threads > 1:
+                # gunicorn's threaded worker, with a time limit on reading each request's
+                # headers and body (cli/web_hardening.py). One thread means the sync worker,
+                # whose worker timeout ends a slow request with the process; it is meant for
+                # use behind a buffering proxy only.
+                from cli.web_hardening import DeadlineThreadWorker
+
+                # Set before gunicorn forks: every worker process inherits it.
+                DeadlineThreadWorker.read_timeout_seconds = settings.web_read_timeout_seconds
+                options["worker_class"] = "cli.web_hardening.DeadlineThreadWorker"
             for key, value in options.items():
                 self.cfg.set(key, value)
 

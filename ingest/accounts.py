@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from ingest.models import Account, ApiToken, Instance, MediaItem, Provider, utcnow
 from ingest.rate_limit import parse_limit
+from ingest.secrets import SecretBox
 from ingest.storage import Storage
 
 DEFAULT_ACCOUNT = "default"
@@ -75,6 +76,8 @@ class InstanceSpec:
     webhook_secret_header: str | None = None
     webhook_secret: str | None = None
     account: str = DEFAULT_ACCOUNT
+    # Take webhooks that carry neither check: only when the operator asks for it by name.
+    allow_unsigned: bool = False
 
 
 def check_instance_name(name: str) -> str:
@@ -83,7 +86,15 @@ def check_instance_name(name: str) -> str:
     return name
 
 
-def add_instance(session: Session, spec: InstanceSpec) -> Instance:
+UNSIGNED_REFUSED = (
+    "would take webhooks from anyone: give it an app secret (Meta's X-Hub-Signature-256) or "
+    "a webhook secret header and value (360dialog), or allow unsigned webhooks explicitly"
+)
+
+
+def add_instance(session: Session, spec: InstanceSpec, box: SecretBox) -> Instance:
+    """Register a number. ``box`` encrypts its API key and app secret; the verify token and
+    the shared webhook secret are stored as hashes."""
     check_instance_name(spec.name)
     account = get_account(session, spec.account)
     if session.scalar(select(Instance).where(Instance.name == spec.name)) is not None:
@@ -100,16 +111,135 @@ def add_instance(session: Session, spec: InstanceSpec) -> Instance:
         name=spec.name,
         provider=str(spec.provider),
         phone_number_id=spec.phone_number_id,
-        api_key=spec.api_key,
-        app_secret=spec.app_secret,
-        verify_token=spec.verify_token,
-        webhook_secret_header=spec.webhook_secret_header,
-        webhook_secret_hash=hash_secret(spec.webhook_secret) if spec.webhook_secret else None,
         connected=True,
     )
+    _set_secrets(
+        instance,
+        InstanceUpdate(
+            api_key=spec.api_key,
+            app_secret=spec.app_secret,
+            verify_token=spec.verify_token,
+            webhook_secret_header=spec.webhook_secret_header,
+            webhook_secret=spec.webhook_secret,
+        ),
+        box,
+    )
+    _check_webhook_auth(instance, allow_unsigned=spec.allow_unsigned)
     session.add(instance)
     session.flush()
     return instance
+
+
+@dataclass(frozen=True)
+class InstanceUpdate:
+    """What ``instance update`` changes: only the fields that are not None."""
+
+    api_key: str | None = None
+    app_secret: str | None = None
+    verify_token: str | None = None
+    webhook_secret_header: str | None = None
+    webhook_secret: str | None = None
+    # True: accept webhooks without either check; False: require one.
+    allow_unsigned: bool | None = None
+
+
+def update_instance(
+    session: Session, name: str, changes: InstanceUpdate, box: SecretBox
+) -> Instance:
+    """Replace the given secrets of NAME (rotation after a leak, a new app secret) and
+    leave the others as they are. The receiver's cache sees the change within seconds."""
+    instance = get_instance(session, name)
+    if changes.webhook_secret is not None and not (
+        changes.webhook_secret_header or instance.webhook_secret_header
+    ):
+        raise RegistryError("a webhook secret needs a header name to be sent in")
+    if changes.webhook_secret_header is not None and not (
+        changes.webhook_secret or instance.webhook_secret_hash
+    ):
+        raise RegistryError("a webhook secret header needs the secret it carries")
+    _set_secrets(instance, changes, box)
+    allow_unsigned = instance.allow_unsigned
+    if changes.allow_unsigned is not None:
+        allow_unsigned = changes.allow_unsigned
+    elif has_webhook_auth(instance):
+        # A check was just configured: the consent to unsigned webhooks has no object left.
+        allow_unsigned = False
+    _check_webhook_auth(instance, allow_unsigned=allow_unsigned)
+    session.flush()
+    return instance
+
+
+def _set_secrets(instance: Instance, changes: InstanceUpdate, box: SecretBox) -> None:
+    for value, what in (
+        (changes.api_key, "API key"),
+        (changes.app_secret, "app secret"),
+        (changes.verify_token, "verify token"),
+        (changes.webhook_secret, "webhook secret"),
+    ):
+        if value is not None and not value:
+            raise RegistryError(f"an empty {what} is no secret")
+    if changes.api_key is not None:
+        instance.api_key_encrypted = box.encrypt(changes.api_key)
+    if changes.app_secret is not None:
+        instance.app_secret_encrypted = box.encrypt(changes.app_secret)
+    if changes.verify_token is not None:
+        instance.verify_token_hash = hash_secret(changes.verify_token)
+    if changes.webhook_secret_header is not None:
+        instance.webhook_secret_header = changes.webhook_secret_header
+    if changes.webhook_secret is not None:
+        instance.webhook_secret_hash = hash_secret(changes.webhook_secret)
+
+
+def _check_webhook_auth(instance: Instance, *, allow_unsigned: bool) -> None:
+    if has_webhook_auth(instance):
+        if allow_unsigned:
+            raise RegistryError(
+                f"instance {instance.name!r} authenticates its webhooks: unsigned ones would "
+                "still be refused, so there is nothing to allow"
+            )
+    elif not allow_unsigned:
+        raise RegistryError(f"instance {instance.name!r} {UNSIGNED_REFUSED}")
+    instance.allow_unsigned = allow_unsigned
+
+
+def has_webhook_auth(instance: Instance) -> bool:
+    """Does the instance check its webhooks (Meta's signature, or the shared secret)?"""
+    return bool(
+        instance.app_secret_encrypted
+        or (instance.webhook_secret_header and instance.webhook_secret_hash)
+    )
+
+
+def unsigned_instances(session: Session) -> list[str]:
+    """Names of the instances that take webhooks without any check (the operator allowed it),
+    for a start-up warning: anyone who reaches the service can post for them."""
+    return list(
+        session.scalars(
+            select(Instance.name)
+            .where(Instance.allow_unsigned.is_(True))
+            .where(Instance.app_secret_encrypted.is_(None))
+            .where(
+                Instance.webhook_secret_header.is_(None) | Instance.webhook_secret_hash.is_(None)
+            )
+            .order_by(Instance.name)
+        )
+    )
+
+
+def rotate_secrets(session: Session, box: SecretBox) -> int:
+    """Re-encrypt every stored API key and app secret with the box's first key; returns how
+    many secrets were rewritten. A secret no key of the box can read stops it (nothing is
+    written: the caller's transaction rolls back)."""
+    rewritten = 0
+    rows = session.scalars(select(Instance).order_by(Instance.id).with_for_update())
+    for instance in rows:
+        instance.api_key_encrypted = box.rotate(instance.api_key_encrypted)
+        rewritten += 1
+        if instance.app_secret_encrypted:
+            instance.app_secret_encrypted = box.rotate(instance.app_secret_encrypted)
+            rewritten += 1
+    session.flush()
+    return rewritten
 
 
 def get_instance(session: Session, name: str) -> Instance:

@@ -41,6 +41,8 @@ INVALID_TOKEN = "Invalid token"  # noqa: S105 - an error message, not a secret
 INSTANCE_NOT_FOUND = "Instance not found"
 NOT_CONNECTED = "Instance is not connected to WhatsApp"
 NO_MEDIA = "Message not found or no media available"
+TOO_MANY_REQUESTS = "Too many requests"
+TOO_MANY_FAILURES = "Too many failed authentications"
 BASE64_OK = "Base64 retrieved successfully"
 FOUND = "Message found"
 
@@ -62,6 +64,15 @@ class ArchiveError(Exception):
         self.status = status
         self.message = message
         self.headers: dict[str, str] = dict(headers or {})
+
+
+class TokenNotFound(ArchiveError):
+    """The 401 of a token that does not exist: a failed authentication, which the caller
+    counts against the client (an instance token used on another instance is a 401 too, but
+    by a real token, and its own rate limit bounds it)."""
+
+    def __init__(self) -> None:
+        super().__init__(401, INVALID_TOKEN)
 
 
 @dataclass(frozen=True)
@@ -243,7 +254,7 @@ def _lookup(
     )
     row: Sequence[Any] | None = session.execute(query).first()
     if row is None or not hmac.compare_digest(row[0].token_hash, digest):
-        raise ArchiveError(401, INVALID_TOKEN)
+        raise TokenNotFound
     return row[0], row[1], row[2]
 
 
@@ -276,6 +287,60 @@ def check_base64_size(record: MediaRecord, max_bytes: int, raw_path: str) -> Non
             f"Media is {record.size} bytes, over the base64 limit of {max_bytes} bytes; "
             f"download the raw bytes from {raw_path}",
         )
+
+
+# RFC 9110 section 14.1.1: int-range ("first-last", "first-") or suffix-range ("-length").
+_RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)")
+_OWS = " \t"
+
+ByteRange = tuple[int | None, int | None]
+
+
+def parse_byte_ranges(header: str) -> list[ByteRange] | None:
+    """The range-set of a ``Range: bytes=...`` header (RFC 9110 section 14.2), or None when
+    the header is not a valid one, which the server then ignores (a 200).
+
+    Each range is ``(first, last)`` (``last`` None: to the end), or ``(None, length)`` for a
+    suffix. Written here rather than taken from werkzeug, which refuses the valid
+    ``bytes=-0`` (a suffix of no bytes) as if it were malformed: that range can never be
+    satisfied, so its answer is a 416, not the whole object.
+    """
+    unit, equals, range_set = header.partition("=")
+    # Range units compare case-insensitively; no whitespace around "=" (RFC 9110 14.2).
+    if not equals or unit.lower() != "bytes":
+        return None
+    ranges: list[ByteRange] = []
+    for element in range_set.split(","):
+        element = element.strip(_OWS)
+        if not element:
+            continue  # empty list elements are allowed (RFC 9110 section 5.6.1.2)
+        match = _RANGE_SPEC.fullmatch(element)
+        if match is None:
+            return None
+        first, last = match.group(1), match.group(2)
+        if first:
+            if last and int(last) < int(first):
+                return None
+            ranges.append((int(first), int(last) if last else None))
+        elif last:
+            ranges.append((None, int(last)))
+        else:
+            return None
+    return ranges or None
+
+
+def range_bounds(byte_range: ByteRange, size: int) -> tuple[int, int] | None:
+    """``[start, stop)`` of ``byte_range`` in an object of ``size`` bytes, or None when the
+    range cannot be satisfied (starts at or past the end, or a suffix of no bytes)."""
+    first, last = byte_range
+    if first is None:
+        assert last is not None
+        if last == 0 or size == 0:
+            return None
+        return max(0, size - last), size
+    if first >= size:
+        return None
+    return first, size if last is None else min(last + 1, size)
 
 
 def raw_media_path(instance_name: str, message_id: str) -> str:

@@ -3,15 +3,17 @@
 One :class:`Egress` per worker process (thread-safe, pooled). Every request, and every hop of
 a redirect, is checked against the same rules:
 
-- only hosts on ``settings.media_hosts`` (exact name, or an entry ``.example.com`` matching
-  any name ending in it) are fetched; redirects are followed here, never by httpx, so each
-  hop is re-checked;
-- the name is resolved at connection time and private, loopback, link-local, multicast and
-  reserved addresses are refused unless that literal address is itself on the allowlist.
-  The check runs inside the connection pool's network backend and the socket connects to the
-  address that was checked, so a DNS answer that changes between check and connect (DNS
-  rebinding) cannot slip through;
-- a credential is sent only to the origins it belongs to and dropped on a hop elsewhere;
+- only hosts and ports on ``settings.media_hosts`` are fetched: an entry is a name (or
+  ``.example.com``, any name ending in it) or an address, with ``:port`` or without (then
+  only the scheme's default port, 80 or 443). Redirects are followed here, never by httpx,
+  so each hop is re-checked;
+- at connection time the host and port are checked again, the name is resolved, and
+  private, loopback, link-local, multicast and reserved addresses are refused unless that
+  literal address is itself on the allowlist with that port. The check runs inside the
+  connection pool's network backend and the socket connects to the address that was checked,
+  so a DNS answer that changes between check and connect (DNS rebinding) cannot slip through;
+- a credential is sent only where its scopes say (an origin and an exact path, see
+  :class:`CredentialScope`), on every hop; never to another path or query of the same host;
 - the body is decoded here (gzip/deflate) in bounded steps, so a compression bomb is cut off
   as soon as the *decoded* size passes the cap, without ever inflating it in memory.
 
@@ -30,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
 import httpcore
 import httpx
@@ -37,7 +40,7 @@ import httpx
 # Module import, not names: ingest.providers imports this module for its clients, and the
 # contract's errors are only looked up when raised, so either module may be imported first.
 from ingest import providers
-from ingest.settings import Settings
+from ingest.settings import Settings, split_media_host
 
 # httpx and httpcore log every request line, full URL and query included, at INFO/DEBUG.
 # Signed media URLs are confidential, so their loggers never pass anything below WARNING,
@@ -84,41 +87,105 @@ class Origin:
 
 
 @dataclass(frozen=True)
+class CredentialScope:
+    """One place a credential may be sent: an origin and an exact (raw) path.
+
+    With ``query_key``, the query must carry that parameter exactly once (the CDN's ``mid``);
+    without, the request must have no query at all. A different path on the same origin (the
+    Graph API's other endpoints, the sandbox's control routes) never sees the credential.
+    """
+
+    origin: Origin
+    path: str
+    query_key: str | None = None
+
+    def covers(self, url: httpx.URL) -> bool:
+        if url.userinfo or Origin.of(url) != self.origin:
+            return False
+        path, _, query = url.raw_path.partition(b"?")
+        if path != self.path.encode("ascii"):
+            return False
+        if self.query_key is None:
+            return not query
+        try:
+            pairs = parse_qsl(query.decode("ascii"), keep_blank_values=True)
+        except (UnicodeDecodeError, ValueError):
+            return False
+        values = [value for key, value in pairs if key == self.query_key]
+        return len(values) == 1 and bool(values[0])
+
+
+@dataclass(frozen=True)
 class Credential:
-    """One header that authenticates us to a provider, and the origins allowed to see it."""
+    """One header that authenticates us to a provider, and where it may be sent."""
 
     header: str
     value: str
-    origins: frozenset[Origin]
+    scopes: frozenset[CredentialScope]
+
+    def covers(self, url: httpx.URL) -> bool:
+        return any(scope.covers(url) for scope in self.scopes)
 
     def __repr__(self) -> str:  # the value is a secret
-        hosts = sorted(f"{o.host}:{o.port}" for o in self.origins)
-        return f"Credential(header={self.header!r}, value=<redacted>, origins={hosts})"
+        where = sorted(f"{s.origin.host}:{s.origin.port}{s.path}" for s in self.scopes)
+        return f"Credential(header={self.header!r}, value=<redacted>, scopes={where})"
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True)
 class HostPolicy:
-    """Which names and addresses may be fetched (``settings.media_hosts``)."""
+    """Which hosts, ports and addresses may be fetched (``settings.media_hosts``).
 
-    entries: frozenset[str]
+    Entries are ``(host, port)``: a name, a ``.suffix`` or an address, and a port or None.
+    None means the scheme's default port: 80 for http, 443 for https (at connection time,
+    where the scheme is not known, either of the two).
+    """
+
+    entries: frozenset[tuple[str, int | None]]
 
     @classmethod
     def from_hosts(cls, hosts: Iterable[str]) -> HostPolicy:
-        return cls(frozenset(_canonical(h) for h in hosts if h.strip()))
+        return cls(frozenset(split_media_host(h) for h in hosts if h.strip()))
 
-    def name_allowed(self, host: str) -> bool:
-        host = _canonical(host)
-        if host in self.entries:
-            return True
-        return any(e.startswith(".") and host.endswith(e) for e in self.entries)
+    def url_allowed(self, origin: Origin) -> bool:
+        """The name (or literal address) and port of a URL, before any connection."""
+        default = DEFAULT_PORTS.get(origin.scheme)
+        return self._listed(_canonical(origin.host), origin.port, {default} if default else set())
 
-    def address_allowed(self, address: Address) -> bool:
-        """Public unicast addresses pass; any other only when listed literally."""
+    def name_allowed(self, host: str, port: int) -> bool:
+        """The same rule at connection time, where only host and port are known."""
+        return self._listed(_canonical(host), port, set(DEFAULT_PORTS.values()))
+
+    def address_allowed(self, address: Address, port: int) -> bool:
+        """Public unicast addresses pass (their name and port were checked); any other only
+        when listed literally, with this port (or without one, for 80 and 443)."""
         mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
         effective: Address = mapped or address
         if effective.is_global and not effective.is_multicast:
             return True
-        return str(effective) in self.entries or str(address) in self.entries
+        defaults = set(DEFAULT_PORTS.values())
+        return self._exact(str(effective), port, defaults) or self._exact(
+            str(address), port, defaults
+        )
+
+    def _listed(self, host: str, port: int, defaults: set[int]) -> bool:
+        if self._exact(host, port, defaults):
+            return True
+        return any(
+            name.startswith(".") and host.endswith(name) and _port_matches(listed, port, defaults)
+            for name, listed in self.entries
+        )
+
+    def _exact(self, host: str, port: int, defaults: set[int]) -> bool:
+        return any(
+            name == host and _port_matches(listed, port, defaults) for name, listed in self.entries
+        )
+
+
+def _port_matches(listed: int | None, port: int, defaults: set[int]) -> bool:
+    return port == listed if listed is not None else port in defaults
 
 
 def _canonical(host: str) -> str:
@@ -145,11 +212,18 @@ class _GuardedBackend(httpcore.SyncBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
+        # The URL was checked before the request; checked again here, where the socket is
+        # opened, so no path around that check (a pooled request, a future caller) connects
+        # to a host or port off the list.
+        if not self._policy.name_allowed(host, port):
+            raise _RefusedAddress(host)
         try:
             candidates = self._resolver(host, port)
         except OSError as exc:
             raise httpcore.ConnectError(f"cannot resolve {host}") from exc
-        allowed = [a for a in candidates if self._policy.address_allowed(ipaddress.ip_address(a))]
+        allowed = [
+            a for a in candidates if self._policy.address_allowed(ipaddress.ip_address(a), port)
+        ]
         if not allowed:
             # Raised through httpcore and httpx untouched (they only map their own errors).
             raise _RefusedAddress(host)
@@ -387,7 +461,7 @@ class Egress:
         while True:
             origin = _check_url(current, self.policy, endpoint)
             request_headers = dict(headers or {})
-            if credential is not None and origin in credential.origins:
+            if credential is not None and credential.covers(current):
                 request_headers[credential.header] = credential.value
             request = self._client.build_request("GET", current, headers=request_headers)
             with _mapped_errors(endpoint, origin.host, sent=False):
@@ -438,9 +512,9 @@ def _check_url(url: httpx.URL, policy: HostPolicy, endpoint: Endpoint) -> Origin
             counts_against_budget=False,
         )
     origin = Origin.of(url)
-    if not policy.name_allowed(origin.host):
+    if not policy.url_allowed(origin):
         raise providers.DisallowedHost(
-            f"host {origin.host} is not on the allowlist",
+            f"host {origin.host} port {origin.port} is not on the allowlist",
             endpoint=endpoint,
             counts_against_budget=False,
         )
@@ -479,6 +553,7 @@ __all__ = [
     "ACCEPT_ENCODING",
     "MAX_REDIRECTS",
     "Credential",
+    "CredentialScope",
     "Egress",
     "EgressResponse",
     "HostPolicy",

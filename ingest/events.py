@@ -13,7 +13,11 @@ Shape (Meta Cloud API; 360dialog forwards the same envelope)::
 Only media messages (and provider errors about media) become records; statuses, text and
 other messages are counted and ignored. The structure we depend on is checked strictly: a body
 we cannot read is a :class:`PayloadError` (the receiver answers 400, which the provider will
-not fix by retrying), never an exception of another kind.
+not fix by retrying), never an exception of another kind. A media id must be a provider media
+id (:func:`is_media_id`); a media URL that is not in the CDN's attachment form
+(:func:`is_attachment_url`) is dropped, counted, and the worker resolves the media id instead.
+A body naming more than ``max_items`` phone number ids or media items is
+:class:`TooManyItems`, raised as soon as the count passes, before anything else is read.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from ingest.media_rules import normalize_sha256
 from ingest.models import MediaType
@@ -44,9 +49,65 @@ _TOO_LARGE_TEXT = re.compile(r"too (large|big)|exceeds?\b.*\bsize|size\b.*\b(lim
 
 _MEDIA_TYPES = {member.value: member for member in MediaType}
 
+# Meta's media ids are decimal (the lookup is ``GET /<version>/<media-id>``, and the CDN URL
+# repeats the id as ``mid=130345565692730173924``: provider-media-constraints.md); 360dialog
+# forwards Meta's. Anything else (``..``, a slash, a query) could steer a lookup, which carries
+# the instance's credential, to another path of the provider's API.
+_MEDIA_ID = re.compile(r"[0-9]{1,64}")
+
+# The path of a direct-download URL: Meta's lookaside form
+# (``https://lookaside.fbsbx.com/whatsapp_business/attachments/?mid=..&ext=..&hash=..``),
+# which 360dialog serves under its own host (provider-media-constraints.md, "Download Media").
+CDN_ATTACHMENT_PATH = "/whatsapp_business/attachments/"
+# Characters RFC 3986 allows in a URL. Anything else (spaces, backslashes, non-ASCII) is
+# read differently by different URL parsers, so the URL we check might not be the one fetched.
+_URL_CHARACTERS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
+_ESCAPED_SLASH = re.compile(r"\\+/")
+
 
 class PayloadError(ValueError):
     """The body is not a webhook we can read. The message is safe to return to the caller."""
+
+
+class TooManyItems(PayloadError):
+    """The body names more phone number ids or media items than one webhook may."""
+
+
+def is_media_id(value: str) -> bool:
+    """A provider media id: decimal digits, nothing that could be read as a path."""
+    return _MEDIA_ID.fullmatch(value) is not None
+
+
+def unescape_slashes(url: str) -> str:
+    """Undo JSON-escaped slashes (``https:\\/\\/``, also doubled), as 360dialog sends them."""
+    return _ESCAPED_SLASH.sub("/", url.strip())
+
+
+def is_attachment_url(url: str, *, base_path: str = "") -> bool:
+    """Is ``url`` a CDN attachment URL: http(s), a host, no user info or fragment, the path
+    ``<base_path>/whatsapp_business/attachments/`` exactly (raw: no dot segments, no escapes),
+    and a query naming exactly one media id as ``mid``?
+
+    ``base_path`` is the path of a provider base the CDN is served under (360dialog's rewrite
+    onto a base URL with a path, as the sandbox's ``/d360``). The host is the caller's (and the
+    allowlist's) business.
+    """
+    url = unescape_slashes(url)
+    if not _URL_CHARACTERS.fullmatch(url):
+        return False
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+        return False
+    if parts.fragment or parts.path != base_path.rstrip("/") + CDN_ATTACHMENT_PATH:
+        return False
+    media_ids = [
+        value for key, value in parse_qsl(parts.query, keep_blank_values=True) if key == "mid"
+    ]
+    return len(media_ids) == 1 and is_media_id(media_ids[0])
 
 
 @dataclass(frozen=True)
@@ -105,9 +166,11 @@ class ParsedWebhook:
     ignored: int
     # Errors the provider reported for a change that carried no message to attach them to.
     unattached_faults: tuple[ProviderFault, ...]
+    # Media URLs dropped for not being CDN attachment URLs (their media ids are resolved).
+    dropped_urls: int = 0
 
 
-def parse_body(raw: bytes) -> ParsedWebhook:
+def parse_body(raw: bytes, *, max_items: int | None = None) -> ParsedWebhook:
     """Decode and parse a webhook body. Raises :class:`PayloadError` for anything unreadable."""
     try:
         document = json.loads(raw)
@@ -115,15 +178,20 @@ def parse_body(raw: bytes) -> ParsedWebhook:
         # ValueError covers undecodable bytes, bad syntax and an integer too long to convert
         # (Python's limit on int digits); RecursionError, nesting too deep.
         raise PayloadError("Malformed JSON") from None
-    return parse_payload(document)
+    return parse_payload(document, max_items=max_items)
 
 
-def parse_payload(document: Any) -> ParsedWebhook:
-    """Parse an already decoded body (see the module docstring for the shape)."""
+def parse_payload(document: Any, *, max_items: int | None = None) -> ParsedWebhook:
+    """Parse an already decoded body (see the module docstring for the shape).
+
+    ``max_items`` bounds the distinct phone number ids and, separately, the media items: each
+    id is a database lookup and each item a row, and both are counted before either happens.
+    """
     envelope = _object(document, "body")
     kind = envelope.get("object")
     if kind is not None and kind != ENVELOPE_OBJECT:
         raise PayloadError(f"Unsupported webhook object (expected {ENVELOPE_OBJECT!r})")
+    counts = _Counts(max_items)
     media: list[MediaEvent] = []
     phone_ids: dict[str, None] = {}
     ignored = 0
@@ -139,10 +207,10 @@ def parse_payload(document: Any) -> ParsedWebhook:
                 continue
             value = _object(change_obj.get("value"), "changes[].value")
             phone_id = _phone_number_id(value)
-            if phone_id is not None:
-                phone_ids.setdefault(phone_id, None)
-            parsed, skipped, faults = _parse_value(value, phone_id)
-            media.extend(parsed)
+            if phone_id is not None and phone_id not in phone_ids:
+                phone_ids[phone_id] = None
+                counts.check(len(phone_ids), "phone number ids")
+            skipped, faults = _parse_value(value, phone_id, media, counts)
             ignored += skipped
             unattached.extend(faults)
     return ParsedWebhook(
@@ -150,33 +218,50 @@ def parse_payload(document: Any) -> ParsedWebhook:
         phone_number_ids=tuple(phone_ids),
         ignored=ignored,
         unattached_faults=tuple(unattached),
+        dropped_urls=counts.dropped_urls,
     )
 
 
+class _Counts:
+    """What one parse has counted: against the body's bound, and what it dropped."""
+
+    def __init__(self, max_items: int | None) -> None:
+        self.max_items = max_items
+        self.dropped_urls = 0
+
+    def check(self, count: int, what: str) -> None:
+        if self.max_items is not None and count > self.max_items:
+            raise TooManyItems(f"Payload names more than {self.max_items} {what}")
+
+
 def _parse_value(
-    value: Mapping[str, Any], phone_id: str | None
-) -> tuple[list[MediaEvent], int, list[ProviderFault]]:
+    value: Mapping[str, Any], phone_id: str | None, media: list[MediaEvent], counts: _Counts
+) -> tuple[int, list[ProviderFault]]:
+    """Append the change's media events to ``media``; the ignored count and loose faults."""
     ignored = len(_list(value.get("statuses"), "value.statuses"))
     for contact in _list(value.get("contacts"), "value.contacts"):
         _object(contact, "contacts[]")
     change_faults = [_fault(item) for item in _list(value.get("errors"), "value.errors")]
-    messages = [_object(m, "messages[]") for m in _list(value.get("messages"), "value.messages")]
+    messages = _list(value.get("messages"), "value.messages")
 
-    media: list[MediaEvent] = []
     for message in messages:
-        event = _media_event(message, phone_id, change_faults)
+        event = _media_event(_object(message, "messages[]"), phone_id, change_faults, counts)
         if event is None:
             ignored += 1
         else:
             media.append(event)
+            counts.check(len(media), "media items")
     # value.errors with no message to attach them to cannot make a row (no message id): the
     # caller logs them.
     unattached = change_faults if not messages else []
-    return media, ignored, unattached
+    return ignored, unattached
 
 
 def _media_event(
-    message: Mapping[str, Any], phone_id: str | None, change_faults: list[ProviderFault]
+    message: Mapping[str, Any],
+    phone_id: str | None,
+    change_faults: list[ProviderFault],
+    counts: _Counts,
 ) -> MediaEvent | None:
     kind = message.get("type")
     if not isinstance(kind, str):
@@ -208,8 +293,14 @@ def _media_event(
     if body is None and faults:
         return MediaEvent(**common, fault=faults[0])
     media = _object(body, f"messages[].{kind}")
+    url = _url(media.get("url"), f"{kind}.url")
+    if url is not None and not is_attachment_url(url):
+        # Not a CDN attachment URL (another path of an allowed host, a local port): never
+        # fetched; the worker resolves the media id instead. The receiver logs the count.
+        counts.dropped_urls += 1
+        url = None
     details: dict[str, Any] = {
-        "media_id": _identifier(media.get("id"), f"{kind}.id", required=not faults),
+        "media_id": _media_id(media.get("id"), f"{kind}.id", required=not faults),
         "mime_type": _identifier(media.get("mime_type"), f"{kind}.mime_type", MAX_MIME_CHARS),
         "sha256": _sha256(media.get("sha256"), f"{kind}.sha256"),
         "caption": _free_text(media.get("caption"), f"{kind}.caption"),
@@ -217,7 +308,7 @@ def _media_event(
         "file_size": _size(media.get("file_size"), f"{kind}.file_size"),
         "voice": media.get("voice") is True,
         "animated": media.get("animated") is True,
-        "url": _url(media.get("url"), f"{kind}.url"),
+        "url": url,
     }
     return MediaEvent(**common, **details, fault=faults[0] if faults else None)
 
@@ -293,6 +384,13 @@ def _identifier(
     return value
 
 
+def _media_id(value: Any, where: str, *, required: bool) -> str | None:
+    media_id = _identifier(value, where, required=required)
+    if media_id is not None and not is_media_id(media_id):
+        raise PayloadError(f"{where} is not a media id (digits)")
+    return media_id
+
+
 def _free_text(value: Any, where: str) -> str | None:
     """Captions and filenames are user text: repaired rather than refused, so one odd
     character never makes the provider retry (and us miss) a whole batch."""
@@ -311,7 +409,7 @@ def _repair(value: str) -> str:
 
 def _url(value: Any, where: str) -> str | None:
     # Stored as given: 360dialog's may still carry escaped slashes, which the worker undoes,
-    # and the worker checks the host against the allowlist before any request.
+    # and the worker checks the host and port against the allowlist before any request.
     return _identifier(value, where, limit=8192)
 
 

@@ -22,11 +22,12 @@ from sqlalchemy import Connection, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from ingest.accounts import secret_matches
+from ingest.accounts import hash_secret, secret_matches
 from ingest.events import MediaEvent
 from ingest.media_rules import over_send_limit, queue_for
 from ingest.models import Instance, MediaItem, MediaState, MediaType
 from ingest.queues import DownloadJob
+from ingest.secrets import SecretBox, environment_secret_box
 from ingest.settings import Settings
 
 SIGNATURE_HEADER = "X-Hub-Signature-256"
@@ -44,8 +45,8 @@ class HeaderLookup(Protocol):
 
 
 class WebhookCredentials(Protocol):
-    """What authenticating a post needs of an instance (an ``Instance`` row or a cached
-    :class:`InstanceRoute`)."""
+    """What authenticating a post needs of an instance (a cached :class:`InstanceRoute`,
+    whose app secret is decrypted)."""
 
     @property
     def app_secret(self) -> str | None: ...
@@ -53,6 +54,8 @@ class WebhookCredentials(Protocol):
     def webhook_secret_header(self) -> str | None: ...
     @property
     def webhook_secret_hash(self) -> str | None: ...
+    @property
+    def allow_unsigned(self) -> bool: ...
 
 
 def signature_valid(raw_body: bytes, header_value: str | None, app_secret: str) -> bool:
@@ -79,8 +82,13 @@ def authenticate(instance: WebhookCredentials, raw_body: bytes, headers: HeaderL
 
     Every check the instance configures must pass: the Meta signature when it has an app
     secret, the shared-secret header (360dialog) when it has one. An instance with neither
-    accepts unsigned posts, as the operator chose when adding it.
+    takes a post only if the operator allowed unsigned webhooks for it by name; one from
+    before that consent existed, or whose checks were lost, takes nothing.
     """
+    signed = bool(instance.app_secret)
+    shared = bool(instance.webhook_secret_header and instance.webhook_secret_hash)
+    if not (signed or shared):
+        return instance.allow_unsigned
     if instance.app_secret and not signature_valid(
         raw_body, headers.get(SIGNATURE_HEADER), instance.app_secret
     ):
@@ -95,20 +103,23 @@ def authenticate(instance: WebhookCredentials, raw_body: bytes, headers: HeaderL
 def verify_token_matches(presented: str, instances: Iterable[Instance]) -> bool:
     """Meta's subscription handshake: does ``presented`` equal any instance's verify token?
 
-    Every candidate is compared (constant time each), so the answer's timing does not say
-    which instance, or how much of a token, matched.
+    Only hashes are stored: ``presented`` is hashed once, and every candidate's hash is
+    compared (constant time each), so the answer's timing does not say which instance, or
+    how much of a token, matched.
     """
+    digest = hash_secret(presented).encode()
     results = [
-        hmac.compare_digest(presented.encode(), instance.verify_token.encode())
+        hmac.compare_digest(digest, instance.verify_token_hash.encode())
         for instance in instances
-        if instance.verify_token
+        if instance.verify_token_hash
     ]
     return any(results)
 
 
 @dataclass(frozen=True)
 class InstanceRoute:
-    """The columns of an instance the receiver needs, detached from any session."""
+    """The columns of an instance the receiver needs, detached from any session, with the
+    app secret decrypted (it signs nothing here, it only checks)."""
 
     id: int
     name: str
@@ -116,16 +127,24 @@ class InstanceRoute:
     app_secret: str | None = field(repr=False)
     webhook_secret_header: str | None
     webhook_secret_hash: str | None = field(repr=False)
+    allow_unsigned: bool = False
 
     @classmethod
-    def of(cls, row: Instance) -> InstanceRoute:
+    def of(cls, row: Instance, box: SecretBox | None) -> InstanceRoute:
+        """``box`` decrypts the app secret; it may be None for a row that has none."""
+        app_secret = None
+        if row.app_secret_encrypted:
+            if box is None:
+                raise ValueError(f"instance {row.name!r} has an app secret and no box was given")
+            app_secret = box.decrypt(row.app_secret_encrypted)
         return cls(
             id=row.id,
             name=row.name,
             phone_number_id=row.phone_number_id,
-            app_secret=row.app_secret,
+            app_secret=app_secret,
             webhook_secret_header=row.webhook_secret_header,
             webhook_secret_hash=row.webhook_secret_hash,
+            allow_unsigned=row.allow_unsigned,
         )
 
 
@@ -135,7 +154,12 @@ class InstanceDirectory:
 
     Only instances that exist are cached, for ``ttl_seconds``: a new instance is found at
     once; a rotated secret or a renamed instance is seen within the TTL. Recording never
-    depends on the cached ``connected`` flag (disconnected instances still record).
+    depends on the cached ``connected`` flag (disconnected instances still record). App
+    secrets are decrypted once per cache fill, not per request.
+
+    ``box``: the process's :func:`ingest.secrets.secret_box`. Without it, the box of the
+    process's environment (``INGEST_SECRET_KEY``) for the sessions' database, found on the
+    first app secret: what a process started by ``ingest web`` runs with.
     """
 
     def __init__(
@@ -143,10 +167,13 @@ class InstanceDirectory:
         sessions: sessionmaker[Session],
         ttl_seconds: float = INSTANCE_CACHE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        box: SecretBox | None = None,
     ) -> None:
         self._sessions = sessions
         self._ttl = ttl_seconds
         self._clock = clock
+        self._box = box
         self._lock = threading.Lock()
         self._by_name: dict[str, tuple[float, InstanceRoute]] = {}
         self._by_phone: dict[str, tuple[float, InstanceRoute]] = {}
@@ -157,7 +184,7 @@ class InstanceDirectory:
             return cached[name]
         with self._sessions() as session:
             row = session.scalar(select(Instance).where(Instance.name == name))
-            route = InstanceRoute.of(row) if row is not None else None
+            route = self._route(row) if row is not None else None
         if route is not None:
             self._remember([route])
         return route
@@ -170,10 +197,19 @@ class InstanceDirectory:
                 rows = session.scalars(
                     select(Instance).where(Instance.phone_number_id.in_(missing))
                 )
-                routes = [InstanceRoute.of(row) for row in rows]
+                routes = [self._route(row) for row in rows]
             self._remember(routes)
             found.update((route.phone_number_id, route) for route in routes)
         return found
+
+    def _route(self, row: Instance) -> InstanceRoute:
+        return InstanceRoute.of(row, self._secret_box() if row.app_secret_encrypted else None)
+
+    def _secret_box(self) -> SecretBox:
+        if self._box is None:
+            bind = self._sessions.kw["bind"]
+            self._box = environment_secret_box(bind.url.render_as_string(hide_password=False))
+        return self._box
 
     def forget(self) -> None:
         with self._lock:

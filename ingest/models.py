@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -109,17 +110,21 @@ class Instance(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     provider: Mapped[str] = mapped_column(String(20))
     phone_number_id: Mapped[str] = mapped_column(String(64), unique=True)
-    # The provider credential must be sent as-is, so it cannot be hashed; it never leaves
-    # the worker except towards the provider's own hosts.
-    api_key: Mapped[str] = mapped_column(Text)
-    # Meta app secret for X-Hub-Signature-256; None means the instance takes unsigned posts
-    # (or relies on the shared-secret header below).
-    app_secret: Mapped[str | None] = mapped_column(Text, nullable=True)
-    verify_token: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Provider credentials are sent as-is, so they cannot be hashed: stored encrypted
+    # (Fernet, ingest.secrets) and decrypted only where used. The API key goes only to the
+    # provider's own hosts; the app secret checks X-Hub-Signature-256 (None: no signature).
+    api_key_encrypted: Mapped[str] = mapped_column(Text)
+    app_secret_encrypted: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Meta's subscription handshake only compares the verify token: its SHA-256 is enough.
+    verify_token_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # 360dialog cannot sign with Meta's secret: it may send a shared secret in a header of
     # our choosing. Only its SHA-256 is stored.
     webhook_secret_header: Mapped[str | None] = mapped_column(String(100), nullable=True)
     webhook_secret_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # An instance with neither an app secret nor a shared secret takes webhooks only if the
+    # operator said so (`--allow-unsigned-webhooks`): anyone who reaches the service could
+    # then have it download with the instance's key. Never true beside a configured check.
+    allow_unsigned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     connected: Mapped[bool] = mapped_column(Boolean, default=True)
     # Why and when the instance was last marked disconnected (by a worker that met a 401, or
     # by the operator); both cleared when it is connected again.

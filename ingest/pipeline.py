@@ -87,6 +87,7 @@ from ingest.providers import (
     UrlRejected,
 )
 from ingest.retry_policy import Decision, Outcome, decide
+from ingest.secrets import SecretKeyError, secret_box
 from ingest.services import Services
 from ingest.settings import Settings
 from ingest.storage import InvalidKeyError, Storage, StorageError, StorageIntegrityError
@@ -259,7 +260,7 @@ _INSTANCE_COLUMNS = (
     Instance.connected.label("instance_connected"),
     Instance.provider.label("instance_provider"),
     Instance.phone_number_id.label("instance_phone_number_id"),
-    Instance.api_key.label("instance_api_key"),
+    Instance.api_key_encrypted.label("instance_api_key_encrypted"),
 )
 
 # PostgreSQL: the instance's columns come back from the same statement (UPDATE .. FROM), one
@@ -509,6 +510,9 @@ class Pipeline:
         """
         now = self.clock()
         owner = new_lease_owner()
+        # Before claiming: without a usable key (INGEST_SECRET_KEY unset on a server
+        # database) no row is claimed only to fail; the row stays due for a fixed worker.
+        box = secret_box(self.settings)
         # Core execution of statements built once: the ORM's bulk-update path and a fresh
         # cache key per call were a large share of the worker's CPU per item.
         with self._one_statement.begin() as connection:
@@ -533,6 +537,14 @@ class Pipeline:
                     _INSTANCE_FOR_ATTEMPT, {"p_instance_id": item.instance_id}
                 ).one()
             )
+        try:
+            api_key = box.decrypt(instance.instance_api_key_encrypted)
+        except SecretKeyError:
+            # Encrypted with a key this process lacks: no fault of the row's. Hand it back as
+            # it was (attempt given back) for when the keys are fixed, and say so loudly.
+            with self._one_statement.begin() as connection:
+                connection.execute(_HAND_BACK, {"p_id": item_id, "p_owner": owner, "p_now": now})
+            raise
         # The URL's five minutes started when it was issued (ingest.intake.issued_at: the
         # receipt, or the message's time for a late redelivery), which its deadline records.
         issued = item.received_at if item.url_deadline is None else item.url_deadline - URL_LIFETIME
@@ -549,7 +561,7 @@ class Pipeline:
             credentials=Credentials(
                 provider=Provider(instance.instance_provider),
                 phone_number_id=instance.instance_phone_number_id,
-                api_key=instance.instance_api_key,
+                api_key=api_key,
             ),
             message_id=item.message_id,
             media_id=item.media_id,

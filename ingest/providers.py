@@ -22,28 +22,41 @@ other 4xx     ProviderRejected       ProviderRejected
 throttle counts those) and for failures after the request was sent (timeouts, broken
 responses: the provider may have logged an error); False when the provider never saw the
 request (DNS, connect, our allowlist) or answered 2xx with a body we cannot use.
+
+Where the credential goes (provider-media-constraints.md): the lookup ``GET
+<api base>/<media-id>``, built only from a checked media id (:func:`ingest.events.is_media_id`),
+and CDN attachment URLs: ``/whatsapp_business/attachments/?mid=<media-id>&...`` on Meta's
+``lookaside.fbsbx.com`` (and, for the Cloud API, on the Graph origin itself, where the sandbox
+serves it), or 360dialog's rewrite of it, ``<360dialog base>/whatsapp_business/attachments/?...``.
+A download URL of any other shape is not fetched at all (:class:`UrlRejected`, not counted:
+the pipeline resolves the media id instead); a lookup answering one is unusable.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-import re
 import zlib
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
 
 # Module import: ingest.egress raises this module's errors, and each side only looks the other
 # up at call time, so either may be imported first.
 from ingest import egress
+from ingest.events import CDN_ATTACHMENT_PATH, is_attachment_url, is_media_id, unescape_slashes
 from ingest.media_rules import normalize_sha256
 from ingest.models import Provider
 from ingest.settings import Settings
 
 Endpoint = Literal["lookup", "download"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -153,7 +166,8 @@ LOOKUP_MAX_BYTES = 1024 * 1024
 _GZIP_MAGIC = b"\x1f\x8b"
 # 18 digits is up to an exabyte: a longer stated size is nonsense, read as "not stated".
 MAX_SIZE_DIGITS = 18
-_ESCAPED_SLASH = re.compile(r"\\+/")
+# The CDN URL names its media id in this query parameter.
+MEDIA_ID_PARAM = "mid"
 
 
 def rewrite_for_d360(url: str, d360_url: str) -> str:
@@ -164,20 +178,24 @@ def rewrite_for_d360(url: str, d360_url: str) -> str:
     other host is returned unescaped but otherwise unchanged.
     """
     url = unescape_slashes(url)
-    parts = urlsplit(url)
-    if (parts.hostname or "").lower() != LOOKASIDE_HOST:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # unreadable: left as it is, and refused as no CDN URL
+        return url
+    if (host or "").lower() != LOOKASIDE_HOST:
         return url
     base = urlsplit(d360_url)
     path = base.path.rstrip("/") + (parts.path or "/")
     return urlunsplit((base.scheme, base.netloc, path, parts.query, ""))
 
 
-def unescape_slashes(url: str) -> str:
-    return _ESCAPED_SLASH.sub("/", url.strip())
-
-
 def _origin(url: str) -> egress.Origin:
     return egress.Origin.of(url)
+
+
+def _path_of(base_url: str) -> str:
+    return urlsplit(base_url).path.rstrip("/")
 
 
 def _raise_unless_ok(response: egress.EgressResponse, endpoint: Endpoint) -> None:
@@ -263,7 +281,10 @@ def _file_size(value: Any) -> int | None:
 
 
 class _HttpClient:
-    """What both providers share: lookup JSON, download streaming, status mapping."""
+    """What both providers share: lookup JSON, download streaming, status mapping.
+
+    ``cdn`` lists where this provider's CDN attachment URLs live: ``(origin, base path)``.
+    """
 
     credentials: Credentials
 
@@ -272,28 +293,61 @@ class _HttpClient:
         credentials: Credentials,
         settings: Settings,
         egress_client: egress.Egress,
-        credential: egress.Credential,
+        header: str,
+        value: str,
         lookup_base: str,
+        cdn: frozenset[tuple[egress.Origin, str]],
     ) -> None:
         self.credentials = credentials
         self._settings = settings
         self._egress = egress_client
-        self._credential = credential
+        self._header = header
+        self._value = value
         self._lookup_base = lookup_base
+        self._cdn = cdn
+        self._cdn_credential = egress.Credential(
+            header,
+            value,
+            frozenset(
+                egress.CredentialScope(origin, base + CDN_ATTACHMENT_PATH, MEDIA_ID_PARAM)
+                for origin, base in cdn
+            ),
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(phone_number_id={self.credentials.phone_number_id!r})"
 
     def resolve(self, media_id: str) -> MediaLocation:
-        if not media_id:
-            raise ProviderRejected("empty media id", endpoint="lookup", counts_against_budget=False)
-        url = f"{self._lookup_base}/{quote(media_id, safe='')}"
-        with self._egress.get(url, endpoint="lookup", credential=self._credential) as response:
+        if not is_media_id(media_id):
+            # Never turned into a URL path: ".." or "a/b" would reach another API endpoint
+            # with the instance's credential.
+            raise ProviderRejected(
+                "media id is not a provider media id",
+                endpoint="lookup",
+                counts_against_budget=False,
+            )
+        url = f"{self._lookup_base}/{media_id}"
+        # Scoped to this one lookup: the API origin's other paths never see the credential.
+        credential = egress.Credential(
+            self._header,
+            self._value,
+            # The path as httpx will send it, so the scope compares like with like.
+            frozenset({egress.CredentialScope(_origin(url), httpx.URL(url).raw_path.decode())}),
+        )
+        with self._egress.get(url, endpoint="lookup", credential=credential) as response:
             _raise_unless_ok(response, "lookup")
             body = response.read(LOOKUP_MAX_BYTES)
             data = _decode_lookup(body, response.host)
+            download_url = self.download_url(str(data["url"]))
+            if not self.is_cdn_url(download_url):
+                raise ProviderUnavailable(
+                    f"lookup at {response.host} answered a URL that is not a CDN attachment URL",
+                    endpoint="lookup",
+                    status=200,
+                    counts_against_budget=False,
+                )
         return MediaLocation(
-            url=self.download_url(str(data["url"])),
+            url=download_url,
             mime_type=data.get("mime_type") if isinstance(data.get("mime_type"), str) else None,
             sha256=normalize_sha256(data["sha256"])
             if isinstance(data.get("sha256"), str)
@@ -304,10 +358,37 @@ class _HttpClient:
     def download_url(self, url: str) -> str:
         return unescape_slashes(url)
 
+    def is_cdn_url(self, url: str) -> bool:
+        """Is ``url`` (as :meth:`download_url` made it) an attachment URL of this provider's
+        CDN: one of its origins, the attachment path under that origin's base, a ``mid``?"""
+        try:
+            origin = _origin(url)
+        except (httpx.InvalidURL, ValueError):
+            return False
+        return any(
+            origin == cdn_origin and is_attachment_url(url, base_path=base)
+            for cdn_origin, base in self._cdn
+        )
+
     @contextmanager
     def _download(self, url: str, max_bytes: int) -> Iterator[Iterator[bytes]]:
         target = self.download_url(url)
-        with self._egress.get(target, endpoint="download", credential=self._credential) as response:
+        if not self.is_cdn_url(target):
+            # A webhook URL of another shape (another path of the provider's host, a local
+            # port): never fetched. The pipeline resolves the media id on a UrlRejected; not
+            # counted, since the provider never saw it. The URL itself is never logged.
+            log.warning(
+                "download: %s URL is not a CDN attachment URL; not fetched, resolving instead",
+                self.credentials.provider.value,
+            )
+            raise UrlRejected(
+                "URL is not a CDN attachment URL; not fetched",
+                endpoint="download",
+                counts_against_budget=False,
+            )
+        with self._egress.get(
+            target, endpoint="download", credential=self._cdn_credential
+        ) as response:
             _raise_unless_ok(response, "download")
             yield response.iter_bytes(max_bytes)
 
@@ -316,31 +397,48 @@ class _HttpClient:
 
 
 class CloudApiClient(_HttpClient):
-    """Meta Cloud API: ``Authorization: Bearer``, to the Graph host and Meta's CDN only."""
+    """Meta Cloud API: ``Authorization: Bearer``, to Graph lookups and Meta's CDN only.
+
+    CDN URLs are accepted on ``lookaside.fbsbx.com`` and on the Graph origin itself (at its
+    root: where a stand-in such as the sandbox serves both; Meta's own host is trusted with
+    the token anyway).
+    """
 
     def __init__(
         self, credentials: Credentials, settings: Settings, egress_client: egress.Egress
     ) -> None:
-        credential = egress.Credential(
-            header="Authorization",
-            value=f"Bearer {credentials.api_key}",
-            origins=frozenset({_origin(settings.graph_url), _origin(f"https://{LOOKASIDE_HOST}")}),
+        cdn = frozenset(
+            {(_origin(f"https://{LOOKASIDE_HOST}"), ""), (_origin(settings.graph_url), "")}
         )
-        super().__init__(credentials, settings, egress_client, credential, settings.graph_url)
+        super().__init__(
+            credentials,
+            settings,
+            egress_client,
+            "Authorization",
+            f"Bearer {credentials.api_key}",
+            settings.graph_url,
+            cdn,
+        )
 
 
 class D360Client(_HttpClient):
-    """360dialog: ``D360-API-KEY``, to the 360dialog host only; CDN URLs are re-hosted there."""
+    """360dialog: ``D360-API-KEY``, to the 360dialog host only; CDN URLs are re-hosted there
+    (``lookaside.fbsbx.com/whatsapp_business/attachments/`` becomes
+    ``<d360 base>/whatsapp_business/attachments/``)."""
 
     def __init__(
         self, credentials: Credentials, settings: Settings, egress_client: egress.Egress
     ) -> None:
-        credential = egress.Credential(
-            header=D360_KEY_HEADER,
-            value=credentials.api_key,
-            origins=frozenset({_origin(settings.d360_url)}),
+        cdn = frozenset({(_origin(settings.d360_url), _path_of(settings.d360_url))})
+        super().__init__(
+            credentials,
+            settings,
+            egress_client,
+            D360_KEY_HEADER,
+            credentials.api_key,
+            settings.d360_url,
+            cdn,
         )
-        super().__init__(credentials, settings, egress_client, credential, settings.d360_url)
 
     def download_url(self, url: str) -> str:
         return rewrite_for_d360(url, self._settings.d360_url)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -63,6 +65,66 @@ _BROKER_SCHEMES = ("redis", "rediss", "amqp", "pyamqp", "memory")
 
 class ConfigError(Exception):
     """A setting is invalid; the message is one line that names the variable."""
+
+
+def split_media_host(entry: str) -> tuple[str, int | None]:
+    """One ``media_hosts`` entry as ``(host, port)``; port None means the scheme's default.
+
+    Forms: ``name``, ``.suffix`` (any name ending in it), an IPv4 address or ``[IPv6]``, each
+    optionally with ``:port``; a bare IPv6 address (no port) is read as written. The host
+    comes back canonical: lowercase, no root dot, an address in its one standard spelling.
+    Without a port an entry allows only 80 (http) and 443 (https): a bare ``127.0.0.1``
+    once let a webhook URL reach every local service (Redis on 6379 included).
+    """
+    text = entry.strip().lower()
+    if "/" in text or "@" in text:
+        raise ValueError(f"{entry!r}: give a host (host or host:port), not a URL")
+    port_text: str | None = None
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"{entry!r} is not host, host:port or [IPv6]:port")
+        port_text = rest[1:] if rest else None
+        if _ip(host) is None or ":" not in host:
+            raise ValueError(f"{entry!r}: only an IPv6 address goes in brackets")
+    elif text.count(":") > 1:
+        host = text  # a bare IPv6 address: it cannot carry a port without brackets
+        if _ip(host) is None:
+            raise ValueError(f"{entry!r} is not host, host:port or [IPv6]:port")
+    else:
+        host, colon, port_text_or_empty = text.partition(":")
+        port_text = port_text_or_empty if colon else None
+    port: int | None = None
+    if port_text is not None:
+        if not (port_text.isascii() and port_text.isdecimal() and 0 < int(port_text) < 65536):
+            raise ValueError(f"{entry!r}: the port must be a number from 1 to 65535")
+        port = int(port_text)
+    address = _ip(host)
+    if address is not None:
+        return address, port
+    name = host.rstrip(".")
+    label = name.removeprefix(".")
+    if not label or not _HOST_NAME.fullmatch(label):
+        raise ValueError(f"{entry!r} is not host, host:port or [IPv6]:port")
+    return name, port
+
+
+def format_media_host(host: str, port: int | None) -> str:
+    """The one spelling of an entry (``[::1]:8090``, ``127.0.0.1:8090``, ``.example.com``)."""
+    shown = f"[{host}]" if ":" in host else host
+    return shown if port is None else f"{shown}:{port}"
+
+
+# Labels of letters, digits and hyphens (IDNA names in their ASCII form): no scheme, path,
+# user info or wildcard, which an entry was never meant to carry.
+_HOST_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*")
+
+
+def _ip(text: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
 
 
 def _split_csv(value: Any) -> Any:
@@ -153,6 +215,13 @@ class Settings(BaseSettings):
     # depend on requests finishing, so a large base64 body streamed to a slow reader for
     # minutes is not killed at the worker timeout, and it holds one thread, not a process.
     web_threads: int = Field(default=4, gt=0)
+    # A client that takes longer than this to send its headers, and again its body, is cut
+    # (the threaded worker; gunicorn itself has no such limit). Put a buffering proxy in front.
+    web_read_timeout_seconds: float = Field(default=15.0, gt=0)
+    # Proxies in front that set X-Forwarded-For (0: none; the peer address is the client's).
+    # The failed-authentication limit counts per client address: behind a proxy, without
+    # this, every client shares the proxy's address.
+    web_forwarded_hops: int = Field(default=0, ge=0)
 
     # Archive API.
     api_rate_limit: str = "100/minute"
@@ -189,10 +258,10 @@ class Settings(BaseSettings):
 
     @field_validator("media_hosts")
     @classmethod
-    def _lower_hosts(cls, value: list[str]) -> list[str]:
+    def _canonical_hosts(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("must name at least one host")
-        return [host.lower() for host in value]
+        return [format_media_host(*split_media_host(entry)) for entry in value]
 
     @field_validator("graph_url", "d360_url")
     @classmethod
@@ -221,6 +290,26 @@ class Settings(BaseSettings):
         assert value is not None
         if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("api_rate_limit", "auth_failure_rate_limit", "auth_failure_global_rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        from limits import parse_many
+
+        try:
+            parsed = parse_many(value)
+        except ValueError:
+            raise ValueError(f"must be a rate such as '100/minute', got {value!r}") from None
+        if len(parsed) != 1 or parsed[0].amount <= 0:
+            raise ValueError(f"must be one positive rate such as '100/minute', got {value!r}")
+        return value
+
+    @field_validator("metrics_token", "secret_key")
+    @classmethod
+    def _not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty (unset it instead)")
         return value
 
     @field_validator("log_level")

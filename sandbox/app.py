@@ -11,7 +11,14 @@ Routes (``<v>`` is the configured Graph version, ``v21.0``)::
     GET  /_sandbox/stats
 
 The Cloud CDN route also accepts ``D360-API-KEY`` so one webhook URL from ``/_sandbox/media``
-works whichever provider flavour the service is configured with.
+works whichever provider flavour the service is configured with (the service's 360dialog
+client fetches only ``lookaside.fbsbx.com`` URLs, rewritten onto its base, and that base's
+own attachment path: it resolves such a URL's media id instead).
+
+Every URL handed out (webhook URLs, lookup answers, redirect hops) is in the form the service
+sends its credential to: ``/whatsapp_business/attachments/?mid=<media id>&...``, at the root
+(Cloud CDN, on the Graph stand-in's origin), under ``/d360`` (360dialog's rewrite), or on
+``lookaside.fbsbx.com`` (a 360dialog number's webhook URL, as 360dialog delivers it).
 """
 
 from __future__ import annotations

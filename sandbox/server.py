@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from typing import Any
+from urllib.parse import urlsplit
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
@@ -27,6 +28,20 @@ from sandbox.provider import (
     SeenRequest,
     ServedError,
 )
+
+
+def media_hosts_for(base_url: str) -> list[str]:
+    """``INGEST_MEDIA_HOSTS`` entries for a service that downloads from the sandbox at
+    ``base_url``: its host *and port* (an entry without a port allows only 80/443). A
+    sandbox named ``localhost`` is also reached as 127.0.0.1, which the address check needs."""
+    parts = urlsplit(base_url)
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    shown = f"[{host}]" if ":" in host else host
+    hosts = [f"{shown}:{port}"]
+    if host == "localhost":
+        hosts.append(f"127.0.0.1:{port}")
+    return hosts
 
 
 class QuietHandler(WSGIRequestHandler):
@@ -55,7 +70,7 @@ class SandboxServer:
         self.base_url = f"http://{host}:{server.port}"
         self.graph_url = f"{self.base_url}/{provider.config.graph_version}"
         self.d360_url = f"{self.base_url}/d360"
-        self.media_hosts = [host] if host != "localhost" else ["localhost", "127.0.0.1"]
+        self.media_hosts = media_hosts_for(self.base_url)
 
     def start(self) -> SandboxServer:
         self._thread.start()

@@ -156,6 +156,11 @@ def make_settings(tmp_path: Path) -> Any:
             "redis_prefix": f"ingest-test-{uuid.uuid4().hex[:10]}",
         }
         values.update(overrides)
+        if str(values["database_url"]).startswith("postgresql"):
+            # A server database has no key file beside it: the tests' own key.
+            from tests.factories import TEST_SECRET_KEY
+
+            values.setdefault("secret_key", TEST_SECRET_KEY)
         return Settings(**values)
 
     return build

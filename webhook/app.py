@@ -8,6 +8,7 @@ from flask import Flask
 from werkzeug.exceptions import HTTPException
 
 from ingest.queues import DownloadScheduler
+from ingest.rate_limit import AuthFailureLimiter
 from ingest.services import Services
 from ingest.settings import Settings, load_settings
 from webhook import errors, health, metrics
@@ -15,6 +16,8 @@ from webhook import errors, health, metrics
 log = logging.getLogger(__name__)
 
 WEB_PING_AFTER_IDLE_SECONDS = 5.0
+# app.extensions key of the AuthFailureLimiter: one per app, for every credential it checks.
+AUTH_FAILURES = "ingest.auth_failures"
 
 
 def create_app(
@@ -36,10 +39,28 @@ def create_app(
         scheduler = CeleryScheduler.from_settings(services.settings)
 
     app = Flask(__name__)
+    if services.settings.web_forwarded_hops:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        # The client address the failed-authentication limit counts by: the one the
+        # operator's own proxies recorded, never more hops than they said (a client can
+        # write any X-Forwarded-For it likes).
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=services.settings.web_forwarded_hops
+        )
     # Bodies are read (and capped) by the receiver itself; Flask's own limit backs it up.
     app.config["MAX_CONTENT_LENGTH"] = services.settings.webhook_max_bytes
     app.extensions["ingest"] = services
     app.extensions["ingest.scheduler"] = scheduler
+    # Failed authentications per client address and deployment-wide, in the same shared
+    # storage as the API's rate limit (see ingest.rate_limit and webhook.archive).
+    app.extensions[AUTH_FAILURES] = AuthFailureLimiter.from_parts(
+        per_client=services.settings.auth_failure_rate_limit,
+        overall=services.settings.auth_failure_global_rate_limit,
+        redis=services.redis,
+        prefix=services.settings.redis_prefix,
+        sessions=services.sessions,
+    )
 
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)

@@ -3,6 +3,14 @@
 The rules (who sees what, which error wins) live in :mod:`ingest.archive`; this module reads
 the request, streams bodies and sets headers. Bodies are streamed from storage in bounded
 chunks, so a 100 MB document never sits in the web process's memory.
+
+Before a token is looked up, the client's failed authentications are checked
+(:class:`ingest.rate_limit.AuthFailureLimiter`, keyed by ``request.remote_addr``): a client
+that has spent them is answered 429 without touching the database, and a token that turns
+out not to exist spends one. ``remote_addr`` is the peer of the TCP connection; behind a
+reverse proxy that is the proxy, so the operator must make the proxy's forwarded-for header
+count (werkzeug's ``ProxyFix`` with the number of proxies in front). ``X-Forwarded-For`` is
+never trusted by default: any client can write one.
 """
 
 from __future__ import annotations
@@ -19,10 +27,11 @@ from flask.blueprints import BlueprintSetupState
 from ingest import archive, metrics
 from ingest.archive import ArchiveError, MediaRecord
 from ingest.db import DATABASE_DOWN, READ_ONLY_OPTION
-from ingest.rate_limit import Decision, RateLimiter, TokenLimits
+from ingest.rate_limit import AuthFailureLimiter, Decision, RateLimiter, TokenLimits
 from ingest.services import Services
 from ingest.storage import StorageError
 from webhook import openapi
+from webhook.app import AUTH_FAILURES
 from webhook.errors import error_response, json_response
 
 log = logging.getLogger(__name__)
@@ -62,18 +71,52 @@ def _rate_limit() -> Response | None:
         return None
     limiter: RateLimiter = current_app.extensions[LIMITER]
     token = _token()
-    if token is None:
+    if token is None or not _parameters_present():
         # Answered 400/401 without touching the database, and charged to nobody: the
         # headers describe the deployment's limit, untouched.
         g.rate_limit = limiter.unmetered()
         return None
     key = archive.token_key(token)
-    token_limits: TokenLimits = current_app.extensions[TOKEN_LIMITS]
-    decision = limiter.hit(key, token_limits.for_token(key))
+    tokens: TokenLimits = current_app.extensions[TOKEN_LIMITS]
+    if not tokens.known(key):
+        # A token this process has not seen: it may be a guess, so the client's failures
+        # are asked first and the lookup is paid only while it has some left.
+        failures: AuthFailureLimiter = current_app.extensions[AUTH_FAILURES]
+        refusal = failures.refusal(request.remote_addr)
+        if refusal is not None:
+            g.rate_limit = refusal
+            return _too_many(archive.TOO_MANY_FAILURES, refusal)
+        found = tokens.lookup(key)
+        if found is False:
+            g.rate_limit = failures.fail(request.remote_addr)
+            # The parameters are present, so the seed's next check, the token's, answers.
+            return error_response(401, archive.INVALID_TOKEN)
+        if found is None:
+            # The database cannot say: the lookup that follows answers 503, and counting it
+            # would only open a window per unknown token.
+            g.rate_limit = limiter.unmetered()
+            return None
+    decision = limiter.hit(key, tokens.limit_of(key))
     g.rate_limit = decision
     if not decision.allowed:
-        return error_response(429, "Too many requests", {"Retry-After": str(decision.retry_after)})
+        return _too_many(archive.TOO_MANY_REQUESTS, decision)
     return None
+
+
+def _parameters_present() -> bool:
+    """The seed's first check (400 without the database) passes: only then is a token
+    looked up or counted."""
+    try:
+        archive.require_parameters(
+            (request.view_args or {}).get("instance"), request.args.get("messageId")
+        )
+    except ArchiveError:
+        return False
+    return True
+
+
+def _too_many(message: str, decision: Decision) -> Response:
+    return error_response(429, message, {"Retry-After": str(decision.retry_after)})
 
 
 @bp.after_request
@@ -169,16 +212,18 @@ def raw_media(instance: str | None = None) -> Response:
             return redirect
 
     start, length, status = 0, size, 200
-    # Several ranges are answered with the whole object, as RFC 9110 allows.
-    ranges = request.range
-    if ranges is not None and len(ranges.ranges) == 1 and _if_range_holds(tag):
-        bounds = ranges.range_for_length(size)
-        if bounds is None:
+    header = request.headers.get("Range")
+    ranges = archive.parse_byte_ranges(header) if header is not None else None
+    if ranges is not None and _if_range_holds(tag):
+        satisfiable = [b for b in (archive.range_bounds(r, size) for r in ranges) if b]
+        if not satisfiable:
             response = error_response(416, "Requested range not satisfiable")
             response.headers["Content-Range"] = f"bytes */{size}"
             return response
-        start, stop = bounds
-        length, status = stop - start, 206
+        # Several ranges are answered with the whole object, as RFC 9110 allows.
+        if len(ranges) == 1:
+            start, stop = satisfiable[0]
+            length, status = stop - start, 206
 
     opened = _open(services, record, start=start, length=length)
     if isinstance(opened, Response):
@@ -238,6 +283,15 @@ def _find(services: Services, instance: str | None) -> MediaRecord:
             # do not queue behind each other for the write lock (see _read_only).
             session.connection(execution_options=_read_only(services))
             return archive.find_record(session, token, instance, message_id)
+    except archive.TokenNotFound:
+        # Known to this process once, revoked since: a failure like any other, and the
+        # next request with it is gated and looked up again.
+        assert token is not None
+        tokens: TokenLimits = current_app.extensions[TOKEN_LIMITS]
+        tokens.forget(archive.token_key(token))
+        failures: AuthFailureLimiter = current_app.extensions[AUTH_FAILURES]
+        failures.fail(request.remote_addr)
+        raise
     except DATABASE_DOWN:
         log.warning("archive api: database unavailable")
         raise ArchiveError(503, "Service unavailable", RETRY_AFTER) from None

@@ -45,17 +45,21 @@ def _retry_after(description: str) -> dict[str, Any]:
     }
 
 
-# On every archive answer, errors and 304s included. A request that presents no token is
-# charged to nobody: its answer describes the deployment's limit, untouched.
+# On every archive answer, errors and 304s included. A request that presents no token (or
+# misses a parameter) is charged to nobody: its answer describes the deployment's limit,
+# untouched. A token that does not exist, and the 429 of a client that spent its failed
+# authentications, describe the client's failed-authentication window instead.
 RATE_LIMIT_HEADERS: dict[str, Any] = {
     "X-RateLimit-Limit": {
         "description": "Requests allowed per window for this token (its own limit, else "
-        "the deployment's).",
+        "the deployment's). On the 401 of a token that does not exist, and on a 429 for "
+        "failed authentications: the failed authentications allowed to this client address "
+        "(or, when the whole deployment is refusing, to every address together).",
         "required": True,
         "schema": {"type": "integer", "minimum": 1},
     },
     "X-RateLimit-Remaining": {
-        "description": "Requests left in the window, this one counted.",
+        "description": "Requests (or failed authentications) left in the window, this one counted.",
         "required": True,
         "schema": {"type": "integer", "minimum": 0},
     },
@@ -87,7 +91,8 @@ _MESSAGE_ID_PARAM = {
     "in": "query",
     "required": True,
     "description": "ID of the message that contains the media (wamid).",
-    "schema": {"type": "string"},
+    # Empty (or blank) is answered 400 `messageId query parameter is required`.
+    "schema": {"type": "string", "minLength": 1},
 }
 _VALIDATORS = [
     {
@@ -108,8 +113,12 @@ def _archive_errors(*, with_413: bool = False) -> dict[str, Any]:
         "401": _error(f"`{archive.INVALID_TOKEN}`: missing, unknown, or not valid here."),
         "404": _error(f"`{archive.INSTANCE_NOT_FOUND}` or `{archive.NO_MEDIA}`."),
         "429": _retry_after(
-            "Over the token's rate limit (a moving window; 100 a minute unless the "
-            "deployment or the token says otherwise)."
+            f"`{archive.TOO_MANY_REQUESTS}`: over the token's rate limit (a moving window; "
+            "100 a minute unless the deployment or the token says otherwise). Or "
+            f"`{archive.TOO_MANY_FAILURES}`: this client address has spent its failed "
+            "authentications (20 a minute unless configured), or the deployment its own (600 "
+            "a minute), so a token it has not used here before is refused without being "
+            "looked up until the window frees."
         ),
         "503": _retry_after(
             f"`{archive.NOT_CONNECTED}` (for media not yet stored: stored media is served "
@@ -176,12 +185,15 @@ def _archive_paths() -> dict[str, Any]:
             "content": binary,
         },
         "302": {
-            "description": "With `redirect=1` on S3: a presigned URL valid for 60 seconds.",
+            "description": "With `redirect=1` on S3: a presigned URL valid for 60 seconds. "
+            "The URL names the object store's endpoint, bucket and key, and carries the "
+            "signing access key id (`X-Amz-Credential`): callers learn them.",
             "headers": {"Location": {"schema": {"type": "string"}}},
         },
         **_not_modified(),
         "416": _error(
-            "The range starts past the end.",
+            "No range asked for can be satisfied: each starts at or past the end, or is a "
+            "suffix of no bytes (`bytes=-0`).",
             headers={"Content-Range": {"schema": {"type": "string"}}},
         ),
     }
@@ -197,7 +209,10 @@ def _archive_paths() -> dict[str, Any]:
             "name": "redirect",
             "in": "query",
             "required": False,
-            "description": "`1` asks for a redirect to a presigned URL when the store is S3.",
+            "description": "`1` asks for a redirect to a presigned URL when the store is S3. "
+            "The bytes then come straight from the store, but the URL shows the caller the "
+            "store's endpoint, bucket and object key and the access key id that signed it "
+            "(never the secret key); serve the bytes through this API where that matters.",
             "schema": {"type": "string", "enum": ["0", "1"]},
         },
     ]
@@ -221,16 +236,81 @@ def _archive_paths() -> dict[str, Any]:
             paths[f"/api/chat/{segment}{suffix}"] = {
                 "get": {
                     "operationId": f"{operation_id}{name}",
+                    # Nothing is looked up or counted without an instance name: never a 429.
                     "summary": "Without an instance name: always 400.",
                     "tags": ["archive"],
                     "security": ARCHIVE_SECURITY,
                     "parameters": [{**_MESSAGE_ID_PARAM, "required": False}],
-                    "responses": _with_rate_limit_headers(
-                        {**missing, "429": _retry_after("Over the per-token rate limit.")}
-                    ),
+                    "responses": _with_rate_limit_headers(missing),
                 }
             }
     return paths
+
+
+def _webhook_body() -> dict[str, Any]:
+    """What the receiver requires of a body (ingest.events); everything else is ignored."""
+    text = {"type": "string"}
+    media = {
+        "type": "object",
+        "description": "`id` is required unless the message carries `errors`.",
+        "properties": {
+            "id": {"type": "string", "pattern": "^[0-9]{1,64}$"},
+            "mime_type": {**text, "maxLength": 255},
+            "sha256": text,
+            "url": {**text, "maxLength": 8192},
+            "caption": text,
+            "filename": text,
+            "file_size": {"type": ["integer", "string"]},
+            "voice": {"type": "boolean"},
+            "animated": {"type": "boolean"},
+        },
+    }
+    message = {
+        "type": "object",
+        "required": ["type"],
+        "description": "A media message (`type` one of image, video, audio, document, "
+        "sticker) also requires `id` (the wamid) and the object named by its type.",
+        "properties": {
+            "type": text,
+            "id": {**text, "maxLength": 255},
+            "from": {**text, "maxLength": 64},
+            "timestamp": {"type": ["string", "number"]},
+            "errors": {"type": "array", "items": {"type": "object"}},
+            **{kind.value: media for kind in MediaType},
+        },
+    }
+    value = {
+        "type": "object",
+        "properties": {
+            "metadata": {
+                "type": "object",
+                "properties": {"phone_number_id": {"type": ["string", "integer"]}},
+            },
+            "messages": {"type": "array", "items": message},
+            "statuses": {"type": "array"},
+            "contacts": {"type": "array", "items": {"type": "object"}},
+            "errors": {"type": "array", "items": {"type": "object"}},
+        },
+    }
+    change = {
+        "type": "object",
+        "description": "`value` is required when `field` is `messages` or absent.",
+        "properties": {"field": text, "value": value},
+    }
+    return {
+        "type": "object",
+        "required": ["entry"],
+        "properties": {
+            "object": {"const": "whatsapp_business_account"},
+            "entry": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"changes": {"type": "array", "items": change}},
+                },
+            },
+        },
+    }
 
 
 def _webhook_paths() -> dict[str, Any]:
@@ -254,6 +334,15 @@ def _webhook_paths() -> dict[str, Any]:
     receive = {
         "tags": ["webhook"],
         "summary": "Inbound messages. Answered only after the media rows are committed.",
+        "description": "A WhatsApp Business webhook (Meta's Cloud API envelope; 360dialog "
+        "forwards the same). Bounds, checked before any lookup by phone number id: at most "
+        "`INGEST_WEBHOOK_MAX_BYTES` (4 MiB) of body, whatever its framing (`Content-Length` "
+        "or chunked; a chunked body is read up to one byte past the limit, never cut), and "
+        "at most `INGEST_WEBHOOK_MAX_ITEMS` (1000) distinct phone number ids and, separately, "
+        "media items; over either, 413. The signature covers every byte received. A media "
+        "`id` is a provider media id (digits); a media `url` that is not a CDN attachment URL "
+        "(`https://lookaside.fbsbx.com/whatsapp_business/attachments/?mid=<id>&...`, or "
+        "360dialog's rewrite of it) is ignored and the media id resolved instead.",
         "parameters": [
             {
                 "name": "X-Hub-Signature-256",
@@ -266,14 +355,21 @@ def _webhook_paths() -> dict[str, Any]:
         ],
         "requestBody": {
             "required": True,
-            "content": {JSON: {"schema": {"type": "object"}}},
+            "content": {JSON: {"schema": _webhook_body()}},
         },
         "responses": {
             "200": _json(_ref("WebhookAccepted"), "Accepted (media rows committed)."),
-            "400": _error("Not JSON, or not a WhatsApp webhook body."),
+            "400": _error(
+                "Not JSON, not a WhatsApp webhook body (a required field missing or of the "
+                "wrong type, a media id that is not digits), or a body that ended early."
+            ),
             "401": _error("Missing or forged signature."),
             "404": _error("Unknown phone number id (or instance)."),
-            "413": _error("Body over the limit."),
+            "411": _error("Neither `Content-Length` nor a chunked body the server delimits."),
+            "413": _error(
+                "Body over `INGEST_WEBHOOK_MAX_BYTES`, or naming more than "
+                "`INGEST_WEBHOOK_MAX_ITEMS` phone number ids or media items."
+            ),
             "415": _error("Not `application/json`."),
             "503": _retry_after("The database is unavailable: the provider retries."),
         },
@@ -323,6 +419,10 @@ def _operations_paths() -> dict[str, Any]:
                 "operationId": "readyz",
                 "tags": ["operations"],
                 "summary": "Readiness: database, storage, broker and Redis answer.",
+                "description": "Unauthenticated, for load balancers and orchestrators: anyone "
+                "who reaches the port learns which dependencies answer (and the error type of "
+                "those that do not). Keep the port off the public internet, or let the "
+                "reverse proxy refuse this path from outside.",
                 "responses": {
                     "200": _json(_ref("Readiness"), "Every dependency answers."),
                     "503": _json(_ref("Readiness"), "At least one dependency does not."),
@@ -334,11 +434,27 @@ def _operations_paths() -> dict[str, Any]:
                 "operationId": "metrics",
                 "tags": ["operations"],
                 "summary": "Prometheus metrics (every process of the machine).",
+                "description": "Open to anyone who reaches the port unless "
+                "`INGEST_METRICS_TOKEN` is set; then `Authorization: Bearer <token>` is "
+                "required. The metrics hold no secret, but show traffic, failure rates and "
+                "queue depths.",
+                # Either no credentials (no token configured) or the bearer token.
+                "security": [{}, {"bearer": []}],
                 "responses": {
                     "200": {
                         "description": "Prometheus text exposition format.",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
+                    },
+                    "401": _error(
+                        "`INGEST_METRICS_TOKEN` is set and the request does not carry it as "
+                        "`Authorization: Bearer <token>`.",
+                        headers={
+                            "WWW-Authenticate": {
+                                "required": True,
+                                "schema": {"type": "string"},
+                            }
+                        },
+                    ),
                 },
             }
         },
@@ -447,7 +563,16 @@ def build_document() -> dict[str, Any]:
             "API that serves the stored media back (`media-as-base64-api`). The archive API "
             "is rate limited per token over a moving window shared by every web process; "
             "every answer carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and "
-            "`X-RateLimit-Reset` (Unix epoch seconds), a 429 also `Retry-After`.",
+            "`X-RateLimit-Reset` (Unix epoch seconds), a 429 also `Retry-After`. Failed "
+            "authentications are limited per client address and for the whole deployment: "
+            "a client that spent them gets 429 without its token being looked up. The client "
+            "address is the TCP peer; behind a reverse proxy the operator must configure the "
+            "proxy's forwarded-for handling, since `X-Forwarded-For` is not trusted by "
+            "default.\n\n"
+            "Exposure: `/healthz`, `/readyz`, `/openapi.json` and (unless "
+            "`INGEST_METRICS_TOKEN` is set) `/metrics` answer anyone who reaches the port. "
+            "The raw media route's `redirect=1` hands the caller a presigned URL that shows "
+            "the object store's endpoint, bucket, key and signing access key id.",
         },
         "tags": [
             {"name": "archive", "description": "Stored media, per instance and message id."},

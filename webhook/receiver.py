@@ -3,6 +3,12 @@
 The acknowledgement makes no outbound HTTP call: only SQL and, best effort, the broker. A 2xx
 means the rows are committed; the database down is a 503 so the provider retries; the broker
 down after the commit is still a 200 (the reconciler finds the pending rows).
+
+Bounds: a body over ``webhook_max_bytes`` is 413 however it is framed (``Content-Length`` or
+chunked), before anything else; one naming more than ``webhook_max_items`` distinct phone
+number ids, or media items, is 413 too, counted while parsing: on ``/webhook`` before the
+lookup of those ids, on ``/webhook/<instance>`` after the one lookup by name and the signature
+(that route never parses an unauthenticated body), before any insert.
 """
 
 from __future__ import annotations
@@ -16,12 +22,17 @@ from dataclasses import dataclass
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from werkzeug.exceptions import RequestEntityTooLarge
 
 from ingest import metrics
 from ingest.accounts import find_instance
 from ingest.db import DATABASE_DOWN
-from ingest.events import ParsedWebhook, PayloadError, has_control_character, parse_body
+from ingest.events import (
+    ParsedWebhook,
+    PayloadError,
+    TooManyItems,
+    has_control_character,
+    parse_body,
+)
 from ingest.intake import (
     InstanceDirectory,
     Recorded,
@@ -34,6 +45,7 @@ from ingest.intake import (
 )
 from ingest.models import Instance, utcnow
 from ingest.queues import DownloadScheduler, SchedulerUnavailable
+from ingest.secrets import secret_box
 from ingest.services import Services
 from webhook.errors import database_error_kind, error_response
 
@@ -42,6 +54,8 @@ log = logging.getLogger(__name__)
 bp = Blueprint("receiver", __name__)
 
 MAX_CHALLENGE_CHARS = 256
+# Reads of the request body: a chunked body is taken this much at a time up to its limit.
+READ_CHUNK = 64 * 1024
 
 
 class Rejected(Exception):
@@ -80,7 +94,7 @@ def verify(instance: str | None = None) -> Response:
         with services.sessions() as session:
             if instance is None:
                 candidates = list(
-                    session.scalars(select(Instance).where(Instance.verify_token.is_not(None)))
+                    session.scalars(select(Instance).where(Instance.verify_token_hash.is_not(None)))
                 )
             elif has_control_character(instance):  # names nothing; never sent to the database
                 candidates = []
@@ -133,18 +147,30 @@ def receive(instance: str | None = None) -> Response:
 def _receive(instance_name: str | None, outcome: Outcome) -> Response:
     services: Services = current_app.extensions["ingest"]
     scheduler: DownloadScheduler = current_app.extensions["ingest.scheduler"]
-    raw = _read_body(services.settings.webhook_max_bytes)
+    settings = services.settings
+    raw = _read_body(settings.webhook_max_bytes)
     received_at = utcnow()
     directory = _directory(services)
 
     with _database_errors(directory):
         if instance_name is not None:
-            parsed, routed = _route_to_instance(directory, instance_name, raw)
+            parsed, routed = _route_to_instance(
+                directory, instance_name, raw, settings.webhook_max_items
+            )
         else:
-            parsed, routed = _route_by_phone_number(directory, raw, outcome)
+            parsed, routed = _route_by_phone_number(
+                directory, raw, outcome, settings.webhook_max_items
+            )
         outcome.ignored = parsed.ignored
         for fault in parsed.unattached_faults:
             log.warning("webhook provider error without a message: %s", fault.describe())
+        if parsed.dropped_urls:
+            # Counted only: the URL is confidential, and may have been chosen by the sender.
+            log.warning(
+                "webhook: ignored %d media URL(s) not in the CDN attachment form; "
+                "their media ids will be resolved",
+                parsed.dropped_urls,
+            )
         # One Core transaction, opened only once the request is authenticated and parsed (a
         # rejection writes nothing); the insert tracks no ORM objects, so a Session would
         # only add bookkeeping. Committed on leaving the block, rolled back on any error.
@@ -166,17 +192,46 @@ def _receive(instance_name: str | None, outcome: Outcome) -> Response:
 
 
 def _read_body(max_bytes: int) -> bytes:
-    if request.content_length is not None and request.content_length > max_bytes:
+    """Every byte of the body, or a rejection: 413 past ``max_bytes`` whatever the framing.
+
+    Read from the WSGI input ourselves, never through ``request.stream``/``get_data``: for a
+    chunked body Werkzeug's limit stops reading at the maximum without raising, so a longer
+    body was cut there and processed, its signature checked over the cut. Here a body without
+    ``Content-Length`` is read up to ``max_bytes + 1`` bytes, and one byte more is a 413.
+    """
+    # None for a chunked body: Werkzeug reports no length then, whatever a header says.
+    declared = request.content_length
+    if declared is not None and declared > max_bytes:
         raise Rejected(413, "Request body too large")
     if request.mimetype != "application/json":
         raise Rejected(415, "Content-Type must be application/json")
-    try:
-        raw = request.get_data(cache=False)
-    except RequestEntityTooLarge:
-        raise Rejected(413, "Request body too large") from None
-    if len(raw) > max_bytes:
+    environ = request.environ
+    if declared is None and not environ.get("wsgi.input_terminated"):
+        # The server does not delimit the input (no chunked decoding): reading it could run
+        # into the next request or block until the client hangs up.
+        raise Rejected(411, "Content-Length or chunked transfer encoding required")
+    stream = environ["wsgi.input"]
+    wanted = declared if declared is not None else max_bytes + 1
+    parts: list[bytes] = []
+    received = 0
+    while received < wanted:
+        try:
+            chunk = stream.read(min(READ_CHUNK, wanted - received))
+        except Exception as exc:  # noqa: BLE001
+            # The client went away mid-body, or broke the chunked framing: each WSGI server
+            # has its own types for that (gunicorn's parse errors are no OSError), and none
+            # is ours to retry. A client error, not a 500.
+            log.info("webhook: request body unreadable (%s)", type(exc).__name__)
+            raise Rejected(400, "Request body incomplete") from None
+        if not chunk:
+            break
+        parts.append(chunk)
+        received += len(chunk)
+    if received > max_bytes:
         raise Rejected(413, "Request body too large")
-    return raw
+    if declared is not None and received < declared:
+        raise Rejected(400, "Request body incomplete")
+    return b"".join(parts)
 
 
 def _directory(services: Services) -> InstanceDirectory:
@@ -184,7 +239,8 @@ def _directory(services: Services) -> InstanceDirectory:
     directory = current_app.extensions.get("ingest.instances")
     if directory is None:
         directory = current_app.extensions.setdefault(
-            "ingest.instances", InstanceDirectory(services.sessions)
+            "ingest.instances",
+            InstanceDirectory(services.sessions, box=secret_box(services.settings)),
         )
     assert isinstance(directory, InstanceDirectory)
     return directory
@@ -216,16 +272,17 @@ def _loggable(name: str) -> str:
 
 
 def _route_to_instance(
-    directory: InstanceDirectory, name: str, raw: bytes
+    directory: InstanceDirectory, name: str, raw: bytes, max_items: int
 ) -> tuple[ParsedWebhook, list[RoutedEvent]]:
-    """``POST /webhook/<instance>``: authenticate before reading the body at all."""
+    """``POST /webhook/<instance>``: authenticate before reading the body at all (one lookup
+    by name, whatever the body says)."""
     # A name with a control character names no instance; asked, PostgreSQL would refuse it.
     instance = None if has_control_character(name) else directory.by_name(name)
     if instance is None:
         raise Rejected(404, "Instance not found")
     if not authenticate(instance, raw, request.headers):
         raise Rejected(401, "Invalid signature")
-    parsed = _parse(raw)
+    parsed = _parse(raw, max_items)
     foreign = [pid for pid in parsed.phone_number_ids if pid != instance.phone_number_id]
     if foreign:
         raise Rejected(400, "Payload names a phone number id of another instance")
@@ -233,10 +290,15 @@ def _route_to_instance(
 
 
 def _route_by_phone_number(
-    directory: InstanceDirectory, raw: bytes, outcome: Outcome
+    directory: InstanceDirectory, raw: bytes, outcome: Outcome, max_items: int
 ) -> tuple[ParsedWebhook, list[RoutedEvent]]:
-    """``POST /webhook``: each change goes to the instance its phone number id names."""
-    parsed = _parse(raw)
+    """``POST /webhook``: each change goes to the instance its phone number id names.
+
+    The body is parsed (and its ids counted against ``max_items``) before the lookup: tens of
+    thousands of ids once cost most of a second, or PostgreSQL's parameter limit, before any
+    signature was checked.
+    """
+    parsed = _parse(raw, max_items)
     if not parsed.phone_number_ids:
         # Nothing to route and nothing to record (account notifications and the like):
         # acknowledged, so the provider does not retry it for days.
@@ -262,9 +324,13 @@ def _route_by_phone_number(
     return parsed, routed
 
 
-def _parse(raw: bytes) -> ParsedWebhook:
+def _parse(raw: bytes, max_items: int) -> ParsedWebhook:
     try:
-        return parse_body(raw)
+        return parse_body(raw, max_items=max_items)
+    except TooManyItems as exc:
+        # 413, like a body over the byte limit: the request is too large to take, not
+        # malformed (and, like it, the provider's own batches stay far under the bound).
+        raise Rejected(413, str(exc)) from None
     except PayloadError as exc:
         raise Rejected(400, str(exc)) from None
 

@@ -85,7 +85,7 @@ def test_find_message_404_not_found_means_the_same_database() -> None:
 def _fix_for(root: str) -> str:
     return (
         f"INGEST_GRAPH_URL={root}/v21.0 INGEST_D360_URL={root}/d360 "
-        "INGEST_MEDIA_HOSTS=127.0.0.1,localhost"
+        f"INGEST_MEDIA_HOSTS={root.removeprefix('http://')}"
     )
 
 

@@ -1,3 +1,5 @@
+import hashlib
+import io
 from pathlib import Path
 
 import pytest
@@ -8,15 +10,26 @@ from cli import registry
 from cli.main import cli
 from ingest.accounts import hash_secret
 from ingest.db import make_engine, make_session_factory
-from ingest.models import ApiToken, Instance
-from tests.factories import make_media_item
+from ingest.models import ApiToken, Instance, MediaItem
+from ingest.secrets import SecretBox, generate_key, secret_box_for
+from ingest.storage import LocalStorage
+from tests.factories import TEST_SECRET_KEY, make_media_item
 
 
 @pytest.fixture
 def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database_url: str) -> CliRunner:
     monkeypatch.setenv("INGEST_VAR_DIR", str(tmp_path / "var"))
     monkeypatch.setenv("INGEST_DATABASE_URL", database_url)
+    monkeypatch.setenv("INGEST_STORAGE_URL", (tmp_path / "media").as_uri())
+    if not database_url.startswith("sqlite"):
+        # A server database needs the key in every process; SQLite generates its own.
+        monkeypatch.setenv("INGEST_SECRET_KEY", TEST_SECRET_KEY)
     return CliRunner()
+
+
+def _box(database_url: str) -> SecretBox:
+    key = None if database_url.startswith("sqlite") else TEST_SECRET_KEY
+    return secret_box_for(database_url, key, Path("unused"))
 
 
 def test_instance_add_then_token_create_prints_the_token_last(
@@ -79,33 +92,38 @@ def test_secrets_can_come_from_the_environment_instead_of_the_command_line(
     added = runner.invoke(cli, ADD_SHOP, env=env)
     assert added.exit_code == 0, added.output
     stored = _stored_instance(database_url, "shop")
-    assert stored is not None
-    assert (stored.api_key, stored.app_secret, stored.verify_token) == (
-        "env-api-key",
-        "env-app-secret",
-        "env-verify-token",
-    )
+    assert stored is not None and stored.app_secret_encrypted is not None
+    box = _box(database_url)
+    assert box.decrypt(stored.api_key_encrypted) == "env-api-key"
+    assert box.decrypt(stored.app_secret_encrypted) == "env-app-secret"
+    assert stored.verify_token_hash == hash_secret("env-verify-token")
     assert not any(secret in added.output for secret in env.values())
 
 
 def test_a_flag_still_wins_over_the_environment(runner: CliRunner, database_url: str) -> None:
     added = runner.invoke(
-        cli, [*ADD_SHOP, "--api-key", "flag-key"], env={"INGEST_INSTANCE_API_KEY": "env-key"}
+        cli,
+        [*ADD_SHOP, "--api-key", "flag-key"],
+        env={"INGEST_INSTANCE_API_KEY": "env-key", "INGEST_INSTANCE_APP_SECRET": "a"},
     )
     assert added.exit_code == 0, added.output
     stored = _stored_instance(database_url, "shop")
-    assert stored is not None and stored.api_key == "flag-key"
+    assert stored is not None
+    assert _box(database_url).decrypt(stored.api_key_encrypted) == "flag-key"
 
 
 def test_a_missing_api_key_is_prompted_for_without_echo_on_a_terminal(
     runner: CliRunner, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(registry, "_interactive", lambda: True)
-    added = runner.invoke(cli, ADD_SHOP, input="typed-key\n")
+    added = runner.invoke(
+        cli, ADD_SHOP, input="typed-key\n", env={"INGEST_INSTANCE_APP_SECRET": "a"}
+    )
     assert added.exit_code == 0, added.output
     assert "typed-key" not in added.output
     stored = _stored_instance(database_url, "shop")
-    assert stored is not None and stored.api_key == "typed-key"
+    assert stored is not None
+    assert _box(database_url).decrypt(stored.api_key_encrypted) == "typed-key"
 
 
 def test_a_missing_api_key_is_a_usage_error_without_a_terminal(
@@ -157,6 +175,11 @@ def test_token_needs_exactly_one_scope(runner: CliRunner) -> None:
         ["media", "list", "--help"],
         ["token", "list", "--help"],
         ["token", "revoke", "--help"],
+        ["instance", "update", "--help"],
+        ["instance", "remove", "--help"],
+        ["secrets", "--help"],
+        ["secrets", "rotate", "--help"],
+        ["secrets", "generate-key", "--help"],
     ],
 )
 def test_every_command_has_help(argv: list[str]) -> None:
@@ -183,7 +206,7 @@ def test_a_bad_setting_stops_the_command_with_one_line(tmp_path: Path) -> None:
 
 
 def _add_shop(runner: CliRunner) -> None:
-    added = runner.invoke(cli, [*ADD_SHOP, "--api-key", "k"])
+    added = runner.invoke(cli, [*ADD_SHOP, "--api-key", "k", "--app-secret", "a"])
     assert added.exit_code == 0, added.output
 
 
@@ -323,3 +346,207 @@ def test_account_add_refuses_names_the_instance_rule_refuses(runner: CliRunner, 
     assert added.exit_code == 2
     assert "invalid account name" in added.output
     assert "letters, digits" in added.output
+
+
+# --- webhook authentication, update, remove, rotation (issue 14) ---------------------------
+
+
+def test_instance_add_without_any_webhook_check_is_refused_naming_the_choices(
+    runner: CliRunner, database_url: str
+) -> None:
+    added = runner.invoke(cli, [*ADD_SHOP, "--api-key", "k"])
+    assert added.exit_code == 2
+    for choice in ("--app-secret", "--webhook-secret", "--allow-unsigned-webhooks"):
+        assert choice in added.output
+    assert _stored_instance(database_url, "shop") is None
+
+
+def test_unsigned_webhooks_are_allowed_only_by_name_and_listed_loudly(
+    runner: CliRunner, database_url: str
+) -> None:
+    added = runner.invoke(cli, [*ADD_SHOP, "--api-key", "k", "--allow-unsigned-webhooks"])
+    assert added.exit_code == 0, added.output
+    assert "accepts unsigned webhooks" in added.stderr
+    stored = _stored_instance(database_url, "shop")
+    assert stored is not None and stored.allow_unsigned is True
+
+    listed = runner.invoke(cli, ["instance", "list"])
+    assert "shop\tcloud\t123\tconnected\tUNSIGNED WEBHOOKS ACCEPTED\t" in listed.stdout
+    assert "accept unsigned webhooks" in listed.stderr and "shop" in listed.stderr
+
+
+def test_instance_add_help_says_what_unsigned_webhooks_cost() -> None:
+    shown = CliRunner().invoke(cli, ["instance", "add", "--help"]).output
+    flat = " ".join(shown.split())
+    assert "--allow-unsigned-webhooks" in flat
+    assert "Anyone who can reach the service can then make it download with this instance's" in (
+        flat
+    )
+    assert "fill its queue" in flat
+
+
+def test_a_360dialog_instance_with_a_shared_secret_header_is_listed_so(
+    runner: CliRunner,
+) -> None:
+    argv = ["instance", "add", "d360", "--provider", "360dialog", "--phone-number-id", "9"]
+    added = runner.invoke(
+        cli,
+        [*argv, "--api-key", "k", "--webhook-secret-header", "X-D360"],
+        env={"INGEST_INSTANCE_WEBHOOK_SECRET": "shared"},
+    )
+    assert added.exit_code == 0, added.output
+    listed = runner.invoke(cli, ["instance", "list"]).stdout
+    assert "d360\t360dialog\t9\tconnected\tsecret-header=X-D360\t" in listed
+
+
+def test_instance_update_changes_only_what_is_given(
+    runner: CliRunner, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {"INGEST_INSTANCE_APP_SECRET": "old-app", "INGEST_INSTANCE_VERIFY_TOKEN": "old-verify"}
+    assert runner.invoke(cli, [*ADD_SHOP, "--api-key", "old-key"], env=env).exit_code == 0
+    box = _box(database_url)
+
+    updated = runner.invoke(
+        cli, ["instance", "update", "shop"], env={"INGEST_INSTANCE_API_KEY": "new-key"}
+    )
+    assert updated.exit_code == 0, updated.output
+    assert "instance shop updated: api key (webhooks: signed)" in updated.output
+    assert "new-key" not in updated.output
+    stored = _stored_instance(database_url, "shop")
+    assert stored is not None and stored.app_secret_encrypted is not None
+    assert box.decrypt(stored.api_key_encrypted) == "new-key"
+    assert box.decrypt(stored.app_secret_encrypted) == "old-app"
+    assert stored.verify_token_hash == hash_secret("old-verify")
+
+    # A flag given alone is a hidden prompt, on a terminal.
+    monkeypatch.setattr(registry, "_interactive", lambda: True)
+    prompted = runner.invoke(
+        cli, ["instance", "update", "shop", "--app-secret", "--verify-token"], input="a2\nv2\n"
+    )
+    assert prompted.exit_code == 0, prompted.output
+    assert "a2" not in prompted.output and "v2" not in prompted.output
+    stored = _stored_instance(database_url, "shop")
+    assert stored is not None and stored.app_secret_encrypted is not None
+    assert box.decrypt(stored.app_secret_encrypted) == "a2"
+    assert stored.verify_token_hash == hash_secret("v2")
+    assert box.decrypt(stored.api_key_encrypted) == "new-key"
+
+
+def test_instance_update_without_a_terminal_does_not_wait_for_a_secret(
+    runner: CliRunner,
+) -> None:
+    _add_shop(runner)
+    result = runner.invoke(cli, ["instance", "update", "shop", "--api-key"], input="k\n")
+    assert result.exit_code == 2
+    assert "--api-key" in result.output
+
+
+def test_instance_update_refuses_nothing_unknown_names_and_unchecked_webhooks(
+    runner: CliRunner,
+) -> None:
+    assert runner.invoke(cli, ["instance", "update", "shop"]).exit_code == 2
+    ghost = runner.invoke(cli, ["instance", "update", "ghost", "--verify-token", "v"])
+    assert ghost.exit_code == 1 and "no instance named 'ghost'" in ghost.output
+
+    argv = [*ADD_SHOP, "--api-key", "k", "--allow-unsigned-webhooks"]
+    assert runner.invoke(cli, argv).exit_code == 0
+    refused = runner.invoke(cli, ["instance", "update", "shop", "--require-signed-webhooks"])
+    assert refused.exit_code == 1
+    assert "would take webhooks from anyone" in refused.output
+
+    signed = runner.invoke(cli, ["instance", "update", "shop", "--app-secret", "a"])
+    assert signed.exit_code == 0, signed.output
+    listed = runner.invoke(cli, ["instance", "list"])
+    assert "\tsigned\t" in listed.stdout and "UNSIGNED" not in listed.output
+
+
+def test_instance_remove_is_refused_while_it_has_media_unless_purged(
+    runner: CliRunner, database_url: str, tmp_path: Path
+) -> None:
+    _add_shop(runner)
+    runner.invoke(cli, ["token", "create", "--instance", "shop"])
+    storage = LocalStorage(tmp_path / "media")
+    body = b"jpeg"
+    storage.put(
+        "shop/image/one.jpg",
+        io.BytesIO(body),
+        size=len(body),
+        sha256=hashlib.sha256(body).hexdigest(),
+        content_type="image/jpeg",
+    )
+    engine = make_engine(database_url)
+    with make_session_factory(engine).begin() as session:
+        shop = session.scalar(select(Instance).where(Instance.name == "shop"))
+        assert shop is not None
+        make_media_item(session, shop, state="stored", storage_key="shop/image/one.jpg")
+    engine.dispose()
+
+    refused = runner.invoke(cli, ["instance", "remove", "shop"])
+    assert refused.exit_code == 1
+    assert "1 media row(s)" in refused.output
+    assert _stored_instance(database_url, "shop") is not None
+
+    removed = runner.invoke(cli, ["instance", "remove", "shop", "--purge"])
+    assert removed.exit_code == 0, removed.output
+    assert "1 media row(s), 1 stored object(s), 1 token(s)" in removed.output
+    assert _stored_instance(database_url, "shop") is None
+    assert not (tmp_path / "media" / "shop" / "image" / "one.jpg").exists()
+    engine = make_engine(database_url)
+    with make_session_factory(engine)() as session:
+        assert session.scalars(select(MediaItem)).all() == []
+        assert session.scalars(select(ApiToken)).all() == []
+    engine.dispose()
+
+    _add_shop(runner)  # an instance without media goes without --purge
+    assert runner.invoke(cli, ["instance", "remove", "shop"]).exit_code == 0
+
+
+def test_secrets_rotate_re_encrypts_with_the_first_key_so_the_old_can_go(
+    runner: CliRunner, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old, new = generate_key(), generate_key()
+    monkeypatch.setenv("INGEST_SECRET_KEY", old)
+    _add_shop(runner)
+
+    monkeypatch.setenv("INGEST_SECRET_KEY", f"{new},{old}")
+    rotated = runner.invoke(cli, ["secrets", "rotate"])
+    assert rotated.exit_code == 0, rotated.output
+    assert "re-encrypted 2 secret(s)" in rotated.output
+    stored = _stored_instance(database_url, "shop")
+    assert stored is not None and stored.app_secret_encrypted is not None
+    assert SecretBox([new]).decrypt(stored.api_key_encrypted) == "k"
+    assert SecretBox([new]).decrypt(stored.app_secret_encrypted) == "a"
+
+    # With only a key that never encrypted them, the secrets cannot be read: one line.
+    monkeypatch.setenv("INGEST_SECRET_KEY", generate_key())
+    lost = runner.invoke(cli, ["secrets", "rotate"])
+    assert lost.exit_code == 2
+    assert "INGEST_SECRET_KEY" in lost.output and "Traceback" not in lost.output
+
+
+def test_secrets_generate_key_prints_one_fernet_key() -> None:
+    printed = CliRunner().invoke(cli, ["secrets", "generate-key"])
+    assert printed.exit_code == 0
+    SecretBox([printed.stdout.strip()])
+
+
+def test_a_server_database_without_a_key_refuses_to_store_secrets_in_one_line(
+    runner: CliRunner, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if database_url.startswith("sqlite"):
+        pytest.skip("SQLite generates its key")
+    monkeypatch.delenv("INGEST_SECRET_KEY")
+    added = runner.invoke(cli, [*ADD_SHOP, "--api-key", "k", "--app-secret", "a"])
+    assert added.exit_code == 2
+    assert "INGEST_SECRET_KEY" in added.output and "Traceback" not in added.output
+    assert _stored_instance(database_url, "shop") is None
+
+
+def test_a_new_api_key_for_a_disconnected_instance_says_how_to_connect_it(
+    runner: CliRunner,
+) -> None:
+    _add_shop(runner)
+    assert runner.invoke(cli, ["instance", "disconnect", "shop"]).exit_code == 0
+    updated = runner.invoke(cli, ["instance", "update", "shop", "--api-key", "k2"])
+    assert updated.exit_code == 0, updated.output
+    assert "ingest instance connect shop" in updated.stderr

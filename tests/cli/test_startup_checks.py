@@ -226,3 +226,24 @@ def test_an_existing_bucket_passes(
     (outcome,) = dependencies.check_dependencies(load_settings(), only=("storage",))
 
     assert outcome.ok, outcome.detail
+
+
+def test_web_start_up_names_every_instance_that_accepts_unsigned_webhooks(
+    make_settings: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cli.dependencies import warn_unsigned_instances
+    from ingest import migrate
+    from ingest.db import make_engine, make_session_factory, session_scope
+    from tests.factories import make_instance
+
+    settings = make_settings(database_url=f"sqlite:///{tmp_path / 'unsigned.sqlite3'}")
+    migrate.upgrade(settings.database_url)
+    engine = make_engine(settings.database_url)
+    with session_scope(make_session_factory(engine)) as session:
+        make_instance(session, name="open-door", app_secret=None, allow_unsigned=True)
+        make_instance(session, name="signed")
+    engine.dispose()
+    caplog.set_level(logging.WARNING)
+    warn_unsigned_instances(settings)
+    warned = [r.getMessage() for r in caplog.records if "UNSIGNED" in r.getMessage()]
+    assert len(warned) == 1 and "open-door" in warned[0]

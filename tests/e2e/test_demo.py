@@ -24,6 +24,7 @@ from ingest.events import parse_body
 from ingest.intake import signature_valid
 from ingest.models import ApiToken, Instance, MediaItem, MediaState, Provider
 from sandbox.payloads import sign
+from sandbox.server import media_hosts_for
 from tests.plugins.processes import (
     INGEST,
     ProcessGroup,
@@ -168,6 +169,7 @@ def test_demo_and_sandbox_send_against_a_running_service(
         **embedded_stack.env,
         "INGEST_GRAPH_URL": f"{sandbox_root}/v21.0",
         "INGEST_D360_URL": f"{sandbox_root}/d360",
+        "INGEST_MEDIA_HOSTS": ",".join(media_hosts_for(sandbox_root)),
         # Far below what the demo reads back: only the demo token's own limit lets it through.
         "INGEST_API_RATE_LIMIT": "5/minute",
         "INGEST_RECONCILE_INTERVAL_SECONDS": "5",
@@ -206,7 +208,8 @@ def test_demo_and_sandbox_send_against_a_running_service(
         _demo("--url", url, "--events", "1", "--sandbox", stray, env=embedded_stack.env)
     )
     assert f"INGEST_GRAPH_URL={stray}/v21.0 INGEST_D360_URL={stray}/d360" in line
-    assert "INGEST_MEDIA_HOSTS=127.0.0.1,localhost" in line and "--sandbox URL" in line
+    stray_hosts = ",".join(media_hosts_for(stray))
+    assert f"INGEST_MEDIA_HOSTS={stray_hosts}" in line and "--sandbox URL" in line
     assert _count(embedded_stack, Instance) == 0  # every refused run removed its instance
 
     # Right: the sandbox found as `make run`'s (SANDBOX_PORT), every item verified although

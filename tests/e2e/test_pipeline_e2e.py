@@ -33,6 +33,7 @@ from ingest.db import make_engine, make_session_factory
 from ingest.models import TERMINAL_STATES, MediaItem, MediaState, Provider
 from ingest.settings import Settings
 from sandbox.payloads import sign
+from sandbox.server import media_hosts_for
 from tests.plugins.processes import ProcessGroup, StackEnv, free_port
 
 pytestmark = pytest.mark.e2e
@@ -68,7 +69,7 @@ def provider_env(sandbox_root: str, **extra: str) -> dict[str, str]:
     return {
         "INGEST_GRAPH_URL": f"{sandbox_root}/v21.0",
         "INGEST_D360_URL": f"{sandbox_root}/d360",
-        "INGEST_MEDIA_HOSTS": "127.0.0.1,localhost",
+        "INGEST_MEDIA_HOSTS": ",".join(media_hosts_for(sandbox_root)),
         "INGEST_API_RATE_LIMIT": "100000/minute",
         "INGEST_RECONCILE_INTERVAL_SECONDS": "1",
         **extra,

@@ -55,8 +55,10 @@ from cli.demo import (
 )
 from ingest.db import make_engine
 from ingest.models import TERMINAL_STATES, Instance, MediaItem, MediaState, Provider
+from ingest.secrets import generate_key
 from ingest.settings import Settings
 from sandbox.payloads import sign
+from sandbox.server import media_hosts_for
 from tests.plugins.processes import S3_DUMMY_CREDENTIALS, ManagedProcess, ProcessGroup
 from tests.plugins.s3 import admin_client
 from tests.plugins.servers import PostgresCluster, RedisServer, TcpGate
@@ -79,7 +81,6 @@ BASE_ENV = {
     "INGEST_RETRY_BASE_SECONDS": "1",
     "INGEST_RETRY_MAX_SECONDS": "4",
     "INGEST_API_RATE_LIMIT": "100000/minute",
-    "INGEST_MEDIA_HOSTS": "127.0.0.1,localhost",
     "INGEST_LOG_LEVEL": "INFO",
 }
 
@@ -168,16 +169,19 @@ class FaultStack:
             sandbox = group.sandbox()
             assert sandbox.base_url is not None
             var_dir = root / "var"
+            secret_key = generate_key()  # PostgreSQL: secrets at rest need a configured key
             group.env = {
                 **BASE_ENV,
                 "INGEST_VAR_DIR": str(var_dir),
                 "INGEST_DATABASE_URL": database_url,
+                "INGEST_SECRET_KEY": secret_key,
                 "INGEST_BROKER_URL": redis.url,
                 "INGEST_REDIS_URL": redis.url,
                 "INGEST_STORAGE_URL": f"s3://{bucket}/media",
                 "INGEST_S3_ENDPOINT_URL": s3_endpoint,
                 "INGEST_GRAPH_URL": f"{sandbox.base_url}/v21.0",
                 "INGEST_D360_URL": f"{sandbox.base_url}/d360",
+                "INGEST_MEDIA_HOSTS": ",".join(media_hosts_for(sandbox.base_url)),
                 **S3_DUMMY_CREDENTIALS,
                 **(env or {}),
             }
@@ -198,6 +202,7 @@ class FaultStack:
                     broker_url="memory://",
                     storage_url=f"s3://{bucket}/media",
                     s3_endpoint_url=moto.endpoint_url,
+                    secret_key=secret_key,
                 ),
                 engine=make_engine(database_url),
                 sandbox=sandbox,

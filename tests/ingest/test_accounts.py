@@ -1,10 +1,13 @@
+import hashlib
+
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from ingest import accounts
 from ingest.models import ApiToken, Instance, Provider
-from tests.factories import make_instance
+from ingest.secrets import SecretBox, SecretKeyError, generate_key
+from tests.factories import box_for_session, make_instance
 
 
 def test_instance_add_uses_the_default_account(session: Session) -> None:
@@ -191,3 +194,151 @@ def test_tokens_are_listed_by_what_they_reach_and_revoked_by_id(session: Session
     with pytest.raises(accounts.RegistryError, match=f"no token with id {listed[0].id}"):
         accounts.revoke_token(session, listed[0].id)
     assert shop.id  # the instance itself is untouched
+
+
+# --- webhook authentication and secrets at rest (issue 14) ---------------------------------
+
+
+def _spec(**overrides: object) -> accounts.InstanceSpec:
+    values: dict[str, object] = {
+        "name": "shop",
+        "provider": Provider.CLOUD,
+        "phone_number_id": "111",
+        "api_key": "EAAG-provider-key",
+    }
+    values.update(overrides)
+    return accounts.InstanceSpec(**values)  # type: ignore[arg-type]
+
+
+def test_an_instance_without_webhook_auth_is_refused_unless_allowed_by_name(
+    session: Session,
+) -> None:
+    box = box_for_session(session)
+    with pytest.raises(accounts.RegistryError, match="would take webhooks from anyone"):
+        accounts.add_instance(session, _spec(), box)
+    assert session.scalars(select(Instance)).all() == []
+
+    accounts.add_instance(session, _spec(allow_unsigned=True), box)
+    accounts.add_instance(session, _spec(name="signed", phone_number_id="2", app_secret="a"), box)
+    accounts.add_instance(
+        session,
+        _spec(
+            name="d360",
+            phone_number_id="3",
+            provider=Provider.D360,
+            webhook_secret_header="X-S",
+            webhook_secret="s",
+        ),
+        box,
+    )
+    assert accounts.unsigned_instances(session) == ["shop"]
+
+
+def test_allowing_unsigned_webhooks_beside_a_check_is_refused(session: Session) -> None:
+    # Both would read as "accepts unsigned" in a listing while the receiver refuses them.
+    with pytest.raises(accounts.RegistryError, match="nothing to allow"):
+        accounts.add_instance(
+            session, _spec(app_secret="a", allow_unsigned=True), box_for_session(session)
+        )
+
+
+def test_secrets_are_stored_encrypted_or_hashed_never_in_clear(session: Session) -> None:
+    box = box_for_session(session)
+    accounts.add_instance(
+        session,
+        _spec(
+            app_secret="meta-app-secret",
+            verify_token="verify-me-please",
+            webhook_secret_header="X-Shared",
+            webhook_secret="shared-secret",
+        ),
+        box,
+    )
+    session.commit()
+    raw = session.execute(text("SELECT * FROM instances")).one()
+    stored = " ".join(str(value) for value in raw)
+    for secret in ("EAAG-provider-key", "meta-app-secret", "verify-me-please", "shared-secret"):
+        assert secret not in stored
+
+    row = accounts.get_instance(session, "shop")
+    assert box.decrypt(row.api_key_encrypted) == "EAAG-provider-key"
+    assert row.app_secret_encrypted is not None
+    assert box.decrypt(row.app_secret_encrypted) == "meta-app-secret"
+    assert row.verify_token_hash == hashlib.sha256(b"verify-me-please").hexdigest()
+    with pytest.raises(SecretKeyError):
+        SecretBox([generate_key()]).decrypt(row.api_key_encrypted)
+
+
+def test_update_changes_only_the_secrets_given(session: Session) -> None:
+    box = box_for_session(session)
+    make_instance(session, name="shop", api_key="old-key", app_secret="old-app", verify_token="v1")
+    before = accounts.get_instance(session, "shop")
+    app_before, verify_before = before.app_secret_encrypted, before.verify_token_hash
+
+    accounts.update_instance(session, "shop", accounts.InstanceUpdate(api_key="new-key"), box)
+    row = accounts.get_instance(session, "shop")
+    assert box.decrypt(row.api_key_encrypted) == "new-key"
+    assert (row.app_secret_encrypted, row.verify_token_hash) == (app_before, verify_before)
+
+    accounts.update_instance(
+        session,
+        "shop",
+        accounts.InstanceUpdate(app_secret="new-app", verify_token="v2"),
+        box,
+    )
+    assert row.app_secret_encrypted is not None
+    assert box.decrypt(row.app_secret_encrypted) == "new-app"
+    assert row.verify_token_hash == accounts.hash_secret("v2")
+    assert box.decrypt(row.api_key_encrypted) == "new-key"
+    with pytest.raises(accounts.RegistryError, match="no instance named"):
+        accounts.update_instance(session, "ghost", accounts.InstanceUpdate(api_key="k"), box)
+    with pytest.raises(accounts.RegistryError, match="empty"):
+        accounts.update_instance(session, "shop", accounts.InstanceUpdate(api_key=""), box)
+
+
+def test_update_never_leaves_an_instance_taking_webhooks_silently_unchecked(
+    session: Session,
+) -> None:
+    box = box_for_session(session)
+    make_instance(session, name="open", app_secret=None)  # allowed unsigned, by name
+    require = accounts.InstanceUpdate(allow_unsigned=False)
+    with pytest.raises(accounts.RegistryError, match="would take webhooks from anyone"):
+        accounts.update_instance(session, "open", require, box)
+    assert accounts.unsigned_instances(session) == ["open"]
+
+    # Giving it a check withdraws the consent, which then has no object.
+    accounts.update_instance(
+        session,
+        "open",
+        accounts.InstanceUpdate(webhook_secret_header="X-S", webhook_secret="s"),
+        box,
+    )
+    assert accounts.get_instance(session, "open").allow_unsigned is False
+    assert accounts.unsigned_instances(session) == []
+    with pytest.raises(accounts.RegistryError, match="nothing to allow"):
+        accounts.update_instance(session, "open", accounts.InstanceUpdate(allow_unsigned=True), box)
+    with pytest.raises(accounts.RegistryError, match="needs a header"):
+        make_instance(session, name="signed")
+        accounts.update_instance(
+            session, "signed", accounts.InstanceUpdate(webhook_secret="s"), box
+        )
+
+
+def test_rotate_re_encrypts_every_secret_with_the_first_key(session: Session) -> None:
+    old, new = generate_key(), generate_key()
+    old_box = SecretBox([old])
+    make_instance(session, name="a", box=old_box, api_key="key-a", app_secret="app-a")
+    make_instance(session, name="b", box=old_box, api_key="key-b", app_secret=None)
+
+    assert accounts.rotate_secrets(session, SecretBox([new, old])) == 3
+    only_new = SecretBox([new])
+    a, b = accounts.get_instance(session, "a"), accounts.get_instance(session, "b")
+    assert a.app_secret_encrypted is not None
+    assert only_new.decrypt(a.api_key_encrypted) == "key-a"
+    assert only_new.decrypt(a.app_secret_encrypted) == "app-a"
+    assert only_new.decrypt(b.api_key_encrypted) == "key-b"
+    assert b.app_secret_encrypted is None
+
+    # A secret no key can read stops the rotation with a one-line error naming the variable.
+    with pytest.raises(SecretKeyError, match="INGEST_SECRET_KEY"):
+        accounts.rotate_secrets(session, SecretBox([generate_key()]))

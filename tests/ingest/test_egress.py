@@ -12,11 +12,21 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from werkzeug.serving import make_server
 
-from ingest.egress import Credential, Egress, HostPolicy, Origin
+from ingest.egress import (
+    Credential,
+    CredentialScope,
+    Egress,
+    HostPolicy,
+    Origin,
+    _GuardedBackend,
+    _RefusedAddress,
+)
 from ingest.providers import DisallowedHost, ProviderUnavailable, TooLarge
-from sandbox.server import SandboxServer
+from ingest.settings import Settings
+from sandbox.server import SandboxServer, media_hosts_for
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Any]
 
@@ -55,8 +65,17 @@ def egress(sandbox_settings: Any) -> Iterator[Egress]:
         yield built
 
 
+ATTACHMENTS = "/whatsapp_business/attachments/"
+
+
 def cdn_credential(server: SandboxServer, key: str) -> Credential:
-    return Credential("Authorization", f"Bearer {key}", frozenset({Origin.of(server.base_url)}))
+    scope = CredentialScope(Origin.of(server.base_url), ATTACHMENTS, "mid")
+    return Credential("Authorization", f"Bearer {key}", frozenset({scope}))
+
+
+def local(make_settings: Any, base: str, **overrides: Any) -> Any:
+    """Settings that allow the throwaway server at ``base`` (its address and port)."""
+    return make_settings(media_hosts=media_hosts_for(base), **overrides)
 
 
 # --- allowlist and addresses -------------------------------------------------------------
@@ -76,7 +95,8 @@ def cdn_credential(server: SandboxServer, key: str) -> Credential:
 )
 def test_name_allowlist_is_exact_or_dot_suffix(host: str, allowed: bool) -> None:
     policy = HostPolicy.from_hosts(["lookaside.fbsbx.com", ".example.net"])
-    assert policy.name_allowed(host) is allowed
+    assert policy.url_allowed(Origin("https", host.lower(), 443)) is allowed
+    assert policy.name_allowed(host, 443) is allowed
 
 
 @pytest.mark.parametrize(
@@ -100,14 +120,101 @@ def test_name_allowlist_is_exact_or_dot_suffix(host: str, allowed: bool) -> None
 )
 def test_non_public_addresses_are_refused_unless_listed(address: str) -> None:
     ip = ipaddress.ip_address(address)
-    assert not HostPolicy.from_hosts(["media.example"]).address_allowed(ip)
-    assert HostPolicy.from_hosts(["media.example", address]).address_allowed(ip)
+    assert not HostPolicy.from_hosts(["media.example"]).address_allowed(ip, 443)
+    assert HostPolicy.from_hosts(["media.example", address]).address_allowed(ip, 443)
+    assert not HostPolicy.from_hosts(["media.example", address]).address_allowed(ip, 6379)
+    listed = f"[{address}]:6379" if ":" in address else f"{address}:6379"
+    assert HostPolicy.from_hosts([listed]).address_allowed(ip, 6379)
+    assert not HostPolicy.from_hosts([listed]).address_allowed(ip, 443)
 
 
 def test_public_addresses_pass() -> None:
     policy = HostPolicy.from_hosts(["media.example"])
-    assert policy.address_allowed(ipaddress.ip_address("157.240.1.1"))
-    assert policy.address_allowed(ipaddress.ip_address("2a03:2880:f003::1"))
+    assert policy.address_allowed(ipaddress.ip_address("157.240.1.1"), 443)
+    assert policy.address_allowed(ipaddress.ip_address("2a03:2880:f003::1"), 443)
+
+
+# --- ports (issue 14: 5) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entry", "origin", "allowed"),
+    [
+        ("lookaside.fbsbx.com", ("https", "lookaside.fbsbx.com", 443), True),
+        ("lookaside.fbsbx.com", ("http", "lookaside.fbsbx.com", 80), True),
+        ("lookaside.fbsbx.com", ("https", "lookaside.fbsbx.com", 8443), False),
+        ("lookaside.fbsbx.com", ("http", "lookaside.fbsbx.com", 443), False),
+        ("127.0.0.1", ("http", "127.0.0.1", 80), True),
+        ("127.0.0.1", ("http", "127.0.0.1", 6379), False),
+        ("127.0.0.1:8090", ("http", "127.0.0.1", 8090), True),
+        ("127.0.0.1:8090", ("http", "127.0.0.1", 8091), False),
+        ("127.0.0.1:8090", ("http", "127.0.0.1", 80), False),
+        ("[::1]:8090", ("http", "::1", 8090), True),
+        ("[::1]:8090", ("http", "::1", 6379), False),
+        (".example.net:8443", ("https", "cdn.example.net", 8443), True),
+        (".example.net:8443", ("https", "cdn.example.net", 443), False),
+        ("localhost:8090", ("http", "localhost", 8090), True),
+        ("localhost:8090", ("http", "127.0.0.1", 8090), False),  # a name is not its address
+    ],
+)
+def test_an_entry_allows_its_port_or_else_only_the_scheme_s_default(
+    entry: str, origin: tuple[str, str, int], allowed: bool
+) -> None:
+    assert HostPolicy.from_hosts([entry]).url_allowed(Origin(*origin)) is allowed
+
+
+def test_make_run_s_old_allowlist_no_longer_reaches_any_local_port(make_settings: Any) -> None:
+    # `make run` listed 127.0.0.1,localhost: a webhook URL to any local port was fetched
+    # (an HTTP GET reached Redis on 6379). Without a port, an entry means 80/443 only.
+    hits: list[str] = []
+
+    def service(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        hits.append(environ["PATH_INFO"])
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    settings = make_settings(media_hosts=["127.0.0.1", "localhost"])
+    with wsgi_server(service) as base, Egress(settings) as egress:
+        for url in (base + "/", base.replace("127.0.0.1", "localhost") + "/"):
+            with pytest.raises(DisallowedHost) as caught, egress.get(url, endpoint="download"):
+                pass
+            assert "not on the allowlist" in str(caught.value)
+    assert hits == []
+
+
+def test_the_port_is_checked_again_where_the_socket_opens() -> None:
+    # The connection backend sees only host and port: an address listed without a port
+    # stands for 80 and 443 there, never for another local service.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        backend = _GuardedBackend(HostPolicy.from_hosts(["127.0.0.1"]), lambda h, p: [h])
+        with pytest.raises(_RefusedAddress):
+            backend.connect_tcp("127.0.0.1", port, timeout=2)
+        named = _GuardedBackend(HostPolicy.from_hosts(["media.example"]), lambda h, p: [h])
+        with pytest.raises(_RefusedAddress):
+            named.connect_tcp("media.example", port, timeout=2)
+        listed = _GuardedBackend(
+            HostPolicy.from_hosts([f"127.0.0.1:{port}"]), lambda h, p: ["127.0.0.1"]
+        )
+        listed.connect_tcp("127.0.0.1", port, timeout=2).close()
+
+
+def test_media_hosts_are_validated_and_written_one_way() -> None:
+    settings = Settings(
+        media_hosts=" LOOKASIDE.fbsbx.com. , 127.0.0.1:8090,[::1]:9, ::1 ,.Example.net:8443"
+    )
+    assert settings.media_hosts == [
+        "lookaside.fbsbx.com",
+        "127.0.0.1:8090",
+        "[::1]:9",
+        "[::1]",
+        ".example.net:8443",
+    ]
+    for bad in ("http://127.0.0.1:8090", "127.0.0.1:0", "127.0.0.1:65536", "host:abc", "*.x"):
+        with pytest.raises(ValidationError):
+            Settings(media_hosts=bad)
 
 
 def test_host_off_the_allowlist_is_refused_before_any_connection(egress: Egress) -> None:
@@ -130,14 +237,14 @@ def test_only_http_urls_are_fetched(egress: Egress, url: str) -> None:
 def test_allowlisted_name_resolving_to_private_address_is_refused(
     sandbox: SandboxServer, make_settings: Any
 ) -> None:
-    settings = make_settings(media_hosts=["media.example"])
+    port = sandbox.base_url.rsplit(":", 1)[1]
+    settings = make_settings(media_hosts=[f"media.example:{port}"])
     resolved: list[str] = []
 
     def resolver(host: str, port: int) -> list[str]:
         resolved.append(host)
         return ["127.0.0.1"]
 
-    port = sandbox.base_url.rsplit(":", 1)[1]
     with (
         Egress(settings, resolver=resolver) as egress,
         pytest.raises(DisallowedHost) as caught,
@@ -152,8 +259,8 @@ def test_allowlisted_name_resolving_to_private_address_is_refused(
 def test_private_address_listed_literally_is_allowed_and_is_where_we_connect(
     sandbox: SandboxServer, make_settings: Any
 ) -> None:
-    settings = make_settings(media_hosts=["media.example", "127.0.0.1"])
     port = sandbox.base_url.rsplit(":", 1)[1]
+    settings = make_settings(media_hosts=[f"media.example:{port}", f"127.0.0.1:{port}"])
     # First answer refused, second allowed: we connect to the checked address, not the name.
     url = f"http://media.example:{port}/_sandbox/stats"
     with (
@@ -178,11 +285,12 @@ def test_unresolvable_name_is_unavailable_not_counted(make_settings: Any) -> Non
     secret_free(caught.value)
 
 
-def test_connection_refused_is_unavailable_not_counted(egress: Egress) -> None:
+def test_connection_refused_is_unavailable_not_counted(make_settings: Any) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, not listening: connections are refused
         with (
+            Egress(make_settings(media_hosts=[f"127.0.0.1:{port}"])) as egress,
             pytest.raises(ProviderUnavailable) as caught,
             egress.get(f"http://127.0.0.1:{port}/x?hash=secret-key", endpoint="lookup"),
         ):
@@ -199,8 +307,10 @@ def test_read_timeout_is_unavailable_and_counted(make_settings: Any) -> None:
         start_response("200 OK", [("Content-Length", "0")])
         return [b""]
 
-    settings = make_settings(http_timeout_seconds=0.2)
-    with wsgi_server(slow) as base, Egress(settings) as egress:
+    with (
+        wsgi_server(slow) as base,
+        Egress(local(make_settings, base, http_timeout_seconds=0.2)) as egress,
+    ):
         try:
             with (
                 pytest.raises(ProviderUnavailable) as caught,
@@ -260,16 +370,81 @@ def test_redirect_to_a_host_off_the_allowlist_is_refused(
 
 
 def test_credentials_are_dropped_on_a_hop_to_another_host(
-    egress: Egress, sandbox: SandboxServer
+    sandbox: SandboxServer, sandbox_settings: Any
 ) -> None:
     media = _media(sandbox)
     sandbox.set_faults(media.media_id, redirects=2, redirect_host="localhost")
-    with egress.get(
-        media.url, endpoint="download", credential=cdn_credential(sandbox, "cloud-key")
-    ) as response:
+    hosts = media_hosts_for(sandbox.base_url.replace("127.0.0.1", "localhost"))
+    settings = sandbox_settings.model_copy(update={"media_hosts": hosts})
+    with (
+        Egress(settings) as egress,
+        egress.get(
+            media.url, endpoint="download", credential=cdn_credential(sandbox, "cloud-key")
+        ) as response,
+    ):
         assert response.status_code == 401  # the CDN wanted the bearer we did not send
     seen = [(s.host.split(":")[0], s.had_credentials) for s in sandbox.seen()]
     assert seen == [("127.0.0.1", True), ("127.0.0.1", True), ("localhost", False)]
+
+
+def _recording(seen: list[tuple[str, str | None]], redirect_to: str | None = None) -> WsgiApp:
+    """Answers 200 (or a 302 to ``redirect_to`` from the attachment path), recording each
+    request's path and query and the Authorization header it carried."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        target = environ["PATH_INFO"] + (
+            "?" + environ["QUERY_STRING"] if environ["QUERY_STRING"] else ""
+        )
+        seen.append((target, environ.get("HTTP_AUTHORIZATION")))
+        if redirect_to and environ["PATH_INFO"] == ATTACHMENTS:
+            start_response("302 Found", [("Location", redirect_to), ("Content-Length", "0")])
+            return [b""]
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    return app
+
+
+def test_a_credential_goes_only_to_its_exact_path_and_query_form(make_settings: Any) -> None:
+    # 1b: the same host's other paths and queries (the Graph API's other endpoints, a
+    # sandbox's control routes) never see the provider credential.
+    seen: list[tuple[str, str | None]] = []
+    with wsgi_server(_recording(seen)) as base, Egress(local(make_settings, base)) as egress:
+        scope = CredentialScope(Origin.of(base), ATTACHMENTS, "mid")
+        credential = Credential("Authorization", "Bearer k", frozenset({scope}))
+        for target in (
+            ATTACHMENTS + "?mid=1&ext=2&hash=h",
+            "/other?mid=1",
+            ATTACHMENTS + "?ext=2",
+            ATTACHMENTS + "?mid=1&mid=2",
+            ATTACHMENTS + "?mid=",
+            "/whatsapp_business/attachments?mid=1",
+            ATTACHMENTS + "x?mid=1",
+        ):
+            with egress.get(base + target, endpoint="download", credential=credential) as r:
+                assert r.status_code == 200
+        lookup = CredentialScope(Origin.of(base), "/v21.0/123")
+        only_lookup = Credential("Authorization", "Bearer k", frozenset({lookup}))
+        for target in ("/v21.0/123", "/v21.0/123?fields=x", "/v21.0/1234"):
+            with egress.get(base + target, endpoint="lookup", credential=only_lookup):
+                pass
+    assert [auth for _, auth in seen] == ["Bearer k", *[None] * 6, "Bearer k", None, None]
+    assert "value=<redacted>" in repr(credential) and "Bearer k" not in repr(credential)
+
+
+def test_a_credential_is_dropped_on_a_hop_to_another_path_of_the_same_host(
+    make_settings: Any,
+) -> None:
+    seen: list[tuple[str, str | None]] = []
+    with wsgi_server(_recording(seen, redirect_to="/v21.0/me?fields=id")) as base:
+        scope = CredentialScope(Origin.of(base), ATTACHMENTS, "mid")
+        credential = Credential("Authorization", "Bearer k", frozenset({scope}))
+        with (
+            Egress(local(make_settings, base)) as egress,
+            egress.get(base + ATTACHMENTS + "?mid=1", endpoint="download", credential=credential),
+        ):
+            pass
+    assert seen == [(ATTACHMENTS + "?mid=1", "Bearer k"), ("/v21.0/me?fields=id", None)]
 
 
 def test_no_cookie_is_kept_or_sent_so_no_request_carries_another_s_state(
@@ -287,7 +462,7 @@ def test_no_cookie_is_kept_or_sent_so_no_request_carries_another_s_state(
         )
         return [b"ok"]
 
-    with wsgi_server(app) as base, Egress(make_settings()) as egress:
+    with wsgi_server(app) as base, Egress(local(make_settings, base)) as egress:
         for _ in range(2):
             with egress.get(base + "/media", endpoint="download") as response:
                 assert response.status_code == 200
@@ -307,7 +482,7 @@ def test_gzip_bomb_is_cut_at_the_decoded_cap(make_settings: Any) -> None:
     received = 0
     with (
         wsgi_server(app) as base,
-        Egress(make_settings()) as egress,
+        Egress(local(make_settings, base)) as egress,
         egress.get(base + "/bomb", endpoint="download") as response,
         pytest.raises(TooLarge) as caught,
     ):
@@ -326,7 +501,7 @@ def test_deflate_bodies_are_decoded(make_settings: Any, wbits: int) -> None:
     app = fixed("200 OK", [("Content-Encoding", "deflate")], [body])
     with (
         wsgi_server(app) as base,
-        Egress(make_settings()) as egress,
+        Egress(local(make_settings, base)) as egress,
         egress.get(base + "/d", endpoint="download") as response,
     ):
         assert response.read(len(payload)) == payload
@@ -347,7 +522,7 @@ def test_content_length_over_the_cap_is_refused_before_reading(make_settings: An
 
     with (
         wsgi_server(big) as base,
-        Egress(make_settings()) as egress,
+        Egress(local(make_settings, base)) as egress,
         egress.get(base + "/big", endpoint="download") as response,
         pytest.raises(TooLarge),
     ):

@@ -16,6 +16,8 @@ from ingest.events import (
     MediaEvent,
     PayloadError,
     ProviderFault,
+    TooManyItems,
+    is_attachment_url,
     parse_body,
     parse_payload,
 )
@@ -29,6 +31,12 @@ from tests.webhook.conftest import (
     status_update,
     text_message,
     webhook_documents,
+)
+
+# Meta's direct-download form (provider-media-constraints.md, "Download Media").
+LOOKASIDE_URL = (
+    "https://lookaside.fbsbx.com/whatsapp_business/attachments/"
+    "?mid=130345565692730173924&source=getMedia&ext=1664537344507&hash=ATtBt0Cdio"
 )
 
 
@@ -66,7 +74,7 @@ def test_each_media_type_is_read_with_its_fields(kind: MediaType) -> None:
         filename="f.bin",
         voice=True,
         animated=True,
-        url="https://lookaside.fbsbx.com/x",
+        url=LOOKASIDE_URL,
         file_size=1234,
     )
     event = only_event(envelope(change("111", [message])))
@@ -84,7 +92,7 @@ def test_each_media_type_is_read_with_its_fields(kind: MediaType) -> None:
     assert event.file_size == 1234
     assert event.sender == "15551234567"
     assert event.timestamp == datetime.fromtimestamp(int(message["timestamp"]), tz=UTC)
-    assert event.url == "https://lookaside.fbsbx.com/x"
+    assert event.url == LOOKASIDE_URL
     assert event.fault is None
 
 
@@ -96,8 +104,136 @@ def test_sha256_in_base64_is_normalised_and_garbage_is_dropped() -> None:
 
 
 def test_signed_url_is_kept_out_of_repr() -> None:
-    event = only_event(envelope(change("1", [media_message(url="https://cdn/x?sig=SECRET")])))
-    assert "SECRET" not in repr(event)
+    event = only_event(envelope(change("1", [media_message(url=LOOKASIDE_URL)])))
+    assert event.url == LOOKASIDE_URL
+    assert "ATtBt0Cdio" not in repr(event)
+
+
+# --- media ids and URLs (issue 14: 1b, 1c) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "media_id",
+    [
+        "..",
+        "../me",
+        "1/2",
+        "/1",
+        "1?fields=x",
+        "%2e%2e",
+        "1.0",
+        "-1",
+        "abc",
+        "1 2",
+        "\uff11\uff12\uff13",  # fullwidth digits: decimal, not ASCII
+        "1" * 65,
+    ],
+)
+def test_a_media_id_is_digits_or_the_body_is_refused(media_id: str) -> None:
+    # The worker looks the id up as GET /<version>/<media-id> with the instance's credential:
+    # ".." or "a/b" there would be another endpoint of the provider's API.
+    with pytest.raises(PayloadError, match=r"image\.id is not a media id"):
+        parse_payload(envelope(change("1", [media_message("image", id=media_id)])))
+
+
+def test_a_fault_message_s_media_id_is_checked_too() -> None:
+    message = media_message("document", id="../../x")
+    message["errors"] = [{"code": 131052, "title": "Media file too large"}]
+    with pytest.raises(PayloadError, match="not a media id"):
+        parse_payload(envelope(change("1", [message])))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        LOOKASIDE_URL,
+        # The sandbox's Cloud CDN: the same path on the Graph stand-in's own origin.
+        "http://127.0.0.1:8090/whatsapp_business/attachments/?mid=1&source=getMedia&ext=2&hash=h",
+        # 360dialog's rewrite onto its host (no base path in production).
+        "https://waba-v2.360dialog.io/whatsapp_business/attachments/?mid=1&ext=2&hash=h",
+        # Slashes escaped twice (a literal backslash survives json.loads): undone.
+        "https:\\/\\/lookaside.fbsbx.com\\/whatsapp_business\\/attachments\\/?mid=1&hash=h",
+    ],
+)
+def test_cdn_attachment_urls_are_kept(url: str) -> None:
+    parsed = parse_payload(envelope(change("1", [media_message(url=url)])))
+    assert parsed.media[0].url == url  # stored as given; the worker undoes the escapes
+    assert parsed.dropped_urls == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://graph.facebook.com/v21.0/me?fields=id,name",  # another endpoint, same token
+        "https://graph.facebook.com/v21.0/130345565692730173924",
+        "https://lookaside.fbsbx.com/x?mid=1",
+        "https://lookaside.fbsbx.com/whatsapp_business/attachments/?ext=1&hash=h",  # no mid
+        "https://lookaside.fbsbx.com/whatsapp_business/attachments/?mid=1&mid=2",
+        "https://lookaside.fbsbx.com/whatsapp_business/attachments/?mid=..",
+        "https://lookaside.fbsbx.com/whatsapp_business/attachments?mid=1",
+        "https://lookaside.fbsbx.com/whatsapp_business/attachments/../x/?mid=1",
+        "https://lookaside.fbsbx.com/whatsapp_business/attachments/%2e%2e/?mid=1",
+        "https://lookaside.fbsbx.com/whatsapp_business/attachments/x/?mid=1",
+        "https://user:pw@lookaside.fbsbx.com/whatsapp_business/attachments/?mid=1",
+        "https://lookaside.fbsbx.com/whatsapp_business/attachments/?mid=1#frag",
+        "https://lookaside.fbsbx.com\\@evil.example/whatsapp_business/attachments/?mid=1",
+        "https://lookaside.fbsbx.com:99999/whatsapp_business/attachments/?mid=1",
+        "http://127.0.0.1:6379/",  # Redis, under `make run`'s old allowlist
+        "http://127.0.0.1:8090/_sandbox/stats",
+        "ftp://lookaside.fbsbx.com/whatsapp_business/attachments/?mid=1",
+        "/whatsapp_business/attachments/?mid=1",
+        "https://lookaside.fbsbx.com/whatsapp_business/attachments/?mid=1&x=a b",
+        "https://lookäside.fbsbx.com/whatsapp_business/attachments/?mid=1",
+    ],
+)
+def test_other_urls_are_dropped_and_counted_so_the_media_id_is_resolved(url: str) -> None:
+    parsed = parse_payload(envelope(change("1", [media_message(url=url)])))
+    (event,) = parsed.media
+    assert event.url is None
+    assert event.media_id is not None  # what the worker resolves instead
+    assert parsed.dropped_urls == 1
+
+
+def test_attachment_url_under_a_base_path() -> None:
+    # 360dialog's rewrite onto a base URL that has a path (the sandbox's /d360).
+    url = "http://127.0.0.1:8090/d360/whatsapp_business/attachments/?mid=1&hash=h"
+    assert is_attachment_url(url, base_path="/d360")
+    assert is_attachment_url(url, base_path="/d360/")
+    assert not is_attachment_url(url)
+    assert not is_attachment_url(url.replace("/d360", ""), base_path="/d360")
+
+
+# --- bounds (issue 14: 1d) ------------------------------------------------------------------
+
+
+def test_media_items_over_the_bound_raise_too_many_items() -> None:
+    messages = [media_message() for _ in range(11)]
+    assert len(parse_payload(envelope(change("1", messages[:10])), max_items=10).media) == 10
+    with pytest.raises(TooManyItems, match="more than 10 media items"):
+        parse_payload(envelope(change("1", messages)), max_items=10)
+    # Spread over changes and entries, they are counted all the same.
+    spread = envelope(*(change("1", [m]) for m in messages), entries=3)
+    with pytest.raises(TooManyItems):
+        parse_payload(spread, max_items=10)
+    assert len(parse_payload(spread).media) == 11  # no bound given: none applied
+
+
+def test_distinct_phone_number_ids_over_the_bound_raise_too_many_items() -> None:
+    ids = [str(100 + n) for n in range(11)]
+    with pytest.raises(TooManyItems, match="more than 10 phone number ids"):
+        parse_payload(envelope(*(change(pid, None) for pid in ids)), max_items=10)
+    # The same id named again is one id.
+    repeated = envelope(*(change("100", None) for _ in range(50)))
+    assert parse_payload(repeated, max_items=10).phone_number_ids == ("100",)
+    assert isinstance(TooManyItems("x"), PayloadError)
+
+
+def test_the_bound_is_checked_while_parsing_not_after() -> None:
+    # 1001 ids, the last one malformed: the bound stops the parse before reaching it.
+    changes = [change(str(100 + n), None) for n in range(1001)]
+    changes.append({"value": []})
+    with pytest.raises(TooManyItems):
+        parse_payload(envelope(*changes), max_items=1000)
 
 
 def test_unsupported_media_message_becomes_a_fault_and_other_unsupported_are_ignored() -> None:

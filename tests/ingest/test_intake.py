@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -9,10 +10,12 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from ingest import accounts
 from ingest.events import MediaEvent, ProviderFault
 from ingest.intake import (
     INSERT_CHUNK,
     SIGNATURE_HEADER,
+    InstanceRoute,
     RoutedEvent,
     authenticate,
     forget_enqueued,
@@ -24,7 +27,7 @@ from ingest.intake import (
 from ingest.models import Instance, MediaItem, MediaState, MediaType
 from ingest.queues import LARGE_MEDIA, SMALL_MEDIA
 from ingest.settings import Settings
-from tests.factories import make_instance
+from tests.factories import TEST_SECRET_KEY, box_for_session, make_instance
 
 BODY = b'{"entry":[{"caption":"caf\\u00e9"}]}'
 NOW = datetime(2024, 6, 10, 12, 0, tzinfo=UTC)
@@ -68,14 +71,40 @@ def test_authenticate_requires_every_configured_check(session: Session) -> None:
         webhook_secret_header="X-Secret",
         webhook_secret="shared",
     )
+    route = InstanceRoute.of(both, box_for_session(session))
     signed = {SIGNATURE_HEADER: sign(BODY, "app")}
-    assert authenticate(both, BODY, Headers({**signed, "x-secret": "shared"}))
-    assert not authenticate(both, BODY, Headers(signed))
-    assert not authenticate(both, BODY, Headers({"X-Secret": "shared"}))
-    assert not authenticate(both, BODY, Headers({**signed, "X-Secret": "wrong"}))
+    assert authenticate(route, BODY, Headers({**signed, "x-secret": "shared"}))
+    assert not authenticate(route, BODY, Headers(signed))
+    assert not authenticate(route, BODY, Headers({"X-Secret": "shared"}))
+    assert not authenticate(route, BODY, Headers({**signed, "X-Secret": "wrong"}))
 
-    unsigned = make_instance(session)
-    assert authenticate(unsigned, BODY, Headers())
+
+def test_an_instance_without_checks_takes_posts_only_if_unsigned_ones_were_allowed(
+    session: Session,
+) -> None:
+    # A row from before webhooks had to be authenticated: no check, and no consent either.
+    legacy = InstanceRoute(
+        id=1,
+        name="legacy",
+        phone_number_id="1",
+        app_secret=None,
+        webhook_secret_header=None,
+        webhook_secret_hash=None,
+    )
+    assert not authenticate(legacy, BODY, Headers())
+    assert not authenticate(legacy, BODY, Headers({SIGNATURE_HEADER: sign(BODY, "x")}))
+
+    allowed = InstanceRoute.of(make_instance(session, app_secret=None, allow_unsigned=True), None)
+    assert authenticate(allowed, BODY, Headers())
+
+
+def test_the_route_carries_the_app_secret_decrypted_and_never_shows_it(session: Session) -> None:
+    row = make_instance(session, app_secret="meta-app-secret")
+    assert row.app_secret_encrypted is not None and "meta" not in row.app_secret_encrypted
+    route = InstanceRoute.of(row, box_for_session(session))
+    assert route.app_secret == "meta-app-secret"
+    assert "meta-app-secret" not in repr(route)
+    assert authenticate(route, BODY, Headers({SIGNATURE_HEADER: sign(BODY, "meta-app-secret")}))
 
 
 def test_verify_token_matches_any_instance_in_constant_time(session: Session) -> None:
@@ -88,6 +117,9 @@ def test_verify_token_matches_any_instance_in_constant_time(session: Session) ->
     assert not verify_token_matches("gamma", instances)
     assert not verify_token_matches("", instances)
     assert not verify_token_matches("alpha", [])
+    # Only the hash is stored, and the hash itself is no token.
+    assert instances[2].verify_token_hash == hashlib.sha256(b"beta").hexdigest()
+    assert not verify_token_matches(hashlib.sha256(b"beta").hexdigest(), instances)
 
 
 # --- recording -------------------------------------------------------------------------
@@ -384,26 +416,47 @@ def test_directory_caches_hits_for_its_ttl_and_never_caches_misses(
 ) -> None:
     from ingest.intake import InstanceDirectory
 
+    box = box_for_session(session)
     row = make_instance(session, app_secret="old")
     session.commit()
     clock = Clock()
-    directory = InstanceDirectory(sessions, ttl_seconds=5.0, clock=clock)
+    directory = InstanceDirectory(sessions, ttl_seconds=5.0, clock=clock, box=box)
     assert directory.by_name("nobody") is None
     route = directory.by_phone_number_ids([row.phone_number_id, "unknown"])
     assert list(route) == [row.phone_number_id]
     assert route[row.phone_number_id].app_secret == "old"
     assert "old" not in repr(route[row.phone_number_id])
 
-    row.app_secret = "new"
+    accounts.update_instance(session, row.name, accounts.InstanceUpdate(app_secret="new"), box)
     late = make_instance(session)
     session.commit()
     assert directory.by_name(row.name).app_secret == "old"  # type: ignore[union-attr]
     assert directory.by_name(late.name) is not None  # a miss goes to the database
     clock.now = 5.1
     assert directory.by_name(row.name).app_secret == "new"  # type: ignore[union-attr]
-    row.app_secret = "newer"
+    accounts.update_instance(session, row.name, accounts.InstanceUpdate(app_secret="newer"), box)
     session.commit()
     directory.forget()
     assert directory.by_phone_number_ids([row.phone_number_id])[row.phone_number_id].app_secret == (
         "newer"
     )
+
+
+def test_the_directory_without_a_box_decrypts_with_the_environment_s_key(
+    sessions: Any, session: Session, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ingest.intake import InstanceDirectory
+
+    if not database_url.startswith("sqlite"):
+        monkeypatch.setenv("INGEST_SECRET_KEY", TEST_SECRET_KEY)
+    row = make_instance(session, app_secret="from-the-environment")
+    unchecked = make_instance(session, app_secret=None)
+    # As a row from before 0005 would be: no check, and no consent to unsigned webhooks.
+    unchecked.allow_unsigned = False
+    session.commit()
+
+    directory = InstanceDirectory(sessions)
+    route = directory.by_name(row.name)
+    assert route is not None and route.app_secret == "from-the-environment"
+    legacy = directory.by_name(unchecked.name)
+    assert legacy is not None and not authenticate(legacy, BODY, Headers())

@@ -785,9 +785,7 @@ def test_a_retry_decision_is_recorded_once_the_database_is_back(
 ) -> None:
     monkeypatch.setattr(time, "sleep", lambda _seconds: None)
     env.provider.add("later", jpeg())
-    env.provider.download_errors.append(
-        ProviderUnavailable("503", endpoint="download", status=503)
-    )
+    env.provider.download_errors.append(ProviderUnavailable("503", endpoint="download", status=503))
     item_id = env.item("later")
     with database_down_for(env, 2, "last_error") as failed:
         result = env.pipeline.run(item_id)
@@ -1113,7 +1111,7 @@ def build_sandbox_env(
             database_url=sqlite_url,
             graph_url=sandbox.graph_url,
             d360_url=sandbox.d360_url,
-            media_hosts=["127.0.0.1", "localhost"],
+            media_hosts=sandbox.media_hosts,
             http_timeout_seconds=5.0,
             **overrides,
         )

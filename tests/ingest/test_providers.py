@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
+from werkzeug.serving import make_server
 
 from ingest.egress import Egress, EgressResponse
 from ingest.models import Provider
@@ -32,7 +36,7 @@ from ingest.providers import (
     rewrite_for_d360,
 )
 from sandbox.provider import SandboxMedia
-from sandbox.server import SandboxServer
+from sandbox.server import SandboxServer, media_hosts_for
 
 PHONE = {Provider.CLOUD: "20001", Provider.D360: "30001"}
 KEY = {Provider.CLOUD: "cloud-secret-key", Provider.D360: "d360-secret-key"}
@@ -274,22 +278,176 @@ def test_download_over_the_cap_is_too_large(
     assert len(download(c, media.url, max_bytes=200_000)) == 200_000
 
 
+Seen = list[tuple[str, str | None]]
+
+
+@contextmanager
+def fake_graph(answer: Callable[[str], tuple[str, list[tuple[str, str]], bytes]]) -> Iterator[Any]:
+    """A Graph stand-in on a free port: ``answer(path)`` gives status, headers and body. Yields
+    (base URL, settings pointed at it, the requests seen as (path?query, Authorization))."""
+    seen: Seen = []
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        query = environ["QUERY_STRING"]
+        seen.append(
+            (
+                environ["PATH_INFO"] + ("?" + query if query else ""),
+                environ.get("HTTP_AUTHORIZATION"),
+            )
+        )
+        status, headers, body = answer(environ["PATH_INFO"])
+        start_response(status, [*headers, ("Content-Length", str(len(body)))])
+        return [body]
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def graph_client(base: str, make_settings: Any, egress_out: list[Egress]) -> CloudApiClient:
+    settings = make_settings(graph_url=base + "/v21.0", media_hosts=media_hosts_for(base))
+    egress = Egress(settings)
+    egress_out.append(egress)
+    credentials = Credentials(Provider.CLOUD, PHONE[Provider.CLOUD], KEY[Provider.CLOUD])
+    return CloudApiClient(credentials, settings, egress)
+
+
+@pytest.fixture
+def egresses() -> Iterator[list[Egress]]:
+    built: list[Egress] = []
+    yield built
+    for egress in built:
+        egress.close()
+
+
 def test_lookup_answer_without_url_is_unavailable_and_not_counted(
-    numbers: SandboxServer, sandbox_settings: Any, egress: Egress
+    make_settings: Any, egresses: list[Egress]
 ) -> None:
-    media = add(numbers, Provider.CLOUD)
-    c = client(Provider.CLOUD, sandbox_settings, egress)
-    # The Graph lookup path answered by a route that is not a lookup: 200 without a URL.
-    graph_base = numbers.base_url + "/_sandbox"
-    stats_client = CloudApiClient(
-        Credentials(Provider.CLOUD, PHONE[Provider.CLOUD], KEY[Provider.CLOUD]),
-        sandbox_settings.model_copy(update={"graph_url": graph_base}),
-        egress,
-    )
-    with pytest.raises(ProviderUnavailable) as caught:
-        stats_client.resolve("stats")
+    def answer(path: str) -> tuple[str, list[tuple[str, str]], bytes]:
+        return "200 OK", [("Content-Type", "application/json")], b'{"id": "123"}'
+
+    with fake_graph(answer) as (base, seen), pytest.raises(ProviderUnavailable) as caught:
+        graph_client(base, make_settings, egresses).resolve("123")
     assert caught.value.counts_against_budget is False
-    assert c.resolve(media.media_id).file_size == media.file_size
+    assert seen == [("/v21.0/123", f"Bearer {KEY[Provider.CLOUD]}")]
+
+
+# --- where the credential goes (issue 14: 1b, 1c) -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "media_id",
+    ["", "..", "../me", "1/2", "/123", "1?fields=x", "%2e%2e", "123#x", "abc", " 123", "1.5"],
+)
+@BOTH
+def test_a_lookup_never_builds_a_url_path_from_an_unchecked_media_id(
+    provider: Provider,
+    media_id: str,
+    numbers: SandboxServer,
+    sandbox_settings: Any,
+    egress: Egress,
+) -> None:
+    with pytest.raises(ProviderRejected) as caught:
+        client(provider, sandbox_settings, egress).resolve(media_id)
+    assert caught.value.counts_against_budget is False
+    assert numbers.seen() == []  # no request at all, so no credential anywhere
+
+
+@BOTH
+def test_a_download_url_of_another_shape_is_not_fetched(
+    provider: Provider,
+    numbers: SandboxServer,
+    sandbox_settings: Any,
+    egress: Egress,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A webhook URL on the provider's own host but another path: with the credential, the
+    # Graph lookup of another media id (or any other API endpoint) would be fetched and
+    # archived as "media". Refused before any request; the pipeline resolves the media id.
+    media = add(numbers, provider)
+    c = client(provider, sandbox_settings, egress)
+    query = media.url.split("?", 1)[1]
+    urls = [
+        f"{numbers.graph_url}/{media.media_id}",
+        f"{numbers.d360_url}/{media.media_id}",
+        f"{numbers.base_url}/_sandbox/stats",
+        f"{numbers.base_url}/whatsapp_business/attachments/?ext=1&hash=h",
+        f"{numbers.base_url}/whatsapp_business/attachments/x?{query}",
+        f"{numbers.d360_url}/whatsapp_business/attachments/../../v21.0/{media.media_id}",
+        f"https://lookaside.fbsbx.com/other/?{query}",
+        f"http://127.0.0.1:6379/whatsapp_business/attachments/?{query}",
+    ]
+    for url in urls:
+        with caplog.at_level(logging.WARNING), pytest.raises(UrlRejected) as caught:
+            download(c, url)
+        assert caught.value.counts_against_budget is False
+        assert caught.value.status is None
+        assert_secret_free(caught.value)
+    assert numbers.seen() == []
+    assert "not a CDN attachment URL" in caplog.text
+    assert "_sandbox" not in caplog.text and media.media_id not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("provider", "url", "accepted"),
+    [
+        (Provider.CLOUD, "https://lookaside.fbsbx.com/whatsapp_business/attachments/?mid=1", True),
+        (Provider.CLOUD, "{root}/whatsapp_business/attachments/?mid=1&ext=2&hash=h", True),
+        (Provider.CLOUD, "{root}/d360/whatsapp_business/attachments/?mid=1", False),
+        (
+            Provider.CLOUD,
+            "https://waba-v2.360dialog.io/whatsapp_business/attachments/?mid=1",
+            False,
+        ),
+        (Provider.CLOUD, "http://lookaside.fbsbx.com/whatsapp_business/attachments/?mid=1", False),
+        (Provider.D360, "https://lookaside.fbsbx.com/whatsapp_business/attachments/?mid=1", True),
+        (Provider.D360, "{root}/d360/whatsapp_business/attachments/?mid=1&ext=2&hash=h", True),
+        (Provider.D360, "{root}/whatsapp_business/attachments/?mid=1", False),
+        (Provider.D360, "https://lookaside.fbsbx.com/whatsapp_business/other/?mid=1", False),
+    ],
+)
+def test_the_accepted_cdn_forms(
+    provider: Provider, url: str, accepted: bool, sandbox_settings: Any, egress: Egress
+) -> None:
+    c = client(provider, sandbox_settings, egress)
+    root = sandbox_settings.graph_url.rsplit("/", 1)[0]
+    assert c.is_cdn_url(c.download_url(url.format(root=root))) is accepted
+
+
+def test_a_lookup_answering_a_url_of_another_shape_is_unusable(
+    make_settings: Any, egresses: list[Egress]
+) -> None:
+    def answer(path: str) -> tuple[str, list[tuple[str, str]], bytes]:
+        body = {"url": "http://127.0.0.1:1/v21.0/me?fields=id", "mime_type": "image/jpeg"}
+        return "200 OK", [("Content-Type", "application/json")], json.dumps(body).encode()
+
+    with fake_graph(answer) as (base, seen), pytest.raises(ProviderUnavailable) as caught:
+        graph_client(base, make_settings, egresses).resolve("123")
+    assert caught.value.counts_against_budget is False
+    assert_secret_free(caught.value)
+    assert len(seen) == 1
+
+
+def test_the_lookup_credential_is_not_sent_on_a_hop_to_another_path(
+    make_settings: Any, egresses: list[Egress]
+) -> None:
+    def answer(path: str) -> tuple[str, list[tuple[str, str]], bytes]:
+        if path == "/v21.0/123":
+            return "302 Found", [("Location", "/v21.0/me?fields=id")], b""
+        return "200 OK", [("Content-Type", "application/json")], b'{"id": "me"}'
+
+    with fake_graph(answer) as (base, seen), pytest.raises(ProviderUnavailable):
+        graph_client(base, make_settings, egresses).resolve("123")
+    assert seen == [
+        ("/v21.0/123", f"Bearer {KEY[Provider.CLOUD]}"),
+        ("/v21.0/me?fields=id", None),
+    ]
 
 
 def test_size_stated_by_lookup_is_reported(
@@ -315,7 +473,11 @@ def test_no_log_record_carries_a_signed_url_or_a_key(
     c = client(provider, sandbox_settings, egress)
     location = c.resolve(media.media_id)
     assert download(c, location.url) == numbers.media_bytes(media.media_id)
-    assert download(c, numbers.signed_url(media.media_id))
+    # A second URL, as the webhook carries it: the Cloud CDN's, or lookaside for 360dialog.
+    webhook_url = numbers.signed_url(media.media_id)
+    if provider is Provider.D360:
+        webhook_url = webhook_url.replace(numbers.base_url, "https://lookaside.fbsbx.com")
+    assert download(c, webhook_url)
 
     logged = "\n".join(record.getMessage() for record in caplog.records)
     for secret in (location.url, location.url.split("?", 1)[-1], KEY[provider]):

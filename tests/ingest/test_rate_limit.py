@@ -16,7 +16,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from ingest import accounts, rate_limit
 from ingest.db import make_engine, make_session_factory
 from ingest.models import ApiRateHit, ApiToken
-from ingest.rate_limit import RateLimiter, RedisWindow, SqlWindow, TokenLimits, parse_limit
+from ingest.rate_limit import (
+    AuthFailureLimiter,
+    RateLimiter,
+    RedisWindow,
+    SqlWindow,
+    TokenLimits,
+    client_key,
+    parse_limit,
+)
 from tests.factories import make_instance
 
 
@@ -274,3 +282,164 @@ def test_token_limits_come_from_the_token_row(sessions: sessionmaker[Session]) -
         session.add(ApiToken(token_hash=later, account_id=shop_account, rate_limit="9/hour"))
     item = limits_of.for_token(later)
     assert item is not None and item.amount == 9
+
+
+def test_token_limits_know_found_tokens_and_forget_revoked_ones(
+    sessions: sessionmaker[Session],
+) -> None:
+    with sessions.begin() as session:
+        shop = make_instance(session)
+        token = accounts.create_token(session, instance=shop.name, rate_limit="7/minute")
+    digest = accounts.hash_secret(token)
+    tokens = TokenLimits(sessions)
+    assert not tokens.known(digest)
+    assert tokens.lookup(accounts.hash_secret("a-guess")) is False
+    assert tokens.lookup(digest) is True
+    assert tokens.known(digest)
+    limit = tokens.limit_of(digest)
+    assert limit is not None and limit.amount == 7
+    tokens.forget(digest)
+    assert not tokens.known(digest)
+    assert tokens.limit_of(digest) is None
+
+
+# --- peeking: what the failed-authentication gate asks before a lookup ---------------------
+
+
+def assert_peek_counts_nothing(window: Any) -> None:
+    item = parse_limit("2/minute")
+    for _ in range(3):
+        decision = window.peek(item, "k")
+        assert (decision.allowed, decision.remaining) == (True, 2)
+    assert window.hit(item, "k").allowed
+    assert window.peek(item, "k").remaining == 1
+    assert window.hit(item, "k").allowed
+    refused = window.peek(item, "k")
+    assert (refused.allowed, refused.remaining) == (False, 0)
+    assert 1 <= refused.retry_after <= 60
+    # The refusal says when the oldest hit leaves, as a refused hit would.
+    assert refused.reset == window.hit(item, "k").reset
+
+
+def test_peek_counts_nothing_in_sql(sessions: sessionmaker[Session]) -> None:
+    assert_peek_counts_nothing(SqlWindow(sessions))
+    assert count_hits(sessions) == 2
+
+
+def test_peek_counts_nothing_in_redis(redis_client: Any, redis_prefix: str) -> None:
+    try:
+        assert_peek_counts_nothing(RedisWindow(redis_client, prefix=redis_prefix))
+    finally:
+        clear(redis_client, redis_prefix)
+
+
+# --- failed authentications ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        ("203.0.113.9", "203.0.113.9"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2::ffff", "2001:db8:1:2::/64"),
+        ("::ffff:203.0.113.9", "203.0.113.9"),
+        (None, "unknown"),
+        ("", "unknown"),
+        ("not an address", "unknown"),
+    ],
+)
+def test_client_key(address: str | None, key: str) -> None:
+    assert client_key(address) == key
+
+
+def assert_failures_are_limited_per_client_and_overall(
+    failures: AuthFailureLimiter, clock: Clock
+) -> None:
+    """2 a minute per client, 3 a minute in all."""
+    assert failures.refusal("192.0.2.1") is None
+    first = failures.fail("192.0.2.1")
+    assert (first.allowed, first.limit, first.remaining) == (True, 2, 1)
+    # Asking counts nothing.
+    for _ in range(5):
+        assert failures.refusal("192.0.2.1") is None
+    clock.now += 10
+    assert failures.fail("192.0.2.1").remaining == 0
+    refused = failures.refusal("192.0.2.1")
+    assert refused is not None
+    assert (refused.allowed, refused.limit, refused.retry_after) == (False, 2, 50)
+    assert refused.reset == 1_000_060
+    # Another client has failures of its own...
+    assert failures.refusal("192.0.2.2") is None
+    failures.fail("192.0.2.2")
+    # ... until the deployment has spent its three: then every client is refused.
+    everyone = failures.refusal("192.0.2.3")
+    assert everyone is not None and everyone.limit == 3
+    # The window moves: a minute after the first failure, one is free again.
+    clock.now += 51
+    assert failures.refusal("192.0.2.3") is None
+    assert failures.refusal("192.0.2.1") is None
+
+
+def test_failures_are_limited_per_client_and_overall_in_sql(
+    clock: Clock, sessions: sessionmaker[Session]
+) -> None:
+    failures = AuthFailureLimiter.from_parts(
+        per_client="2/minute", overall="3/minute", redis=None, prefix="unused", sessions=sessions
+    )
+    assert_failures_are_limited_per_client_and_overall(failures, clock)
+    with sessions() as session:
+        keys = set(session.scalars(select(ApiRateHit.rate_key)))
+    assert keys == {
+        "LIMITER/auth-failure:client:192.0.2.1/2/1/minute",
+        "LIMITER/auth-failure:client:192.0.2.2/2/1/minute",
+        "LIMITER/auth-failure:all/3/1/minute",
+    }
+
+
+def test_failures_are_limited_per_client_and_overall_in_redis(
+    clock: Clock, redis_client: Any, redis_prefix: str, sessions: sessionmaker[Session]
+) -> None:
+    failures = AuthFailureLimiter.from_parts(
+        per_client="2/minute",
+        overall="3/minute",
+        redis=redis_client,
+        prefix=redis_prefix,
+        sessions=sessions,
+    )
+    try:
+        assert_failures_are_limited_per_client_and_overall(failures, clock)
+        keys = {key.decode() for key in redis_client.keys(f"{redis_prefix}:*")}
+        assert keys == {
+            f"{redis_prefix}:auth-failures:LIMITER/auth-failure:client:192.0.2.1/2/1/minute",
+            f"{redis_prefix}:auth-failures:LIMITER/auth-failure:client:192.0.2.2/2/1/minute",
+            f"{redis_prefix}:auth-failures:LIMITER/auth-failure:all/3/1/minute",
+        }
+        assert count_hits(sessions) == 0
+    finally:
+        clear(redis_client, redis_prefix)
+
+
+def test_failure_limits_fail_open_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    down = redis.Redis(unix_socket_path=str(tmp_path / "no-redis.sock"))
+    failures = AuthFailureLimiter(RedisWindow(down, prefix="p"), "1/minute", "1/minute")
+    with caplog.at_level(logging.WARNING, logger="ingest.rate_limit"):
+        assert failures.refusal("192.0.2.1") is None
+        decision = failures.fail("192.0.2.1")
+    down.close()
+    assert (decision.allowed, decision.remaining) == (True, 1)
+    assert caplog.records and all("unavailable" in r.getMessage() for r in caplog.records)
+
+
+def test_spending_the_last_failure_is_logged_once(
+    clock: Clock, sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    failures = AuthFailureLimiter(SqlWindow(sessions), "2/minute", "100/minute")
+    with caplog.at_level(logging.WARNING, logger="ingest.rate_limit"):
+        for _ in range(5):
+            failures.fail("192.0.2.1")
+    assert [r.getMessage() for r in caplog.records] == [
+        "auth failure limit: client 192.0.2.1 spent its 2 failed authentications; "
+        "refused without a lookup for 60 s"
+    ]

@@ -166,3 +166,21 @@ def test_hide_password(url: str, shown: str | None) -> None:
     assert "hunter2" not in hidden and "p@ss" not in hidden
     if shown is not None:
         assert hidden == shown
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("INGEST_API_RATE_LIMIT", "lots"),
+        ("INGEST_AUTH_FAILURE_RATE_LIMIT", "0/minute"),
+        ("INGEST_AUTH_FAILURE_GLOBAL_RATE_LIMIT", "1/second;5/minute"),
+        ("INGEST_METRICS_TOKEN", " "),
+    ],
+)
+def test_a_bad_limit_or_an_empty_token_is_one_line_at_start(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    assert variable in str(refused.value) and "\n" not in str(refused.value)

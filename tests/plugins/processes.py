@@ -35,7 +35,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ingest.secrets import generate_key
 from ingest.settings import Settings
+from sandbox.server import media_hosts_for
 
 INGEST = str(Path(sys.executable).parent / "ingest")
 READY_TIMEOUT_SECONDS = 60.0
@@ -312,6 +314,7 @@ class StackEnv:
             broker_url="memory://",
             storage_url=self.storage_url,
             s3_endpoint_url=self.env.get("INGEST_S3_ENDPOINT_URL"),
+            secret_key=self.env.get("INGEST_SECRET_KEY"),
         )
 
     def close(self) -> None:
@@ -330,7 +333,11 @@ def embedded_stack_env(root: Path, **extra: str) -> StackEnv:
     migrate.upgrade(database_url)
     env = {
         "INGEST_VAR_DIR": str(var),
-        "INGEST_MEDIA_HOSTS": "127.0.0.1,localhost",
+        # The sandbox's address and port, when the caller names it (an entry without a
+        # port allows only 80/443); a caller that starts one later sets its own.
+        "INGEST_MEDIA_HOSTS": ",".join(
+            media_hosts_for(extra.get("INGEST_GRAPH_URL", "http://127.0.0.1"))
+        ),
         "INGEST_LOG_LEVEL": "INFO",
         **extra,
     }
@@ -438,12 +445,16 @@ def service_stack_env(
     stack.storage_url = f"s3://{bucket}/media"
     stack.env = {
         "INGEST_DATABASE_URL": database_url,
+        # A server database has no key file beside it: the stack's own key.
+        "INGEST_SECRET_KEY": generate_key(),
         "INGEST_BROKER_URL": redis_url,
         "INGEST_REDIS_URL": redis_url,
         **keyspace.env(),
         "INGEST_STORAGE_URL": stack.storage_url,
         "INGEST_S3_ENDPOINT_URL": s3_endpoint_url,
-        "INGEST_MEDIA_HOSTS": "127.0.0.1,localhost",
+        "INGEST_MEDIA_HOSTS": ",".join(
+            media_hosts_for(extra.get("INGEST_GRAPH_URL", "http://127.0.0.1"))
+        ),
         "INGEST_LOG_LEVEL": "INFO",
         **S3_DUMMY_CREDENTIALS,
         **extra,

@@ -2,7 +2,7 @@
 
 Fixtures: ``sandbox`` (a :class:`sandbox.server.SandboxServer`, reset before each test; its
 clock offset, numbers, media, faults and counters start empty) and ``sandbox_settings``
-(``make_settings`` pointed at it: graph and 360dialog URLs, 127.0.0.1/localhost allowed).
+(``make_settings`` pointed at it: graph and 360dialog URLs, its address and port allowed).
 """
 
 from __future__ import annotations
@@ -33,6 +33,6 @@ def sandbox_settings(sandbox: SandboxServer, make_settings: Any) -> Any:
     return make_settings(
         graph_url=sandbox.graph_url,
         d360_url=sandbox.d360_url,
-        media_hosts=["127.0.0.1", "localhost"],
+        media_hosts=sandbox.media_hosts,
         http_timeout_seconds=5.0,
     )

@@ -6,17 +6,24 @@ import hashlib
 import hmac
 import io
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import filetype
 import httpx
 import pytest
 from PIL import Image
 
-from ingest.events import parse_body
+from ingest.egress import Egress
+from ingest.events import is_attachment_url, parse_body
+from ingest.models import Provider
+from ingest.providers import Credentials, client_for
 from sandbox import payloads
 from sandbox.samples import SAMPLES, Blob, Sample, sample_for
-from sandbox.server import SandboxServer
+from sandbox.server import SandboxServer, media_hosts_for, start_sandbox
 
 PHONE, KEY = "40001", "sandbox-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -246,3 +253,72 @@ def test_one_key_may_serve_several_numbers(sandbox: SandboxServer, http: httpx.C
         assert download.status_code == 200
         assert download.content == sandbox.media_bytes(media.media_id)
     assert http.get("/v21.0/123", headers={"Authorization": "Bearer other"}).status_code == 401
+
+
+# --- what the service accepts of the sandbox (issue 14: 1b, 5) -------------------------------
+
+
+def test_every_url_the_sandbox_hands_out_is_in_the_accepted_cdn_form(
+    sandbox: SandboxServer, make_settings: Any
+) -> None:
+    """Webhook URLs (from /_sandbox/media), lookup answers and redirect hops all have the
+    shape the service's clients fetch with a credential; otherwise the demo and the tests
+    would resolve every item instead of downloading the webhook's URL."""
+    sandbox.add_number("50001", "cloud-key", "cloud")
+    sandbox.add_number("50002", "d360-key", "360dialog")
+    settings = make_settings(
+        graph_url=sandbox.graph_url, d360_url=sandbox.d360_url, media_hosts=sandbox.media_hosts
+    )
+    with Egress(settings) as egress:
+        for phone, provider, key in (
+            ("50001", Provider.CLOUD, "cloud-key"),
+            ("50002", Provider.D360, "d360-key"),
+        ):
+            client = client_for(Credentials(provider, phone, key), settings, egress)
+            media = sandbox.add_media(phone, "image", size=20_000)
+            assert is_attachment_url(media.url)  # the parser keeps it
+            assert client.is_cdn_url(client.download_url(media.url))
+            location = client.resolve(media.media_id)
+            assert client.is_cdn_url(location.url)
+            sandbox.set_faults(media.media_id, redirects=2)
+            with client.download(media.url, max_bytes=1_000_000) as chunks:
+                assert b"".join(chunks) == sandbox.media_bytes(media.media_id)
+    # No download was refused for want of the credential, on any hop.
+    assert all(seen.had_credentials for seen in sandbox.seen())
+
+
+def test_the_sandbox_names_its_address_and_port_for_the_allowlist() -> None:
+    assert media_hosts_for("http://127.0.0.1:8090") == ["127.0.0.1:8090"]
+    assert media_hosts_for("http://localhost:8091") == ["localhost:8091", "127.0.0.1:8091"]
+    assert media_hosts_for("http://[::1]:8092") == ["[::1]:8092"]
+    with start_sandbox(port=0) as server:
+        port = server.base_url.rsplit(":", 1)[1]
+        assert server.media_hosts == [f"127.0.0.1:{port}"]
+
+
+def test_make_run_allows_exactly_the_sandbox_s_address_and_port() -> None:
+    # An entry without a port means 80/443 only; `make run`'s bare 127.0.0.1 once let a
+    # webhook URL reach any local port (Redis on 6379 included).
+    makefile = (Path(__file__).parents[2] / "Makefile").read_text()
+    (line,) = [x for x in makefile.splitlines() if "export INGEST_MEDIA_HOSTS" in x]
+    assert line.split("?=", 1)[1].strip() == "127.0.0.1:$(SANDBOX_PORT)"
+
+
+def test_ingest_sandbox_prints_its_address_and_port(tmp_path: Path) -> None:
+    # `ingest sandbox` prints the settings for a service; its allowlist entry must carry
+    # the port. Read from the command's first lines, then the server is stopped.
+    with subprocess.Popen(
+        [str(Path(sys.executable).parent / "ingest"), "sandbox", "--port", "0", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+    ) as process:
+        try:
+            assert process.stdout is not None
+            lines = [process.stdout.readline().strip() for _ in range(3)]
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+    port = lines[0].rsplit(":", 1)[1].split("/", 1)[0]
+    assert lines[2] == f"INGEST_MEDIA_HOSTS=127.0.0.1:{port}"

@@ -18,7 +18,7 @@ from ingest.models import MediaItem, Provider
 from ingest.queues import RecordingScheduler
 from ingest.services import Services
 from sandbox.server import SandboxServer
-from tests.factories import make_instance
+from tests.factories import TEST_SECRET_KEY, make_instance
 from tests.plugins.processes import free_port
 from webhook.app import create_app
 
@@ -39,6 +39,8 @@ def service(services: Services) -> Iterator[str]:
 def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database_url: str) -> CliRunner:
     monkeypatch.setenv("INGEST_VAR_DIR", str(tmp_path / "var"))
     monkeypatch.setenv("INGEST_DATABASE_URL", database_url)
+    if not database_url.startswith("sqlite"):
+        monkeypatch.setenv("INGEST_SECRET_KEY", TEST_SECRET_KEY)
     return CliRunner()
 
 

@@ -256,8 +256,10 @@ def add_instance(services: Services) -> Any:
                 id=row.id,
                 name=row.name,
                 phone_number_id=row.phone_number_id,
-                app_secret=row.app_secret,
-                verify_token=row.verify_token,
+                # The row keeps only an encrypted secret and a hashed token: the plain values
+                # are the ones given.
+                app_secret=values.get("app_secret"),
+                verify_token=values.get("verify_token"),
             )
 
     return build

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,11 +15,12 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+from sqlalchemy import delete, event, select
 from sqlalchemy.exc import OperationalError
 
 from ingest import accounts, archive
 from ingest.media_rules import object_key
-from ingest.models import MediaState, utcnow
+from ingest.models import ApiRateHit, ApiToken, MediaState, utcnow
 from ingest.queues import RecordingScheduler
 from ingest.services import Services
 from ingest.settings import Settings
@@ -608,7 +610,14 @@ def test_raw_media_without_a_filename_gets_one_from_the_message(lite: Archive) -
 
 @pytest.mark.parametrize(
     ("header", "start", "stop"),
-    [("bytes=0-9", 0, 10), ("bytes=100-", 100, None), ("bytes=-16", -16, None)],
+    [
+        ("bytes=0-9", 0, 10),
+        ("bytes=100-", 100, None),
+        ("bytes=-16", -16, None),
+        # Range units compare case-insensitively (RFC 9110 section 14.1).
+        ("Bytes=0-9", 0, 10),
+        ("bytes=0-9,", 0, 10),
+    ],
 )
 def test_single_range(lite: Archive, header: str, start: int, stop: int | None) -> None:
     message_id = lite.store()
@@ -632,10 +641,38 @@ def test_unsatisfiable_range_is_416(lite: Archive) -> None:
     assert response.headers["Content-Range"] == f"bytes */{len(JPEG)}"
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        # A suffix of no bytes is a valid range that nothing can satisfy (RFC 9110 14.1.1).
+        "bytes=-0",
+        "bytes=-00",
+        "bytes=-0, -0",
+        f"bytes={len(JPEG)}-,{len(JPEG) + 5}-9999",
+        f"bytes=-0,{len(JPEG)}-",
+    ],
+)
+def test_a_range_set_nothing_can_satisfy_is_416(lite: Archive, header: str) -> None:
+    message_id = lite.store()
+    response = lite.get(media_path(lite, message_id), lite.account_token, Range=header)
+    assert error_of(response) == (416, "Requested range not satisfiable")
+    assert response.headers["Content-Range"] == f"bytes */{len(JPEG)}"
+
+
+@pytest.mark.parametrize("header", ["bytes=5-0", "bytes=0--0", "items=0-1", "bytes=", "bytes=-"])
+def test_an_invalid_range_is_ignored(lite: Archive, header: str) -> None:
+    message_id = lite.store()
+    response = lite.get(media_path(lite, message_id), lite.account_token, Range=header)
+    assert (response.status_code, response.data) == (200, JPEG)
+
+
 def test_multiple_ranges_and_stale_if_range_get_the_whole_object(lite: Archive) -> None:
     message_id = lite.store()
     many = lite.get(media_path(lite, message_id), lite.account_token, Range="bytes=0-1,5-6")
     assert (many.status_code, many.data) == (200, JPEG)
+    # One of several unsatisfiable: the others can be served, so not a 416.
+    some = lite.get(media_path(lite, message_id), lite.account_token, Range="bytes=-0,0-1")
+    assert (some.status_code, some.data) == (200, JPEG)
     stale = lite.get(
         media_path(lite, message_id),
         lite.account_token,
@@ -891,3 +928,227 @@ def test_head_answers_the_headers_without_a_body(lite: Archive) -> None:
     assert head.status_code == 200
     assert head.data == b""
     assert head.headers["Content-Length"] == full.headers["Content-Length"]
+
+
+# --- failed authentications ----------------------------------------------------------------
+
+GUESSER = "198.51.100.7"
+
+
+def guess(
+    api: Archive, path: str, *, address: str = GUESSER, token: str | None = None, **headers: str
+) -> Any:
+    """A request from ``address`` with ``token``, by default a fresh random (wrong) one."""
+    headers["token"] = token or secrets.token_urlsafe(32)
+    return api.client.get(
+        path, headers=headers, environ_base={"REMOTE_ADDR": address}, buffered=True
+    )
+
+
+def _limited_archive(make_settings: Any, database_url: str, **settings: Any) -> Archive:
+    services = Services.from_settings(make_settings(database_url=database_url, **settings))
+    return build_archive(services)
+
+
+@pytest.fixture
+def guarded(make_settings: Any, database_url: str) -> Iterator[Archive]:
+    """3 failed authentications a minute per client address, 1000 for the deployment."""
+    api = _limited_archive(
+        make_settings,
+        database_url,
+        auth_failure_rate_limit="3/minute",
+        auth_failure_global_rate_limit="1000/minute",
+    )
+    yield api
+    api.services.close()
+
+
+@pytest.fixture
+def token_lookups(guarded: Archive) -> Iterator[list[str]]:
+    """Every SQL statement of ``guarded``'s app that reads the token table, as it runs."""
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "api_tokens" in statement:
+            seen.append(statement)
+
+    event.listen(guarded.services.engine, "before_cursor_execute", record)
+    yield seen
+    event.remove(guarded.services.engine, "before_cursor_execute", record)
+
+
+def test_guessed_tokens_cost_the_guesser_not_the_database_without_redis(
+    make_settings: Any, database_url: str, redis_prefix: str
+) -> None:
+    """Finding: 500 random tokens gave 500 x 401, each one a token lookup (and, with Redis,
+    a new key)."""
+    settings = make_settings(database_url=database_url, auth_failure_rate_limit="5/minute")
+    _guess_thirty_tokens(settings, None, redis_prefix)
+
+
+def test_guessed_tokens_cost_the_guesser_not_the_database_with_redis(
+    make_settings: Any, sqlite_url: str, redis_client: Any, redis_prefix: str
+) -> None:
+    settings = make_settings(
+        database_url=sqlite_url, redis_prefix=redis_prefix, auth_failure_rate_limit="5/minute"
+    )
+    _guess_thirty_tokens(settings, redis_client, redis_prefix)
+
+
+def _guess_thirty_tokens(settings: Settings, redis_client: Any, prefix: str) -> None:
+    services = Services.from_settings(settings, redis=redis_client)
+    lookups: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "api_tokens" in statement:
+            lookups.append(statement)
+
+    try:
+        api = build_archive(services)
+        path = b64_path(api.instance, api.store())
+        event.listen(services.engine, "before_cursor_execute", record)
+        tokens = [secrets.token_urlsafe(32) for _ in range(30)]
+        now = time.time()
+        answers = [guess(api, path, token=token) for token in tokens]
+
+        assert [a.status_code for a in answers] == [401] * 5 + [429] * 25
+        assert [a.headers["X-RateLimit-Remaining"] for a in answers[:5]] == [
+            "4",
+            "3",
+            "2",
+            "1",
+            "0",
+        ]
+        for refused in answers[5:]:
+            assert error_of(refused) == (429, "Too many failed authentications")
+            assert 1 <= int(refused.headers["Retry-After"]) <= 60
+            assert refused.headers["X-RateLimit-Limit"] == "5"
+            assert refused.headers["X-RateLimit-Remaining"] == "0"
+            assert now <= int(refused.headers["X-RateLimit-Reset"]) <= now + 61
+        # One lookup per counted failure, none once the client is refused.
+        assert len(lookups) == 5
+
+        # The store holds the client's and the deployment's windows: nothing per token.
+        hashes = [accounts.hash_secret(token) for token in tokens]
+        if redis_client is not None:
+            keys = [key.decode() for key in redis_client.keys(f"{prefix}:*")]
+            assert all(key.startswith(f"{prefix}:auth-failures:") for key in keys)
+        else:
+            with services.sessions() as session:
+                keys = list(session.scalars(select(ApiRateHit.rate_key).distinct()))
+        assert len(keys) == 2
+        assert any(GUESSER in key for key in keys)
+        assert not any(secret in key for key in keys for secret in (*tokens, *hashes))
+    finally:
+        event.remove(services.engine, "before_cursor_execute", record)
+        if redis_client is not None:
+            for key in redis_client.keys(f"{prefix}:*"):
+                redis_client.delete(key)
+        services.close()
+
+
+def test_a_successful_request_does_not_spend_failures(guarded: Archive) -> None:
+    path = b64_path(guarded.instance, guarded.store())
+    ok = [guess(guarded, path, token=guarded.instance_token) for _ in range(5)]
+    assert [a.status_code for a in ok] == [200] * 5
+    assert [guess(guarded, path).status_code for _ in range(2)] == [401, 401]
+    assert guess(guarded, path, token=guarded.instance_token).status_code == 200
+    assert guess(guarded, path).status_code == 401
+    assert guess(guarded, path).status_code == 429
+
+
+def test_failures_are_charged_to_the_connection_s_address_not_x_forwarded_for(
+    guarded: Archive,
+) -> None:
+    path = b64_path(guarded.instance, "wamid.X")
+    other = "203.0.113.20"
+    assert [guess(guarded, path).status_code for _ in range(3)] == [401, 401, 401]
+    assert guess(guarded, path).status_code == 429
+    # Any client can write X-Forwarded-For: it moves nothing.
+    assert guess(guarded, path, **{"X-Forwarded-For": other}).status_code == 429
+    assert guess(guarded, path, address=other).status_code == 401
+    assert guess(guarded, path, address=other, **{"X-Forwarded-For": GUESSER}).status_code == 401
+    assert guess(guarded, path, address=other).status_code == 401
+    assert guess(guarded, path, address=other).status_code == 429
+
+
+def test_an_ipv6_client_is_one_client_across_its_64(guarded: Archive) -> None:
+    path = b64_path(guarded.instance, "wamid.X")
+    statuses = [
+        guess(guarded, path, address=f"2001:db8:0:7::{n:x}").status_code for n in range(1, 5)
+    ]
+    assert statuses == [401, 401, 401, 429]
+    assert guess(guarded, path, address="2001:db8:0:8::1").status_code == 401
+
+
+def test_the_deployment_wide_limit_refuses_every_address_once_spent(
+    make_settings: Any, sqlite_url: str
+) -> None:
+    api = _limited_archive(
+        make_settings,
+        sqlite_url,
+        auth_failure_rate_limit="100/minute",
+        auth_failure_global_rate_limit="3/minute",
+    )
+    try:
+        path = b64_path(api.instance, "wamid.X")
+        statuses = [guess(api, path, address=f"192.0.2.{n}").status_code for n in range(1, 4)]
+        assert statuses == [401, 401, 401]
+        refused = guess(api, path, address="192.0.2.99")
+        assert error_of(refused) == (429, "Too many failed authentications")
+        assert refused.headers["X-RateLimit-Limit"] == "3"
+    finally:
+        api.services.close()
+
+
+def test_a_token_already_served_keeps_working_while_its_address_is_refused(
+    guarded: Archive, token_lookups: list[str]
+) -> None:
+    """A guesser behind the same address (or a flood spending the deployment's budget) does
+    not lock out a client this process has already served: its token is known here, so
+    nothing is looked up to find it, and its own rate limit still applies."""
+    path = b64_path(guarded.instance, guarded.store())
+    assert guess(guarded, path, token=guarded.account_token).status_code == 200
+    assert [guess(guarded, path).status_code for _ in range(4)] == [401, 401, 401, 429]
+    assert guess(guarded, path, token=guarded.account_token).status_code == 200
+    # A valid token this process has not seen is not told apart from a guess.
+    before = len(token_lookups)
+    assert guess(guarded, path, token=guarded.instance_token).status_code == 429
+    assert len(token_lookups) == before
+    assert guess(guarded, path, token=guarded.instance_token, address="192.0.2.1").status_code == (
+        200
+    )
+    assert len(token_lookups) > before
+
+
+def test_a_revoked_token_counts_as_a_failed_authentication(guarded: Archive) -> None:
+    path = b64_path(guarded.instance, guarded.store())
+    assert guess(guarded, path, token=guarded.instance_token).status_code == 200
+    with guarded.services.sessions.begin() as session:
+        session.execute(
+            delete(ApiToken).where(
+                ApiToken.token_hash == accounts.hash_secret(guarded.instance_token)
+            )
+        )
+    statuses = [guess(guarded, path, token=guarded.instance_token).status_code for _ in range(4)]
+    assert statuses == [401, 401, 401, 429]
+
+
+def test_an_instance_token_asking_for_another_instance_spends_no_failure(guarded: Archive) -> None:
+    """A real token outside its reach is a 401 too, but not a guess: its own rate limit
+    bounds it, and a client with a wrong configuration keeps its failures."""
+    path = b64_path(guarded.sibling, "wamid.X")
+    statuses = [guess(guarded, path, token=guarded.instance_token).status_code for _ in range(5)]
+    assert statuses == [401] * 5
+    assert guess(guarded, path).status_code == 401
+
+
+def test_requests_missing_a_parameter_look_nothing_up(
+    guarded: Archive, token_lookups: list[str]
+) -> None:
+    for _ in range(5):
+        assert guess(guarded, "/api/chat/base64/?messageId=x").status_code == 400
+        assert guess(guarded, f"/api/chat/base64/{guarded.instance}").status_code == 400
+    assert token_lookups == []
+    assert guess(guarded, b64_path(guarded.instance, "x")).status_code == 401
+    assert len(token_lookups) == 1

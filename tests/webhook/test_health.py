@@ -1,3 +1,4 @@
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -90,3 +91,66 @@ def test_metrics_are_exposed(services: Services, path: str) -> None:
     response = _client(services).get(path)
     assert response.status_code == 200
     assert b"ingest_webhook_requests_total" in response.data
+
+
+# --- /metrics with INGEST_METRICS_TOKEN ----------------------------------------------------
+
+
+@pytest.fixture
+def guarded_metrics(make_settings: Any, sqlite_url: str) -> Iterator[FlaskClient]:
+    settings: Settings = make_settings(database_url=sqlite_url, metrics_token="scrape-me")
+    services = Services.from_settings(settings)
+    yield _client(services)
+    services.close()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "Bearer scrape-me-not"},
+        {"Authorization": "Bearer "},
+        {"Authorization": "Basic c2NyYXBlLW1l"},
+        {"Authorization": "scrape-me"},
+        {"token": "scrape-me"},
+    ],
+)
+def test_metrics_require_the_token_when_one_is_set(
+    guarded_metrics: FlaskClient, headers: dict[str, str]
+) -> None:
+    response = guarded_metrics.get("/metrics", headers=headers)
+    assert response.status_code == 401
+    assert response.get_json() == {
+        "success": False,
+        "error": {"message": "Invalid metrics token"},
+    }
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert b"ingest_" not in response.data
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer"])
+def test_metrics_answer_the_token(guarded_metrics: FlaskClient, scheme: str) -> None:
+    response = guarded_metrics.get("/metrics", headers={"Authorization": f"{scheme} scrape-me"})
+    assert response.status_code == 200
+    assert b"ingest_webhook_requests_total" in response.data
+
+
+def test_the_metrics_token_is_compared_in_constant_time(
+    guarded_metrics: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hmac
+
+    from webhook import metrics as metrics_view
+
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(metrics_view.hmac, "compare_digest", spy)
+    guarded_metrics.get("/metrics", headers={"Authorization": "Bearer scrape"})
+    # Equal-length digests, so not even the token's length shows.
+    assert len(compared) == 1 and len(compared[0][0]) == len(compared[0][1]) == 32

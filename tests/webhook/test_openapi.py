@@ -214,3 +214,61 @@ def test_every_archive_answer_documents_the_rate_limit_headers(live: Live) -> No
             assert "epoch" in headers["X-RateLimit-Reset"]["description"]
             seen += 1
     assert seen > 20
+
+
+def test_message_id_is_never_empty_wherever_it_is_a_parameter(live: Live) -> None:
+    seen = 0
+    for path, item in served_document(live.app)["paths"].items():
+        for method, operation in item.items():
+            for parameter in operation.get("parameters", []):
+                if parameter["name"] == "messageId":
+                    assert parameter["schema"]["minLength"] == 1, (path, method)
+                    seen += 1
+    assert seen == 9  # three routes, each with and without an instance segment (and "/")
+
+
+def test_exposure_is_documented(live: Live) -> None:
+    document = served_document(live.app)
+    description = document["info"]["description"]
+    for promise in ("/readyz", "/metrics", "INGEST_METRICS_TOKEN", "access key id"):
+        assert promise in description, promise
+    paths = document["paths"]
+    assert "Unauthenticated" in paths["/readyz"]["get"]["description"]
+    media = paths["/api/chat/media/{instance}"]["get"]
+    redirect = next(p for p in media["parameters"] if p["name"] == "redirect")
+    assert "access key id" in redirect["description"]
+    assert "X-Amz-Credential" in media["responses"]["302"]["description"]
+    assert "bytes=-0" in media["responses"]["416"]["description"]
+
+
+def test_a_metrics_token_is_documented_and_its_401_conforms(
+    make_settings: Any, sqlite_url: str
+) -> None:
+    services = Services.from_settings(
+        make_settings(database_url=sqlite_url, metrics_token="scrape-me")
+    )
+    try:
+        app = create_app(services=services, scheduler=RecordingScheduler())
+        schema = schemathesis.openapi.from_wsgi("/openapi.json", app)
+        operation = schema["/metrics"]["GET"]
+        # No credentials (no token configured), or the bearer token.
+        assert operation.definition.raw["security"] == [{}, {"bearer": []}]
+        for headers, status in (
+            ({}, 401),
+            ({"Authorization": "Bearer nope"}, 401),
+            ({"Authorization": "Bearer scrape-me"}, 200),
+        ):
+            case = operation.Case(headers=headers)
+            response = case.call()
+            assert response.status_code == status
+            case.validate_response(response, checks=CHECKS)
+    finally:
+        services.close()
+
+
+def test_answers_that_cannot_be_rate_limited_document_no_429(live: Live) -> None:
+    paths = served_document(live.app)["paths"]
+    for segment in ("base64", "find-message", "media"):
+        for suffix in ("", "/"):
+            responses = paths[f"/api/chat/{segment}{suffix}"]["get"]["responses"]
+            assert set(responses) == {"400"}, (segment, suffix)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import io
 import json
 import logging
 import socket
@@ -14,11 +16,12 @@ import pytest
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import event
+from sqlalchemy import event, update
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError
 
 from ingest.intake import SIGNATURE_HEADER, sign
-from ingest.models import MediaState
+from ingest.models import Instance, MediaState
 from ingest.queues import LARGE_MEDIA, SMALL_MEDIA, DownloadJob, SchedulerUnavailable
 from ingest.services import Services
 from tests.webhook.conftest import (
@@ -142,13 +145,28 @@ def test_signature_rejections_write_nothing(
     assert scheduler.jobs == []
 
 
-def test_instance_without_secrets_accepts_unsigned_posts(
+def test_an_instance_allowed_unsigned_webhooks_accepts_unsigned_posts(
     post: Any, add_instance: Any, count_rows: Any
 ) -> None:
-    open_instance = add_instance(app_secret=None)
+    open_instance = add_instance(app_secret=None, allow_unsigned=True)
     body = encode(envelope(change(open_instance.phone_number_id, [media_message()])))
     assert post(body, secret=None).status_code == 200
     assert count_rows() == 1
+
+
+def test_an_instance_with_no_check_and_no_flag_refuses_unsigned_posts(
+    post: Any, add_instance: Any, count_rows: Any, services: Services
+) -> None:
+    """A row from before every instance had to authenticate (no secret, no explicit flag)
+    takes nothing: whoever could post would spend its provider key."""
+    closed = add_instance(app_secret=None, allow_unsigned=True)
+    with services.sessions.begin() as session:  # as migration 0005 leaves such a row
+        session.execute(
+            update(Instance).where(Instance.id == closed.id).values(allow_unsigned=False)
+        )
+    body = encode(envelope(change(closed.phone_number_id, [media_message()])))
+    assert post(body, secret=None).status_code == 401
+    assert count_rows() == 0
 
 
 def test_360dialog_shared_secret_header(post: Any, add_instance: Any, count_rows: Any) -> None:
@@ -232,9 +250,7 @@ def test_every_media_type_is_recorded_pending_with_its_fields(
 ) -> None:
     base64_sha = "q" * 43 + "="  # 32 bytes in base64: normalised to hex
     extra: dict[str, Any] = {"animated": True} if kind == "sticker" else {}
-    message = media_message(
-        kind, sha256=base64_sha, url="https://lookaside.fbsbx.com/signed?x=1", **extra
-    )
+    message = media_message(kind, sha256=base64_sha, url=SIGNED_URL, **extra)
     response = post(encode(envelope(change(instance.phone_number_id, [message]))))
     assert response.status_code == 200
     (row,) = rows()
@@ -251,7 +267,7 @@ def test_every_media_type_is_recorded_pending_with_its_fields(
     assert row.animated is (kind == "sticker")
     assert row.sender == "15551234567"
     assert row.message_timestamp == datetime.fromtimestamp(int(message["timestamp"]), tz=UTC)
-    assert row.download_url == "https://lookaside.fbsbx.com/signed?x=1"
+    assert row.download_url == SIGNED_URL
     # Both windows run from when the message was sent (a moment before it arrived).
     issued = min(row.message_timestamp, row.received_at)
     assert row.url_deadline == issued + timedelta(minutes=5)
@@ -383,6 +399,191 @@ def test_body_over_the_limit_is_413(make_settings: Any, database_url: str) -> No
         assert_error(response, 413)
     finally:
         services.close()
+
+
+# --- bounds (issue 14: 1d, 2) ---------------------------------------------------------------
+
+
+@pytest.fixture
+def any_statements() -> Iterator[list[str]]:
+    """Every SQL statement any engine runs while the test does."""
+    seen: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    yield seen
+    event.remove(Engine, "before_cursor_execute", record)
+
+
+def _many_phone_number_ids(count: int) -> bytes:
+    # As small as a change naming an id can be: 70,000 of them fit under the 4 MiB limit.
+    one = '{"value":{"metadata":{"phone_number_id":"PID"}}}'
+    changes = ",".join(one.replace("PID", str(10**9 + n)) for n in range(count))
+    outer = '{"object":"whatsapp_business_account","entry":[{"changes":[CHANGES]}]}'
+    return outer.replace("CHANGES", changes).encode()
+
+
+@pytest.mark.parametrize("count", [1001, 70_000])
+def test_a_body_naming_too_many_phone_number_ids_is_413_before_any_database_lookup(
+    post: Any, instance: TestInstance, any_statements: list[str], count: int
+) -> None:
+    # 70,000 distinct ids once hit PostgreSQL's parameter limit (a 503 "database
+    # unavailable"), and 30,000 cost 0.7 s of lookups before any signature was checked.
+    body = _many_phone_number_ids(count)
+    assert len(body) < 4 * 1024 * 1024
+    response = post(body)
+    assert_error(response, 413)
+    assert response.get_json()["error"]["message"] == (
+        "Payload names more than 1000 phone number ids"
+    )
+    assert any_statements == []
+
+
+@pytest.mark.parametrize("path", ["/webhook", "/webhook/{name}"])
+def test_a_body_naming_too_many_media_items_is_413_and_writes_nothing(
+    post: Any, instance: TestInstance, count_rows: Any, scheduler: Any, path: str
+) -> None:
+    messages = [media_message() for _ in range(1001)]
+    body = encode(envelope(change(instance.phone_number_id, messages)))
+    response = post(body, path=path.format(name=instance.name))
+    assert_error(response, 413)
+    assert response.get_json()["error"]["message"] == "Payload names more than 1000 media items"
+    assert count_rows() == 0 and scheduler.jobs == []
+    # At the bound, accepted whole.
+    body = encode(envelope(change(instance.phone_number_id, messages[:1000])))
+    assert post(body, path=path.format(name=instance.name)).status_code == 200
+    assert count_rows() == 1000
+
+
+LIMIT = 4096
+
+
+@pytest.fixture
+def small_limit(make_settings: Any, database_url: str) -> Iterator[tuple[FlaskClient, Any]]:
+    """An app whose bodies may be 4 KiB, and its instance."""
+    services = Services.from_settings(
+        make_settings(database_url=database_url, webhook_max_bytes=LIMIT)
+    )
+    try:
+        app = create_app(services=services, scheduler=_FailingScheduler())
+        with services.sessions.begin() as session:
+            from tests.factories import make_instance
+
+            row = make_instance(session, app_secret="app-secret")
+            phone_number_id = row.phone_number_id
+        yield app.test_client(), phone_number_id
+    finally:
+        services.close()
+
+
+def _padded(document: Any, size: int) -> bytes:
+    """The body of ``document``, padded with JSON whitespace to exactly ``size`` bytes."""
+    body = encode(document)
+    assert len(body) <= size
+    return body + b" " * (size - len(body))
+
+
+def _chunked(client: FlaskClient, body: bytes, signature: str) -> Any:
+    # As gunicorn (and Werkzeug's server) hand over a chunked body: decoded, no
+    # Content-Length, and wsgi.input_terminated set to say the server ends the stream.
+    return client.post(
+        "/webhook",
+        input_stream=io.BytesIO(body),
+        content_type="application/json",
+        headers={"Transfer-Encoding": "chunked", SIGNATURE_HEADER: signature},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+
+
+def test_a_chunked_body_over_the_limit_is_413_not_cut_and_processed(
+    small_limit: tuple[FlaskClient, Any],
+) -> None:
+    client, phone_number_id = small_limit
+    # A signed body of exactly the limit, then unsigned bytes: Werkzeug stopped reading at
+    # the limit without a word, and the signature was checked over the cut body (200).
+    prefix = _padded(envelope(change(phone_number_id, [media_message()])), LIMIT)
+    response = _chunked(client, prefix + b" " * 1024, sign(prefix, "app-secret"))
+    assert_error(response, 413)
+    whole = prefix + b" " * 1024
+    assert_error(_chunked(client, whole * 5, sign(whole * 5, "app-secret")), 413)
+    # The same bytes with Content-Length: 413 too, before a byte is read.
+    response = client.post(
+        "/webhook",
+        data=whole,
+        content_type="application/json",
+        headers={SIGNATURE_HEADER: sign(whole, "app-secret")},
+    )
+    assert_error(response, 413)
+
+
+def test_a_chunked_body_up_to_the_limit_is_read_whole_and_signed_whole(
+    small_limit: tuple[FlaskClient, Any],
+) -> None:
+    client, phone_number_id = small_limit
+    exact = _padded(envelope(change(phone_number_id, [media_message()])), LIMIT)
+    assert _chunked(client, exact, sign(exact, "app-secret")).status_code == 200
+    short = encode(envelope(change(phone_number_id, [media_message()])))
+    assert _chunked(client, short, sign(short, "app-secret")).status_code == 200
+    # A signature over a prefix of what was sent is no signature of it.
+    assert_error(_chunked(client, short + b" ", sign(short, "app-secret")), 401)
+
+
+def test_a_body_the_server_does_not_delimit_is_411_and_a_short_one_400(
+    small_limit: tuple[FlaskClient, Any],
+) -> None:
+    client, phone_number_id = small_limit
+    body = encode(envelope(change(phone_number_id, [media_message()])))
+    # No Content-Length and a server that does not end the stream: reading could block.
+    undelimited = client.post(
+        "/webhook",
+        input_stream=io.BytesIO(body),
+        content_type="application/json",
+        headers={"Transfer-Encoding": "chunked", SIGNATURE_HEADER: sign(body, "app-secret")},
+    )
+    assert_error(undelimited, 411)
+    # Content-Length promises more than arrives: the client went away mid-body.
+    short = client.post(
+        "/webhook",
+        input_stream=io.BytesIO(body[:50]),
+        content_type="application/json",
+        headers={SIGNATURE_HEADER: sign(body, "app-secret")},
+        environ_overrides={"CONTENT_LENGTH": str(len(body))},
+    )
+    assert_error(short, 400)
+    assert short.get_json()["error"]["message"] == "Request body incomplete"
+
+
+@pytest.mark.e2e
+def test_gunicorn_answers_413_to_a_chunked_body_over_the_limit(
+    embedded_stack: Any, stack_processes: Any
+) -> None:
+    """The same through a real gunicorn (``ingest web``), which decodes the chunks itself."""
+    web = stack_processes.web(env=embedded_stack.env, workers=1)
+    assert web.base_url is not None
+    limit = 4 * 1024 * 1024  # the default INGEST_WEBHOOK_MAX_BYTES
+    # Routes nothing (no phone number id), so it is acknowledged if it is read at all.
+    exact = _padded({"object": "whatsapp_business_account", "entry": []}, limit)
+
+    def post_chunked(body: bytes) -> int:
+        host, port = web.base_url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            pieces = (body[i : i + 65536] for i in range(0, len(body), 65536))
+            conn.request(
+                "POST",
+                "/webhook",
+                body=pieces,
+                headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+                encode_chunked=True,
+            )
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    assert post_chunked(exact) == 200
+    assert post_chunked(exact + b" " * (1024 * 1024)) == 413
 
 
 @pytest.mark.parametrize("path", ["/webhook", "/webhook/{name}"])
@@ -686,6 +887,23 @@ def test_one_log_line_per_request_without_url_or_secrets(
         assert secret not in everything
 
 
+def test_a_media_url_of_another_shape_is_dropped_and_logged_without_the_url(
+    post: Any, instance: TestInstance, rows: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Under `make run`'s old allowlist, this URL had the worker GET Redis.
+    url = "http://127.0.0.1:6379/?token=TOPSECRET"
+    message = media_message(url=url)
+    body = encode(envelope(change(instance.phone_number_id, [message, media_message()])))
+    with caplog.at_level(logging.INFO):
+        assert post(body).status_code == 200
+    first, second = rows()
+    assert first.download_url is None and first.url_deadline is None
+    assert first.media_id == message["image"]["id"]  # what the worker resolves instead
+    assert second.download_url is None
+    assert "ignored 1 media URL(s)" in caplog.text
+    assert "6379" not in caplog.text and "TOPSECRET" not in caplog.text
+
+
 def test_unhandled_database_error_is_logged_without_its_text(
     app: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -735,3 +953,18 @@ def test_instance_removed_behind_the_cache_gives_503_then_404(
     assert_error(post(body), 503)
     assert_error(post(body), 404)
     assert count_rows() == 0
+
+
+def test_the_openapi_document_states_the_bounds_and_the_required_fields(client: Any) -> None:
+    document = client.get("/openapi.json").get_json()
+    for path in ("/webhook", "/webhook/{instance}"):
+        post = document["paths"][path]["post"]
+        body = post["requestBody"]["content"]["application/json"]["schema"]
+        assert body["required"] == ["entry"]
+        message = body["properties"]["entry"]["items"]["properties"]["changes"]["items"]
+        message = message["properties"]["value"]["properties"]["messages"]["items"]
+        assert message["required"] == ["type"]
+        assert message["properties"]["image"]["properties"]["id"]["pattern"] == "^[0-9]{1,64}$"
+        assert "INGEST_WEBHOOK_MAX_ITEMS" in post["responses"]["413"]["description"]
+        assert "INGEST_WEBHOOK_MAX_ITEMS" in post["description"]
+        assert "411" in post["responses"]
