@@ -33,7 +33,10 @@ def test_without_beat_provider_errors_are_still_retried_to_stored(
     stack.set_faults(download_statuses=[500] * 8)  # the first 8 transfers fail
     deliveries = stack.post(number, stack.add_media(number, 150))
     acknowledged = time.monotonic()
-    errors = len(stack.stats()["errors_served"])
+    # The webhooks are all answered before the workers have necessarily met every 500.
+    deadline = acknowledged + RETRY_MAX + 2 * INTERVAL + 15
+    while (errors := len(stack.stats()["errors_served"])) < 8 and time.monotonic() < deadline:
+        time.sleep(0.2)
 
     assert_all_stored(
         stack,
