@@ -32,7 +32,8 @@ def expose() -> Response:
         # RFC 6750: a 401 names the scheme the client should use.
         response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
         return response
-    return Response(metrics.render(), mimetype=CONTENT_TYPE_LATEST)
+    # content_type, not mimetype: the constant carries its charset, and Flask would add it again.
+    return Response(metrics.render(), content_type=CONTENT_TYPE_LATEST)
 
 
 def _bearer_matches(expected: str) -> bool:

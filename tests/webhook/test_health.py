@@ -154,3 +154,11 @@ def test_the_metrics_token_is_compared_in_constant_time(
     guarded_metrics.get("/metrics", headers={"Authorization": "Bearer scrape"})
     # Equal-length digests, so not even the token's length shows.
     assert len(compared) == 1 and len(compared[0][0]) == len(compared[0][1]) == 32
+
+
+def test_metrics_declare_their_content_type_once(services: Services) -> None:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    response = _client(services).get("/metrics")
+    assert response.headers["Content-Type"] == CONTENT_TYPE_LATEST
+    assert response.headers["Content-Type"].count("charset") == 1
