@@ -135,10 +135,38 @@ def redis_client(request: pytest.FixtureRequest) -> Iterator[Any]:
     client.close()
 
 
+# Every Redis key this test session writes starts with this, so the session can delete its
+# own keys at the end without touching those of another run sharing the server.
+SESSION_KEY_PREFIX = f"ingest-test-{uuid.uuid4().hex[:6]}"
+
+
+def unique_key_prefix() -> str:
+    """A prefix of one test's own under this session's (see :data:`SESSION_KEY_PREFIX`)."""
+    return f"{SESSION_KEY_PREFIX}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leave_no_redis_keys() -> Iterator[None]:
+    """The suite leaves nothing behind in a shared Redis: queues, kombu's bindings, budgets."""
+    yield
+    if not TEST_REDIS_URL:
+        return
+    import redis
+
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    try:
+        for key in client.scan_iter(f"{SESSION_KEY_PREFIX}-*", count=1000):
+            client.delete(key)
+    except redis.RedisError:
+        pass  # the server went away: nothing left to clean
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def redis_prefix() -> str:
     """Keys of one test never meet another's, even on a shared real Redis."""
-    return f"ingest-test-{uuid.uuid4().hex[:10]}"
+    return unique_key_prefix()
 
 
 # --- settings and services ----------------------------------------------------------
@@ -153,7 +181,7 @@ def make_settings(tmp_path: Path) -> Any:
             "broker_url": "memory://",
             "storage_url": (tmp_path / "media").as_uri(),
             "media_hosts": ["127.0.0.1", "localhost"],
-            "redis_prefix": f"ingest-test-{uuid.uuid4().hex[:10]}",
+            "redis_prefix": unique_key_prefix(),
         }
         values.update(overrides)
         if str(values["database_url"]).startswith("postgresql"):

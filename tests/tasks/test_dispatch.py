@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import threading
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -23,7 +22,7 @@ from ingest.reconciler import reconcile
 from ingest.settings import Settings
 from tasks.celery_app import DOWNLOAD_TASK, make_celery
 from tasks.dispatch import CeleryScheduler, download_message
-from tests.conftest import skip_or_fail
+from tests.conftest import skip_or_fail, unique_key_prefix
 from tests.factories import make_instance, make_media_item
 
 
@@ -39,7 +38,7 @@ def test_jobs_are_published_by_task_name_to_their_queue(make_settings: Any) -> N
     import redis
 
     url = _redis_broker()
-    prefix = f"ingest-test-{uuid.uuid4().hex[:8]}"
+    prefix = unique_key_prefix()
     scheduler = CeleryScheduler.from_settings(make_settings(broker_url=url, broker_prefix=prefix))
     scheduler.schedule([DownloadJob(7, SMALL_MEDIA), DownloadJob(8, LARGE_MEDIA)])
 
@@ -71,7 +70,7 @@ def test_queue_depths_count_the_wake_ups_waiting(
 ) -> None:
     """The reconciler re-sends a row's wake-up early only when its queue is empty: the
     count must be right on every broker, an empty Redis queue (no key at all) included."""
-    prefix = f"ingest-test-{uuid.uuid4().hex[:8]}"
+    prefix = unique_key_prefix()
     url = {
         "redis": _redis_broker,
         "amqp": _amqp_broker,
@@ -220,7 +219,7 @@ def test_redis_going_away_under_a_pooled_connection_is_reported_as_unavailable(
     url = urlsplit(_redis_broker())
     relay = _Relay(url.hostname or "127.0.0.1", url.port or 6379)
     relayed = urlunsplit(url._replace(netloc=f"127.0.0.1:{relay.port}"))
-    prefix = f"ingest-test-{uuid.uuid4().hex[:8]}"
+    prefix = unique_key_prefix()
     scheduler = CeleryScheduler.from_settings(
         make_settings(broker_url=relayed, broker_prefix=prefix)
     )
@@ -259,7 +258,7 @@ def test_the_prebuilt_message_has_the_fields_send_task_writes(make_settings: Any
 
 def test_a_celery_worker_runs_the_published_message(make_settings: Any) -> None:
     url = _redis_broker()
-    prefix = f"ingest-test-{uuid.uuid4().hex[:8]}"
+    prefix = unique_key_prefix()
     settings = make_settings(broker_url=url, broker_prefix=prefix)
     scheduler = CeleryScheduler.from_settings(settings)
     scheduler.schedule([DownloadJob(7, SMALL_MEDIA)])

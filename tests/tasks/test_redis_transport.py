@@ -1,7 +1,6 @@
 """Our Redis transport: one client per channel, same bookkeeping as kombu's."""
 
 import os
-import uuid
 from typing import Any
 
 import pytest
@@ -11,7 +10,7 @@ from ingest.queues import SMALL_MEDIA, DownloadJob
 from tasks import redis_transport
 from tasks.celery_app import make_celery
 from tasks.dispatch import CeleryScheduler
-from tests.conftest import skip_or_fail
+from tests.conftest import skip_or_fail, unique_key_prefix
 
 
 @pytest.fixture
@@ -20,7 +19,7 @@ def redis_settings(make_settings: Any) -> Any:
     if not url:
         skip_or_fail("INGEST_TEST_REDIS_URL is not set (Redis broker tests)")
     assert url is not None
-    prefix = f"ingest-test-{uuid.uuid4().hex[:8]}"
+    prefix = unique_key_prefix()
     yield make_settings(broker_url=url, broker_prefix=prefix)
     client = redis.Redis.from_url(url)
     for key in client.scan_iter(f"{prefix}:*"):
