@@ -56,6 +56,46 @@ DEPENDENCY_UP = Gauge(
     ["dependency"],
     multiprocess_mode="livemostrecent",
 )
+# Backlog gauges: measured by the reconciler at each pass (one grouped query, not one per
+# scrape) in whichever process ran it; "mostrecent" shows that pass's figures.
+MEDIA_ITEMS = Gauge(
+    "ingest_media_items",
+    "Media rows by state and failure reason, at the last reconciler pass.",
+    ["state", "reason"],
+    multiprocess_mode="mostrecent",
+)
+MEDIA_AT_RISK = Gauge(
+    "ingest_media_at_risk",
+    "Rows not yet stored whose media id expires within the window (24h, 1h).",
+    ["within"],
+    multiprocess_mode="mostrecent",
+)
+OLDEST_PENDING_SECONDS = Gauge(
+    "ingest_oldest_pending_seconds",
+    "Age of the oldest row still pending or downloading, at the last reconciler pass.",
+    multiprocess_mode="mostrecent",
+)
+QUEUE_DEPTH = Gauge(
+    "ingest_queue_depth",
+    "Wake-ups waiting in each broker queue, at the last reconciler pass.",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+)
+RECEIPT_TO_STORED_SECONDS = Histogram(
+    "ingest_receipt_to_stored_seconds",
+    "From the webhook's receipt to the verified copy being recorded (the URL lives 5 min, "
+    "the media id 7 days).",
+    buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 6 * 3600, 24 * 3600, 7 * 86400),
+)
+URL_RESOLUTIONS = Counter(
+    "ingest_url_resolutions_total",
+    "Media ids resolved for a fresh URL (the webhook's was stale, refused or absent).",
+    ["provider"],
+)
+LEASE_LOSSES = Counter(
+    "ingest_lease_losses_total",
+    "Leases that ran out (a worker died or stalled), counted by the reconciler.",
+)
 API_REQUESTS = Counter(
     "ingest_api_requests_total", "Archive API answers, by route and status.", ["route", "status"]
 )

@@ -633,6 +633,7 @@ class Pipeline:
             self.settings, work.credentials.provider, work.credentials.phone_number_id, "lookup"
         )
         attempt.resolves += 1
+        metrics.URL_RESOLUTIONS.labels(work.credentials.provider.value).inc()
         try:
             with guarded(
                 self.budget, limits, max_wait_seconds=self.settings.error_budget_wait_seconds
@@ -915,8 +916,11 @@ class Pipeline:
             }.get(MediaState(result.state), "retry")
             metrics.DOWNLOADS.labels(label, result.outcome).inc()
         metrics.DOWNLOAD_SECONDS.observe(result.seconds)
-        if result.state == MediaState.STORED and result.size:
-            metrics.DOWNLOAD_BYTES.inc(result.size)
+        if result.state == MediaState.STORED:
+            metrics.DOWNLOAD_BYTES.inc(result.size or 0)
+            metrics.RECEIPT_TO_STORED_SECONDS.observe(
+                max((self.clock() - work.received_at).total_seconds(), 0.0)
+            )
         log.info(
             "download item=%s instance=%s outcome=%s state=%s reason=%s size=%s duration=%.3fs",
             work.id,

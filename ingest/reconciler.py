@@ -30,10 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from ingest import metrics
 from ingest.db import DATABASE_DOWN, session_scope
 from ingest.intake import forget_enqueued, wake_timeout
 from ingest.media_rules import queue_for
@@ -46,6 +47,7 @@ from ingest.models import (
     utcnow,
 )
 from ingest.queues import MEDIA_QUEUES, DownloadJob, DownloadScheduler, SchedulerUnavailable
+from ingest.retry_policy import RULES
 from ingest.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -158,6 +160,8 @@ def reconcile(
     lost, released = recover_lapsed_leases(sessions, settings, now)
     purged = purge_urls(sessions, now)
     woken, publish_failed = wake_due(sessions, scheduler, settings, now, batch=batch)
+    metrics.LEASE_LOSSES.inc(lost + released)
+    measure_backlog(sessions, scheduler, now)
     report = ReconcileReport(expired, lost, released, purged, woken, publish_failed)
     log.info(
         "reconcile expired=%d worker_lost=%d released=%d purged_urls=%d woken=%d%s",
@@ -169,6 +173,55 @@ def reconcile(
         " (broker unavailable)" if publish_failed else "",
     )
     return report
+
+
+AT_RISK_WINDOWS = {"24h": timedelta(hours=24), "1h": timedelta(hours=1)}
+FAILURE_REASONS = sorted({rule.reason for rule in RULES.values() if rule.reason})
+
+
+def measure_backlog(
+    sessions: sessionmaker[Session], scheduler: DownloadScheduler, now: datetime
+) -> None:
+    """Set the backlog gauges: rows by state and reason, rows at risk of their 7 days, the
+    oldest unfinished row, the queues' depths. Once per pass, so scrapes cost nothing."""
+    unfinished = MediaItem.state.in_(ACTIVE_STATES)
+    with session_scope(sessions) as session:
+        counts = session.execute(
+            select(MediaItem.state, MediaItem.failure_reason, func.count()).group_by(
+                MediaItem.state, MediaItem.failure_reason
+            )
+        ).all()
+        at_risk = {
+            label: int(
+                session.scalar(
+                    select(func.count())
+                    .select_from(MediaItem)
+                    .where(unfinished, MediaItem.expires_at <= now + window)
+                )
+                or 0
+            )
+            for label, window in AT_RISK_WINDOWS.items()
+        }
+        oldest = session.scalar(select(func.min(MediaItem.received_at)).where(unfinished))
+    # Every known pair is written each pass, zeros included: with several processes taking
+    # turns, a pair only one of them ever wrote would otherwise keep its old value.
+    figures = {(state.value, ""): 0 for state in MediaState}
+    figures.update({(MediaState.FAILED.value, reason): 0 for reason in FAILURE_REASONS})
+    for row_state, reason, count in counts:
+        figures[(str(row_state), reason or "")] = int(count)
+    for (state_label, reason_label), count in figures.items():
+        metrics.MEDIA_ITEMS.labels(state_label, reason_label).set(count)
+    for label, count in at_risk.items():
+        metrics.MEDIA_AT_RISK.labels(label).set(count)
+    metrics.OLDEST_PENDING_SECONDS.set(
+        max((now - oldest).total_seconds(), 0.0) if oldest is not None else 0.0
+    )
+    try:
+        depths = scheduler.queue_depths(MEDIA_QUEUES)
+    except SchedulerUnavailable:
+        return
+    for queue, depth in depths.items():
+        metrics.QUEUE_DEPTH.labels(queue).set(depth)
 
 
 def expire_overdue(sessions: sessionmaker[Session], now: datetime) -> int:

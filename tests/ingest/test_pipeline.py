@@ -1250,3 +1250,16 @@ def test_sandbox_a_360dialog_number_never_gets_its_lookups_blocked(
     assert sandbox_env.sandbox.provider.blocked_for(phone, "d360_lookup") is None
     assert all(sandbox_env.state(i) == ("stored", None) for i in fresh)
     assert all(sandbox_env.state(i)[0] == "pending" for i in failing)
+
+
+def test_a_stored_item_records_its_time_from_receipt_to_stored(env: Env) -> None:
+    from prometheus_client import REGISTRY
+
+    def observed() -> float:
+        return REGISTRY.get_sample_value("ingest_receipt_to_stored_seconds_count") or 0.0
+
+    env.provider.add("timed", jpeg())
+    item_id = env.item("timed")
+    before = observed()
+    assert env.pipeline.run(item_id).outcome == "stored"
+    assert observed() == before + 1

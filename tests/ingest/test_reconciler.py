@@ -303,3 +303,32 @@ def test_the_loop_runs_its_pass_again_after_a_failure() -> None:
     finally:
         loop.stop()
     assert len(passes) >= 3
+
+
+def _sample(name: str, **labels: str) -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels)
+
+
+def test_each_pass_measures_the_backlog_by_state_risk_and_age(
+    rows: Rows, sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    now = utcnow()
+    rows.add(received_at=now - timedelta(minutes=30), expires_at=now + timedelta(minutes=30))
+    rows.add(received_at=now - timedelta(minutes=5), expires_at=now + timedelta(hours=20))
+    rows.add(state=MediaState.FAILED, failure_reason="too_large")
+    rows.add(state=MediaState.STORED)
+    scheduler = RecordingScheduler()
+    scheduler.schedule([DownloadJob(-1, SMALL_MEDIA)])
+
+    reconcile(sessions, scheduler, settings, now=now)
+
+    assert _sample("ingest_media_items", state="pending", reason="") == 2
+    assert _sample("ingest_media_items", state="failed", reason="too_large") == 1
+    assert _sample("ingest_media_items", state="stored", reason="") == 1
+    assert _sample("ingest_media_items", state="failed", reason="checksum_mismatch") == 0
+    assert _sample("ingest_media_at_risk", within="24h") == 2
+    assert _sample("ingest_media_at_risk", within="1h") == 1
+    assert _sample("ingest_oldest_pending_seconds") == pytest.approx(1800, abs=1)
+    assert _sample("ingest_queue_depth", queue=SMALL_MEDIA) == 3  # one waiting, two just woken
