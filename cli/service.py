@@ -110,7 +110,25 @@ def web(host: str, port: int, workers: int | None) -> None:
     type=click.IntRange(min=1),
     help="Celery worker processes sharing the concurrency [CPU count]",
 )
-def worker(queues: str, concurrency: int | None, pool: str | None, processes: int | None) -> None:
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    help="serve /metrics of this worker's processes on this port (off by default)",
+)
+@click.option(
+    "--metrics-host",
+    default="0.0.0.0",  # noqa: S104 - opt-in (--metrics-port): scraped from other machines
+    show_default=True,
+    help="address for --metrics-port",
+)
+def worker(
+    queues: str,
+    concurrency: int | None,
+    pool: str | None,
+    processes: int | None,
+    metrics_port: int | None,
+    metrics_host: str,
+) -> None:
     """Run Celery download workers (I/O pool, high concurrency).
 
     One worker process is bound by its GIL to one core, so by default one runs per CPU, each
@@ -121,6 +139,10 @@ def worker(queues: str, concurrency: int | None, pool: str | None, processes: in
     if _NODE_NAME not in os.environ:
         # Once per `ingest worker`: its child processes (they have a node name) skip it.
         warn_unreachable(settings, "worker")
+        # Before any child starts, so every process writes where this one reads.
+        _configure_multiprocess_metrics(settings.var_dir)
+        if metrics_port is not None:
+            _serve_metrics(metrics_host, metrics_port)
     total = concurrency or settings.worker_concurrency
     count = min(processes or os.cpu_count() or 1, total)
     if count > 1:
@@ -150,6 +172,16 @@ def worker(queues: str, concurrency: int | None, pool: str | None, processes: in
 
 _NODE_NAME = "INGEST_WORKER_NODE_NAME"
 _ENTRY = "from cli.main import main; main()"
+
+
+def _serve_metrics(host: str, port: int) -> None:
+    """Every process of this worker, merged, on ``host:port`` (a daemon thread): a machine
+    that runs workers and no web process is scraped here."""
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    start_http_server(port, addr=host, registry=registry)
 
 
 def _end_with_parent() -> None:
