@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from cli import demo, dependencies, doctor, registry, service
+from cli import demo, dependencies, doctor, operate, registry, service
 from cli import sandbox as sandbox_cli
 from ingest.settings import ConfigError, Settings, hide_password, load_settings
 
@@ -47,7 +47,13 @@ def cli(debug: bool) -> None:
     """
 
 
-for command in (*service.COMMANDS, *registry.COMMANDS, *doctor.COMMANDS, *demo.COMMANDS):
+for command in (
+    *service.COMMANDS,
+    *registry.COMMANDS,
+    *doctor.COMMANDS,
+    *demo.COMMANDS,
+    *operate.COMMANDS,
+):
     cli.add_command(command)
 cli.add_command(sandbox_cli.sandbox)
 cli.add_command(dependencies.ports_free)

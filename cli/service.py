@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from cli.dependencies import LOG_FORMAT, warn_unreachable, warn_unsigned_instances
-from ingest import migrate
+from cli.dependencies import warn_unreachable, warn_unsigned_instances
+from ingest import logs, migrate
 from ingest.queues import ALL_QUEUES
 from ingest.settings import Settings, load_settings
 
@@ -25,8 +25,47 @@ from ingest.settings import Settings, load_settings
 ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format=LOG_FORMAT)
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """The root logger's one handler, in the configured format. Worker and beat call it
+    before Celery starts: Celery leaves a configured root logger alone
+    (``worker_hijack_root_logger=False``)."""
+    logs.configure(level, log_format)
+
+
+def gunicorn_log_config(level: str, log_format: str) -> dict[str, Any] | None:
+    """gunicorn's ``logconfig_dict``: with json, its error log and the root logger write JSON
+    lines; the access log keeps its own (escaped) line. None with text: gunicorn's default."""
+    if log_format != "json":
+        return None
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "json": {"()": "ingest.logs.JsonFormatter"},
+            "access": {"format": "%(message)s"},  # gunicorn's own access formatter
+        },
+        "handlers": {
+            "console": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "stream": "ext://sys.stderr",
+            },
+            "access_console": {
+                "class": "logging.StreamHandler",
+                "formatter": "access",
+                "stream": "ext://sys.stdout",
+            },
+        },
+        "root": {"level": level, "handlers": ["console"]},
+        "loggers": {
+            "gunicorn.error": {"level": level, "handlers": ["console"], "propagate": False},
+            "gunicorn.access": {
+                "level": "INFO",
+                "handlers": ["access_console"],
+                "propagate": False,
+            },
+        },
+    }
 
 
 def _configure_multiprocess_metrics(var_dir: Path) -> None:
@@ -51,7 +90,7 @@ def web(host: str, port: int, workers: int | None) -> None:
     from gunicorn.app.base import BaseApplication
 
     settings = load_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     settings.ensure_var_dir()
     _configure_multiprocess_metrics(settings.var_dir)
     warn_unreachable(settings, "web")
@@ -78,6 +117,9 @@ def web(host: str, port: int, workers: int | None) -> None:
                 # would share. Nothing here uses it: one interface less to protect.
                 "control_socket_disable": True,
             }
+            log_config = gunicorn_log_config(settings.log_level, settings.log_format)
+            if log_config is not None:
+                options["logconfig_dict"] = log_config
             if settings.web_threads > 1:
                 # gunicorn's threaded worker, with a time limit on reading each request's
                 # headers and body (cli/web_hardening.py). One thread means the sync worker,
@@ -135,6 +177,7 @@ def worker(
     with its share of the threads: the total concurrency stays what was asked for.
     """
     settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
     settings.ensure_var_dir()
     if _NODE_NAME not in os.environ:
         # Once per `ingest worker`: its child processes (they have a node name) skip it.
@@ -312,6 +355,7 @@ def worker_alive(max_age: float) -> None:
 def beat() -> None:
     """Run the beat scheduler (exactly one per deployment): the reconciler, every minute."""
     settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
     settings.ensure_var_dir()
     warn_unreachable(settings, "beat")
     from tasks.worker import app

@@ -239,6 +239,7 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = None
 
     log_level: str = "INFO"
+    log_format: str = "text"
 
     @field_validator("database_url")
     @classmethod
@@ -319,6 +320,14 @@ class Settings(BaseSettings):
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return level
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, value: str) -> str:
+        log_format = value.lower()
+        if log_format not in ("text", "json"):
+            raise ValueError("must be text or json")
+        return log_format
 
     @field_validator("worker_pool")
     @classmethod

@@ -26,6 +26,7 @@ from typing import Any
 from celery import Celery, Task, shared_task
 from celery.signals import worker_init, worker_shutdown, worker_shutting_down
 
+from ingest import logs
 from ingest.egress import Egress
 from ingest.pipeline import Pipeline, new_lease_owner
 from ingest.providers import Credentials, ProviderClient, client_for
@@ -199,11 +200,13 @@ def _close_runtime(**_: Any) -> None:
 @shared_task(name=DOWNLOAD_TASK, bind=True)
 def download_media(self: Task, media_item_id: int) -> str:
     """Claim the row, try once, record the outcome. Repeats and duplicates are harmless."""
-    return runtime(self.app).pipeline.run(int(media_item_id)).outcome
+    with logs.task_context(self.request.id, int(media_item_id)):
+        return runtime(self.app).pipeline.run(int(media_item_id)).outcome
 
 
 @shared_task(name=RECONCILE_TASK, bind=True)
 def reconcile(self: Task) -> dict[str, Any] | None:
     """Beat's trigger; the pass runs only if no worker's reconciler thread ran it already."""
-    report = runtime(self.app).reconcile()
+    with logs.task_context(self.request.id):
+        report = runtime(self.app).reconcile()
     return asdict(report) if report is not None else None

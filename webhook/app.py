@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from contextvars import Token
 
-from flask import Flask
+from flask import Flask, g, request
+from flask.wrappers import Response
 from werkzeug.exceptions import HTTPException
 
+from ingest import logs
 from ingest.queues import DownloadScheduler
 from ingest.rate_limit import AuthFailureLimiter
 from ingest.services import Services
@@ -71,4 +74,31 @@ def create_app(
 
     app.register_error_handler(HTTPException, errors.http_error)
     app.register_error_handler(Exception, errors.unexpected_error)
+    _add_request_id(app)
     return app
+
+
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+def _add_request_id(app: Flask) -> None:
+    """Every log line of a request carries its id (ingest.logs), echoed in the answer."""
+
+    @app.before_request
+    def _set_request_id() -> None:
+        request_id = logs.request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        g.request_id = request_id
+        g.request_id_token = logs.REQUEST_ID.set(request_id)
+
+    @app.after_request
+    def _echo_request_id(response: Response) -> Response:
+        request_id = g.get("request_id")
+        if request_id is not None:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        return response
+
+    @app.teardown_request
+    def _clear_request_id(_exc: BaseException | None) -> None:
+        token: Token[str | None] | None = g.pop("request_id_token", None)
+        if token is not None:
+            logs.REQUEST_ID.reset(token)
