@@ -11,7 +11,10 @@ import click
 from cli.registry import _session
 from ingest import accounts, operations
 from ingest.models import MediaState, utcnow
-from ingest.reconciler import FAILURE_REASONS
+
+# Not from ingest.reconciler: the CLI must not import prometheus_client before `ingest web`
+# and `ingest worker` point it at their multi-process directory (cli.service).
+from ingest.retry_policy import FAILURE_REASONS
 
 # Operator mistakes (a bad date, an unknown reason) exit 2, as a bad setting does.
 USAGE_STATUS = 2

@@ -68,9 +68,13 @@ def gunicorn_log_config(level: str, log_format: str) -> dict[str, Any] | None:
     }
 
 
+def _metrics_dir(var_dir: Path) -> Path:
+    return Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or var_dir.resolve() / "metrics")
+
+
 def _configure_multiprocess_metrics(var_dir: Path) -> None:
     """Must run before prometheus_client is imported: it reads the variable at import."""
-    directory = var_dir.resolve() / "metrics"
+    directory = _metrics_dir(var_dir)
     directory.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(directory))
 
@@ -182,16 +186,19 @@ def worker(
     if _NODE_NAME not in os.environ:
         # Once per `ingest worker`: its child processes (they have a node name) skip it.
         warn_unreachable(settings, "worker")
-        # Before any child starts, so every process writes where this one reads.
-        _configure_multiprocess_metrics(settings.var_dir)
         if metrics_port is not None:
-            _serve_metrics(metrics_host, metrics_port)
+            _serve_metrics(metrics_host, metrics_port, _metrics_dir(settings.var_dir))
     total = concurrency or settings.worker_concurrency
     count = min(processes or os.cpu_count() or 1, total)
     if count > 1:
         _declare_queues_of_database_broker(settings)
         assert settings.worker_heartbeat_file is not None
-        sys.exit(_run_worker_processes(count, total, queues, pool, settings.worker_heartbeat_file))
+        metrics_dir = _metrics_dir(settings.var_dir)
+        sys.exit(
+            _run_worker_processes(
+                count, total, queues, pool, settings.worker_heartbeat_file, metrics_dir
+            )
+        )
     if _NODE_NAME in os.environ:
         _end_with_parent()
     # The runtime sizes its SQL pool from the settings: make them agree with the flag.
@@ -217,13 +224,15 @@ _NODE_NAME = "INGEST_WORKER_NODE_NAME"
 _ENTRY = "from cli.main import main; main()"
 
 
-def _serve_metrics(host: str, port: int) -> None:
+def _serve_metrics(host: str, port: int, directory: Path) -> None:
     """Every process of this worker, merged, on ``host:port`` (a daemon thread): a machine
-    that runs workers and no web process is scraped here."""
+    that runs workers and no web process is scraped here. The processes write their values
+    under ``directory`` (each sets PROMETHEUS_MULTIPROC_DIR to it as it starts)."""
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
+    directory.mkdir(parents=True, exist_ok=True)
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
+    multiprocess.MultiProcessCollector(registry, path=str(directory))
     start_http_server(port, addr=host, registry=registry)
 
 
@@ -268,7 +277,7 @@ def thread_shares(total: int, count: int) -> list[int]:
 
 
 def _run_worker_processes(
-    count: int, total: int, queues: str, pool: str | None, heartbeat: Path
+    count: int, total: int, queues: str, pool: str | None, heartbeat: Path, metrics_dir: Path
 ) -> int:
     """Start ``count`` single-process workers and stay until they end.
 
@@ -291,6 +300,8 @@ def _run_worker_processes(
         child_heartbeats.append(child_heartbeat)
         env = {
             **os.environ,
+            # Set before the child's interpreter starts, so prometheus_client writes to it.
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
             _NODE_NAME: f"worker{n + 1}@{socket.gethostname()}",
             "INGEST_WORKER_HEARTBEAT_FILE": str(child_heartbeat),
         }

@@ -47,7 +47,7 @@ from ingest.models import (
     utcnow,
 )
 from ingest.queues import MEDIA_QUEUES, DownloadJob, DownloadScheduler, SchedulerUnavailable
-from ingest.retry_policy import RULES
+from ingest.retry_policy import FAILURE_REASONS
 from ingest.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,6 @@ def reconcile(
 
 
 AT_RISK_WINDOWS = {"24h": timedelta(hours=24), "1h": timedelta(hours=1)}
-FAILURE_REASONS = sorted({rule.reason for rule in RULES.values() if rule.reason})
 
 
 def measure_backlog(

@@ -88,6 +88,9 @@ RULES: dict[Outcome, Rule] = {
     Outcome.EXPIRED: Rule(Action.EXPIRE),
 }
 
+# Every reason code a `failed` row can carry from the table (metrics, stats, redrive).
+FAILURE_REASONS = sorted({rule.reason for rule in RULES.values() if rule.reason})
+
 # Pause for rows of an instance whose credentials failed: long enough not to hammer the
 # provider with a dead key, short enough that media flows soon after the operator fixes it.
 OPERATOR_PAUSE_SECONDS = 300.0

@@ -24,3 +24,14 @@ def imported_roots(path: Path) -> set[str]:
 )
 def test_core_module_imports_no_adapter(module: Path) -> None:
     assert imported_roots(module) & FORBIDDEN == set()
+
+
+def test_the_cli_does_not_import_prometheus_client_before_a_process_configures_it() -> None:
+    """prometheus_client picks its multi-process mode when first imported: `ingest web` and
+    `ingest worker` set PROMETHEUS_MULTIPROC_DIR first, so importing the CLI must not."""
+    import subprocess
+    import sys
+
+    code = "import sys, cli.main; print('prometheus_client' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
