@@ -57,7 +57,7 @@ from ingest.archive import NO_MEDIA
 from ingest.db import make_engine, make_session_factory, session_scope
 from ingest.models import TERMINAL_STATES, ApiToken, Instance, MediaItem, MediaState, Provider
 from ingest.secrets import secret_box
-from ingest.settings import Settings, load_settings
+from ingest.settings import Settings, hide_password, load_settings
 from ingest.storage import storage_from_settings
 from sandbox import payloads
 from sandbox.payloads import sign
@@ -421,7 +421,7 @@ def shared_database_problem(
     does not exist: 404 "not found" if it reads the demo's database, 401 if it does not."""
     if status == 404 and message == NO_MEDIA:
         return None
-    shown = make_url(database_url).render_as_string(hide_password=True)
+    shown = hide_password(database_url)
     if status == 401:
         return (
             f"the service at {service_url} does not know the demo's token (401), so it does "

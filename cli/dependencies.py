@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import click
 
+from ingest import logs
 from ingest.settings import Settings, hide_password
 
 if TYPE_CHECKING:
@@ -39,9 +40,6 @@ CHECK_SECONDS = 2.0
 _SETUP_SLACK_SECONDS = 1.5
 
 LOG = logging.getLogger(__name__)
-# The processes' log line (`ingest web` configures logging with it; worker and beat leave it
-# to Celery, but their start-up warnings come before Celery sets up and use it too).
-LOG_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
 
 
 @dataclass(frozen=True)
@@ -269,11 +267,12 @@ def warn_unreachable(
     ]
     if not failed:
         return failed
-    # Worker and beat: Celery configures logging later, and this is said before it does.
+    # The process commands configure logging first (cli.service.configure_logging); a caller
+    # that did not still gets the service's text line on stderr, not logging's bare fallback.
     handler = None
     if not logging.getLogger().handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setFormatter(logs.formatter("text"))
         LOG.addHandler(handler)
         LOG.propagate = False
     try:

@@ -10,14 +10,13 @@ from dataclasses import dataclass
 
 import click
 import httpx
-from sqlalchemy.engine import make_url
 
 from cli.demo import SandboxControl, SandboxMedia, find_sandbox, missing_database
 from ingest import accounts
 from ingest.db import make_engine, make_session_factory
 from ingest.models import Provider
 from ingest.secrets import secret_box
-from ingest.settings import Settings, load_settings
+from ingest.settings import Settings, hide_password, load_settings
 from sandbox import payloads
 from sandbox.provider import SandboxConfig, SandboxProvider
 from sandbox.server import make_sandbox_server, media_hosts_for
@@ -106,7 +105,7 @@ def read_instance(settings: Settings, name: str) -> InstanceRow:
         with make_session_factory(engine)() as session:
             row = accounts.find_instance(session, name)
             if row is None:
-                shown = make_url(settings.database_url).render_as_string(hide_password=True)
+                shown = hide_password(settings.database_url)
                 raise SendError(
                     f"no instance named {name!r} in {shown}: add it with `ingest instance add`"
                 )
@@ -281,7 +280,7 @@ def _refusal(
         message = response.text.strip()[:200]
     line = f"the service answered {response.status_code} ({message}) to the webhook at {target}"
     if response.status_code == 404:
-        shown = make_url(settings.database_url).render_as_string(hide_password=True)
+        shown = hide_password(settings.database_url)
         line += (
             f": it does not know instance {instance.name} (phone number id "
             f"{instance.phone_number_id}), which is in {shown}; give this command the "

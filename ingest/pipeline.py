@@ -376,6 +376,15 @@ class Pipeline:
             name="storage",
         )
         self._probe_lock = threading.Lock()
+        # Built once: a Retrying keeps its per-call state thread-local, so every thread shares
+        # it, and a finishing write (every item) builds nothing.
+        self._finishing_retries = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(DATABASE_UNREACHABLE),
+            stop=tenacity.stop_after_delay(FINISH_RETRY_SECONDS),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=5.0),
+            before_sleep=_log_finish_waiting,
+            reraise=True,
+        )
         # Attempts in flight in this process, for a bounded shutdown (abandon_all).
         self.stopping = threading.Event()
         self._active: dict[int, _Attempt] = {}
@@ -839,21 +848,8 @@ class Pipeline:
     def _through_outage(self, write: Callable[[], _T], work: WorkItem) -> _T:
         """Run a finishing write, again and again while the database is unreachable, for up
         to :data:`FINISH_RETRY_SECONDS`; then the error propagates and the lease takes over."""
-
-        def waiting(state: tenacity.RetryCallState) -> None:
-            log.warning(
-                "download item=%s cannot record its result yet (database unreachable); retrying",
-                work.id,
-            )
-
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(DATABASE_UNREACHABLE),
-            stop=tenacity.stop_after_delay(FINISH_RETRY_SECONDS),
-            wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=5.0),
-            before_sleep=waiting,
-            reraise=True,
-        )
-        return retrying(write)
+        result: _T = self._finishing_retries(_finish, write, item_id=work.id)
+        return result
 
     def _write_unstored(
         self,
@@ -931,6 +927,18 @@ class Pipeline:
             result.size if result.size is not None else "-",
             result.seconds,
         )
+
+
+def _finish(write: Callable[[], _T], *, item_id: int) -> _T:
+    # item_id rides along for _log_finish_waiting, which sees only the call's arguments.
+    return write()
+
+
+def _log_finish_waiting(state: tenacity.RetryCallState) -> None:
+    log.warning(
+        "download item=%s cannot record its result yet (database unreachable); retrying",
+        state.kwargs.get("item_id"),
+    )
 
 
 def _failure_for(exc: Exception, endpoint: str, provider: Provider) -> AttemptFailed:

@@ -159,9 +159,18 @@ def reconcile(
     expired = expire_overdue(sessions, now)
     lost, released = recover_lapsed_leases(sessions, settings, now)
     purged = purge_urls(sessions, now)
-    woken, publish_failed = wake_due(sessions, scheduler, settings, now, batch=batch)
+    # One count of the queues per pass: it decides which wake-ups are lost, and, with what
+    # this pass sent, it is the depth the backlog gauge shows.
+    depths = _queue_depths(scheduler)
+    sent, publish_failed = wake_due(sessions, scheduler, settings, now, depths, batch=batch)
     metrics.LEASE_LOSSES.inc(lost + released)
-    measure_backlog(sessions, scheduler, now)
+    if depths is not None:
+        depths = {
+            name: depth + sum(1 for job in sent if job.queue == name)
+            for name, depth in depths.items()
+        }
+    measure_backlog(sessions, now, depths)
+    woken = len(sent)
     report = ReconcileReport(expired, lost, released, purged, woken, publish_failed)
     log.info(
         "reconcile expired=%d worker_lost=%d released=%d purged_urls=%d woken=%d%s",
@@ -179,29 +188,30 @@ AT_RISK_WINDOWS = {"24h": timedelta(hours=24), "1h": timedelta(hours=1)}
 
 
 def measure_backlog(
-    sessions: sessionmaker[Session], scheduler: DownloadScheduler, now: datetime
+    sessions: sessionmaker[Session], now: datetime, depths: dict[str, int] | None
 ) -> None:
     """Set the backlog gauges: rows by state and reason, rows at risk of their 7 days, the
-    oldest unfinished row, the queues' depths. Once per pass, so scrapes cost nothing."""
+    oldest unfinished row, the queues' ``depths`` (None: the broker could not say). Once per
+    pass, so scrapes cost nothing."""
     unfinished = MediaItem.state.in_(ACTIVE_STATES)
+    labels = list(AT_RISK_WINDOWS)
     with session_scope(sessions) as session:
         counts = session.execute(
             select(MediaItem.state, MediaItem.failure_reason, func.count()).group_by(
                 MediaItem.state, MediaItem.failure_reason
             )
         ).all()
-        at_risk = {
-            label: int(
-                session.scalar(
-                    select(func.count())
-                    .select_from(MediaItem)
-                    .where(unfinished, MediaItem.expires_at <= now + window)
-                )
-                or 0
-            )
-            for label, window in AT_RISK_WINDOWS.items()
-        }
-        oldest = session.scalar(select(func.min(MediaItem.received_at)).where(unfinished))
+        # The unfinished rows' figures in one statement: a count per window and the oldest.
+        oldest, *risk = session.execute(
+            select(
+                func.min(MediaItem.received_at),
+                *(
+                    func.count().filter(MediaItem.expires_at <= now + AT_RISK_WINDOWS[label])
+                    for label in labels
+                ),
+            ).where(unfinished)
+        ).one()
+    at_risk = dict(zip(labels, (int(count or 0) for count in risk), strict=True))
     # Every known pair is written each pass, zeros included: with several processes taking
     # turns, a pair only one of them ever wrote would otherwise keep its old value.
     figures = {(state.value, ""): 0 for state in MediaState}
@@ -215,11 +225,7 @@ def measure_backlog(
     metrics.OLDEST_PENDING_SECONDS.set(
         max((now - oldest).total_seconds(), 0.0) if oldest is not None else 0.0
     )
-    try:
-        depths = scheduler.queue_depths(MEDIA_QUEUES)
-    except SchedulerUnavailable:
-        return
-    for queue, depth in depths.items():
+    for queue, depth in (depths or {}).items():
         metrics.QUEUE_DEPTH.labels(queue).set(depth)
 
 
@@ -313,10 +319,12 @@ def wake_due(
     scheduler: DownloadScheduler,
     settings: Settings,
     now: datetime,
+    depths: dict[str, int] | None,
     *,
     batch: int = DEFAULT_BATCH,
-) -> tuple[int, bool]:
-    """Publish one wake-up per due row without a recent one. Returns (woken, publish_failed).
+) -> tuple[list[DownloadJob], bool]:
+    """Publish one wake-up per due row without a recent one. Returns (the wake-ups sent,
+    publish_failed). ``depths``: the media queues' depths, None when the broker cannot say.
 
     ``enqueued_at`` is written before publishing; if the broker refuses, it is cleared again
     so the next pass tries at once (a duplicate wake-up is harmless, a lost one only slow).
@@ -327,7 +335,7 @@ def wake_due(
     backlog is never flooded with duplicates.
     """
     lost_after = now - timedelta(seconds=settings.lease_seconds)
-    empty_queues = _empty_queues(scheduler)
+    empty_queues = frozenset(name for name, depth in (depths or {}).items() if depth == 0)
     stale_after = now - wake_timeout(settings) if empty_queues else lost_after
     with session_scope(sessions) as session:
         rows = session.execute(
@@ -369,29 +377,28 @@ def wake_due(
                 .execution_options(synchronize_session=False)
             )
     if not jobs:
-        return 0, False
+        return [], False
     try:
         scheduler.schedule(jobs)
     except SchedulerUnavailable as exc:
         log.warning("reconcile: broker unavailable (%s); %d wake-up(s) not sent", exc, len(jobs))
         _forget_enqueued(sessions, jobs)
-        return 0, True
+        return [], True
     except Exception:
         # Not an outage but a bug, so it stays loud; still, the stamps just written must not
         # make these rows wait a whole lease for wake-ups that never left.
         _forget_enqueued(sessions, jobs)
         raise
-    return len(jobs), False
+    return jobs, False
 
 
-def _empty_queues(scheduler: DownloadScheduler) -> frozenset[str]:
-    """Media queues the broker says are empty; none when it cannot say (then only the
-    lease-long rule applies)."""
+def _queue_depths(scheduler: DownloadScheduler) -> dict[str, int] | None:
+    """The media queues' depths, or None when the broker cannot say (then only the
+    lease-long rule finds lost wake-ups)."""
     try:
-        depths = scheduler.queue_depths(MEDIA_QUEUES)
+        return scheduler.queue_depths(MEDIA_QUEUES)
     except SchedulerUnavailable:
-        return frozenset()
-    return frozenset(name for name, depth in depths.items() if depth == 0)
+        return None
 
 
 def _forget_enqueued(sessions: sessionmaker[Session], jobs: list[DownloadJob]) -> None:

@@ -98,6 +98,11 @@ def _exit_now(status: int, grace_seconds: float) -> None:
             hand_back()
         except Exception:  # the exit must happen whatever the hand-back meets
             log.exception("worker: could not hand back the tasks in flight")
+    hard_exit(status)
+
+
+def hard_exit(status: int) -> None:
+    """End the process now, whatever its threads are doing (a worker past its bound)."""
     # os._exit skips buffered output: flush the log lines that say why first.
     for handler in logging.getLogger().handlers:
         handler.flush()

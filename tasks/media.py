@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -185,8 +184,7 @@ def _hand_back_and_exit(current: WorkerRuntime) -> None:
     # its bound: every row it held is already handed back.
     time.sleep(HAND_BACK_GRACE_SECONDS)
     log.warning("worker: exiting at the shutdown bound")
-    logging.shutdown()
-    os._exit(0)
+    lifecycle.hard_exit(0)
 
 
 @worker_shutdown.connect

@@ -237,3 +237,19 @@ def session_factory_for() -> Any:
     yield build
     for engine in engines:
         engine.dispose()
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database_url: str) -> Any:
+    """A CLI runner whose `ingest` reads the test database (and its local storage)."""
+    from click.testing import CliRunner
+
+    from tests.factories import TEST_SECRET_KEY
+
+    monkeypatch.setenv("INGEST_VAR_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("INGEST_DATABASE_URL", database_url)
+    monkeypatch.setenv("INGEST_STORAGE_URL", (tmp_path / "media").as_uri())
+    if not database_url.startswith("sqlite"):
+        # A server database needs the key in every process; SQLite generates its own.
+        monkeypatch.setenv("INGEST_SECRET_KEY", TEST_SECRET_KEY)
+    return CliRunner()

@@ -6,20 +6,19 @@ traceback or minutes of waiting.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from flask import Flask, jsonify
-from werkzeug.serving import make_server
 
 from cli import demo
 from cli.main import cli
 from ingest.archive import NO_MEDIA
 from ingest.models import MediaState
 from ingest.settings import Settings
+from tests.plugins.wsgi import wsgi_server
 
 ROOT = "http://127.0.0.1:8091"
 
@@ -29,12 +28,8 @@ def healthy_service() -> Iterator[str]:
     """Something that answers /healthz on a free port, as a running service would."""
     app = Flask("fake-service")
     app.get("/healthz")(lambda: jsonify({"status": "ok"}))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.port}"
-    server.shutdown()
-    thread.join(timeout=5)
+    with wsgi_server(app) as url:
+        yield url
 
 
 # --- item 2: started in another directory than `make run` ----------------------------------

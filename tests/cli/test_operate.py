@@ -1,7 +1,6 @@
 import json
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,17 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from cli.main import cli
 from ingest.db import make_engine, make_session_factory
 from ingest.models import Instance, MediaItem, MediaState, utcnow
-from tests.factories import TEST_SECRET_KEY, make_instance, make_media_item
-
-
-@pytest.fixture
-def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database_url: str) -> CliRunner:
-    monkeypatch.setenv("INGEST_VAR_DIR", str(tmp_path / "var"))
-    monkeypatch.setenv("INGEST_DATABASE_URL", database_url)
-    monkeypatch.setenv("INGEST_STORAGE_URL", (tmp_path / "media").as_uri())
-    if not database_url.startswith("sqlite"):
-        monkeypatch.setenv("INGEST_SECRET_KEY", TEST_SECRET_KEY)
-    return CliRunner()
+from tests.factories import make_instance, make_media_item
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
+from tests.plugins.processes import free_port
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
@@ -26,15 +27,8 @@ def taken_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def test_a_taken_port_is_one_line_naming_the_variable(taken_port: int) -> None:
-    free = _free_port()
+    free = free_port()
 
     result = CliRunner().invoke(
         cli,
@@ -49,7 +43,7 @@ def test_a_taken_port_is_one_line_naming_the_variable(taken_port: int) -> None:
 
 
 def test_free_ports_pass_silently() -> None:
-    result = CliRunner().invoke(cli, ["ports-free", f"WEB_PORT={_free_port()}"])
+    result = CliRunner().invoke(cli, ["ports-free", f"WEB_PORT={free_port()}"])
 
     assert result.exit_code == 0
     assert result.output == ""
@@ -76,7 +70,7 @@ def test_make_run_stops_before_starting_anything(taken_port: int, tmp_path: Path
             "run",
             f"BIN={bin_dir}",
             f"WEB_PORT={taken_port}",
-            f"SANDBOX_PORT={_free_port()}",
+            f"SANDBOX_PORT={free_port()}",
         ],
         cwd=REPOSITORY,
         env=env,

@@ -16,17 +16,6 @@ from ingest.storage import LocalStorage
 from tests.factories import TEST_SECRET_KEY, make_media_item
 
 
-@pytest.fixture
-def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database_url: str) -> CliRunner:
-    monkeypatch.setenv("INGEST_VAR_DIR", str(tmp_path / "var"))
-    monkeypatch.setenv("INGEST_DATABASE_URL", database_url)
-    monkeypatch.setenv("INGEST_STORAGE_URL", (tmp_path / "media").as_uri())
-    if not database_url.startswith("sqlite"):
-        # A server database needs the key in every process; SQLite generates its own.
-        monkeypatch.setenv("INGEST_SECRET_KEY", TEST_SECRET_KEY)
-    return CliRunner()
-
-
 def _box(database_url: str) -> SecretBox:
     key = None if database_url.startswith("sqlite") else TEST_SECRET_KEY
     return secret_box_for(database_url, key, Path("unused"))

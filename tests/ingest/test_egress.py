@@ -8,12 +8,10 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from werkzeug.serving import make_server
 
 from ingest.egress import (
     Credential,
@@ -27,22 +25,7 @@ from ingest.egress import (
 from ingest.providers import DisallowedHost, ProviderUnavailable, TooLarge
 from ingest.settings import Settings
 from sandbox.server import SandboxServer, media_hosts_for
-
-WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Any]
-
-
-@contextmanager
-def wsgi_server(app: WsgiApp) -> Iterator[str]:
-    """A throwaway HTTP server on a free port: for answers the sandbox never gives."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+from tests.plugins.wsgi import WsgiApp, wsgi_server
 
 
 def fixed(status: str, headers: list[tuple[str, str]], chunks: list[bytes]) -> WsgiApp:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
-from werkzeug.serving import make_server
 
 from ingest.egress import Egress, EgressResponse
 from ingest.models import Provider
@@ -37,6 +35,7 @@ from ingest.providers import (
 )
 from sandbox.provider import SandboxMedia
 from sandbox.server import SandboxServer, media_hosts_for
+from tests.plugins.wsgi import wsgi_server
 
 PHONE = {Provider.CLOUD: "20001", Provider.D360: "30001"}
 KEY = {Provider.CLOUD: "cloud-secret-key", Provider.D360: "d360-secret-key"}
@@ -299,15 +298,8 @@ def fake_graph(answer: Callable[[str], tuple[str, list[tuple[str, str]], bytes]]
         start_response(status, [*headers, ("Content-Length", str(len(body)))])
         return [body]
 
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.port}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with wsgi_server(app) as base:
+        yield base, seen
 
 
 def graph_client(base: str, make_settings: Any, egress_out: list[Egress]) -> CloudApiClient:

@@ -4,22 +4,21 @@ real receiver, with the key the sandbox must know taken from the instance's row.
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import select
-from werkzeug.serving import make_server
 
 from cli.main import cli
 from ingest.models import MediaItem, Provider
 from ingest.queues import RecordingScheduler
 from ingest.services import Services
 from sandbox.server import SandboxServer
-from tests.factories import TEST_SECRET_KEY, make_instance
+from tests.factories import make_instance
 from tests.plugins.processes import free_port
+from tests.plugins.wsgi import wsgi_server
 from webhook.app import create_app
 
 
@@ -27,21 +26,8 @@ from webhook.app import create_app
 def service(services: Services) -> Iterator[str]:
     """The real webhook receiver, served on a free port, on the test database."""
     app = create_app(services=services, scheduler=RecordingScheduler())
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.port}"
-    server.shutdown()
-    thread.join(timeout=5)
-
-
-@pytest.fixture
-def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database_url: str) -> CliRunner:
-    monkeypatch.setenv("INGEST_VAR_DIR", str(tmp_path / "var"))
-    monkeypatch.setenv("INGEST_DATABASE_URL", database_url)
-    if not database_url.startswith("sqlite"):
-        monkeypatch.setenv("INGEST_SECRET_KEY", TEST_SECRET_KEY)
-    return CliRunner()
+    with wsgi_server(app) as url:
+        yield url
 
 
 def _send(runner: CliRunner, *args: str, env: dict[str, str] | None = None) -> Result:
