@@ -85,9 +85,15 @@ class MediaState(enum.StrEnum):
     STORED = "stored"
     FAILED = "failed"
     EXPIRED = "expired"
+    # The bytes were deleted on purpose and only the row is kept, as the audit of what was
+    # archived and when it went: past the instance's retention, or on an erasure request.
+    PURGED = "purged"
+    ERASED = "erased"
 
 
+# Where a download ends; the states after it are only ever set by an operator's decision.
 TERMINAL_STATES = frozenset({MediaState.STORED, MediaState.FAILED, MediaState.EXPIRED})
+REMOVED_STATES = frozenset({MediaState.PURGED, MediaState.ERASED})
 
 
 class Account(Base):
@@ -130,6 +136,13 @@ class Instance(Base):
     # by the operator); both cleared when it is connected again.
     disconnected_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     disconnected_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Stored media older than this many days (from receipt) is deleted and its row marked
+    # purged; None keeps everything.
+    retention_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Where downstream hears of stored, failed and expired items (ingest.callbacks), and the
+    # Standard Webhooks secret that signs each event, encrypted like the API key.
+    callback_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    callback_secret_encrypted: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     account: Mapped[Account] = relationship(back_populates="instances")
@@ -211,6 +224,10 @@ class MediaItem(Base):
     storage_backend: Mapped[str | None] = mapped_column(String(20), nullable=True)
     storage_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     stored_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Purged or erased: when the bytes went and on whose word ("retention: 30 days", the
+    # erasing token's label, the operator at the command line).
+    removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    removed_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
     instance: Mapped[Instance] = relationship()
@@ -220,8 +237,45 @@ class MediaItem(Base):
         Index("ix_media_items_state_next_attempt", "state", "next_attempt_at"),
         Index("ix_media_items_state_lease", "state", "lease_until"),
         CheckConstraint(
-            "state IN ('pending', 'downloading', 'stored', 'failed', 'expired')", name="state"
+            "state IN ('pending', 'downloading', 'stored', 'failed', 'expired', 'purged', "
+            "'erased')",
+            name="state",
         ),
+        # The retention pass: stored rows by age.
+        Index("ix_media_items_state_received", "state", "received_at"),
+    )
+
+
+class CallbackEvent(Base):
+    """One event for an instance's callback URL, written in the transaction that changed the
+    row (an outbox): a state change is never announced twice or lost between the two.
+
+    ``body`` is the exact JSON sent, signed at each attempt with a fresh timestamp; the
+    receiver deduplicates on ``event_id`` (the ``webhook-id`` header).
+    """
+
+    __tablename__ = "callback_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    media_item_id: Mapped[int] = mapped_column(ForeignKey("media_items.id"), index=True)
+    event_type: Mapped[str] = mapped_column(String(40))
+    body: Mapped[str] = mapped_column(Text)
+    # pending (to be sent, again after a failure), delivered, or failed (gave up).
+    state: Mapped[str] = mapped_column(String(20), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # A sender holds the event until then; past it, another may send it again.
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (
+        Index("ix_callback_events_state_next_attempt", "state", "next_attempt_at"),
+        CheckConstraint("state IN ('pending', 'delivered', 'failed')", name="state"),
     )
 
 

@@ -51,7 +51,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.dml import Update
 
 from ingest import metrics
-from ingest.db import one_statement_engine, session_scope
+from ingest.db import DATABASE_DOWN, one_statement_engine, session_scope
 from ingest.error_budget import (
     BudgetExhausted,
     BudgetUnavailable,
@@ -86,6 +86,7 @@ from ingest.providers import (
     TooLarge,
     UrlRejected,
 )
+from ingest.removal import delete_if_removed
 from ingest.retry_policy import Decision, Outcome, decide
 from ingest.secrets import SecretKeyError, secret_box
 from ingest.services import Services
@@ -802,7 +803,17 @@ class Pipeline:
 
         if self._through_outage(write, work) != 1:
             # The object is in place under its deterministic key; whoever holds the lease
-            # now will find it there and record it.
+            # now will find it there and record it. Unless the row was erased or purged
+            # meanwhile: then nobody will, and the copy must not outlive the request.
+            try:
+                delete_if_removed(self.sessions, self.storage, work.id, stored.key)
+            except (StorageError, *DATABASE_DOWN) as exc:
+                log.error(
+                    "download item=%s: could not check or delete a copy uploaded while the "
+                    "row was removed (%s); erase it again",
+                    work.id,
+                    type(exc).__name__,
+                )
             raise LeaseLost("lost its lease before recording the copy")
         return AttemptResult(work.id, Outcome.STORED, MediaState.STORED, size=spool.size)
 
