@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from ingest import accounts
 from ingest.db import make_engine, make_session_factory, session_scope
 from ingest.events import has_control_character
-from ingest.models import Instance, MediaItem, MediaState, Provider
+from ingest.models import Instance, MediaItem, MediaState, Provider, utcnow
 from ingest.secrets import KEY_VARIABLE, generate_key, secret_box
 from ingest.settings import Settings, load_settings
 
@@ -218,6 +218,13 @@ def instance_add(
     help=f"{UNSIGNED_HELP} --require-signed-webhooks withdraws that (the instance then needs "
     "an app secret or a webhook secret).",
 )
+@click.option(
+    "--retention-days",
+    type=click.IntRange(min=1),
+    help="Delete stored media this many days after receipt (hourly, by beat); the row stays, "
+    "marked purged, and the archive answers 404 for it.",
+)
+@click.option("--no-retention", is_flag=True, help="Keep stored media for ever (the default).")
 def instance_update(
     name: str,
     api_key: str | None,
@@ -226,6 +233,8 @@ def instance_update(
     webhook_secret_header: str | None,
     webhook_secret: str | None,
     allow_unsigned: bool | None,
+    retention_days: int | None,
+    no_retention: bool,
 ) -> None:
     """Replace some of NAME's secrets (after a leak, or a new app secret at Meta); the ones
     not given stay as they are. A secret comes from its flag, its INGEST_INSTANCE_*
@@ -252,11 +261,20 @@ def instance_update(
     ]
     if allow_unsigned is not None:
         changed.append("unsigned webhooks " + ("accepted" if allow_unsigned else "refused"))
+    if retention_days is not None and no_retention:
+        raise click.UsageError("--retention-days and --no-retention contradict each other")
+    retention_given = retention_days is not None or no_retention
+    if retention_given:
+        changed.append(f"retention {_retention(retention_days)}")
     if not changed:
         raise click.UsageError("nothing to change: give at least one secret or flag")
     settings = load_settings()
     with _session(settings) as session:
-        updated = accounts.update_instance(session, name, changes, secret_box(settings))
+        secrets_given = len(changed) > int(retention_given)
+        if secrets_given:
+            updated = accounts.update_instance(session, name, changes, secret_box(settings))
+        if retention_given:
+            updated = accounts.set_retention(session, name, retention_days)
         auth = _webhook_auth(updated)
         disconnected = not updated.connected
     # Names of what changed, never the values: a variable left over from another command
@@ -314,6 +332,10 @@ def instance_connect(name: str) -> None:
     click.echo(f"instance {name} connected")
 
 
+def _retention(days: int | None) -> str:
+    return "for ever" if days is None else f"{days} day{'s' if days != 1 else ''}"
+
+
 def _one_line(text: str) -> str:
     """Outside text (a provider's error message) on one line of one column."""
     return "".join(" " if has_control_character(c) else c for c in text)
@@ -356,6 +378,8 @@ def instance_list() -> None:
                 f"{row.name}\t{row.provider}\t{row.phone_number_id}\t{state}\t{auth}\t"
                 f"account={row.account.name}"
             )
+            if row.retention_days is not None:
+                line += f"\tretention={_retention(row.retention_days)}"
             if not row.connected:
                 if row.disconnected_at is not None:
                     line += f"\tsince={_when(row.disconnected_at)}"
@@ -448,7 +472,7 @@ def token_revoke(token_id: int) -> None:
 
 @click.group()
 def media() -> None:
-    """Inspect media rows."""
+    """Inspect media rows; erase one, or run the retention pass now."""
 
 
 @media.command("list")
@@ -483,6 +507,82 @@ def media_list(instance_name: str | None, state: str | None, limit: int) -> None
     click.echo("id\tinstance\tmessage id\ttype\tstate\treason\tsize")
     for values in rows:
         click.echo("\t".join(str(value) for value in values))
+
+
+@media.command("erase")
+@click.option("--instance", "instance_name", required=True)
+@click.option("--message-id", required=True, help="The message (wamid) whose media goes.")
+@click.option(
+    "--by",
+    help="Who asked, for the row's audit (default: `cli:` and the operating-system user).",
+)
+def media_erase(instance_name: str, message_id: str, by: str | None) -> None:
+    """Erase one message's media for a right-to-erasure request: the stored object is
+    deleted, the caption, filename and sender cleared, and the row kept as `erased` with who
+    and when. Safe to repeat; a later webhook for the message does not bring it back."""
+    import getpass
+
+    from ingest import removal
+    from ingest.storage import StorageError, storage_from_settings
+
+    settings = load_settings()
+    with _session(settings) as session:
+        instance_id = accounts.get_instance(session, instance_name).id
+    engine = make_engine(settings.database_url)
+    try:
+        erasure = removal.erase(
+            make_session_factory(engine),
+            storage_from_settings(settings),
+            instance_id=instance_id,
+            message_id=message_id,
+            by=by or f"cli:{getpass.getuser()}",
+            now=utcnow(),
+        )
+    except removal.NotFound:
+        raise click.ClickException(
+            f"instance {instance_name!r} has no message {message_id!r}"
+        ) from None
+    except StorageError as exc:
+        raise click.ClickException(
+            f"the row is erased, but deleting its object failed ({exc}): run the command again"
+        ) from None
+    finally:
+        engine.dispose()
+    again = "" if erasure.newly_erased else " (erased before; objects deleted again)"
+    click.echo(
+        f"erased {instance_name} {message_id} at {_when(erasure.erased_at)} by "
+        f"{erasure.erased_by}: {erasure.objects_deleted} object(s) deleted{again}"
+    )
+
+
+@media.command("purge")
+@click.option("--dry-run", is_flag=True, help="Count what would be purged; change nothing.")
+def media_purge(dry_run: bool) -> None:
+    """Run the retention pass now (beat runs it hourly): stored media older than its
+    instance's `--retention-days` is deleted and its row marked purged."""
+    from ingest import removal
+    from ingest.storage import storage_from_settings
+
+    settings = load_settings()
+    settings.ensure_var_dir()
+    engine = make_engine(settings.database_url)
+    try:
+        report = removal.purge_past_retention(
+            make_session_factory(engine),
+            storage_from_settings(settings),
+            utcnow(),
+            dry_run=dry_run,
+        )
+    finally:
+        engine.dispose()
+    verb = "would purge" if dry_run else "purged"
+    for name, count in sorted(report.by_instance.items()):
+        click.echo(f"{name}\t{verb} {count}")
+    click.echo(
+        f"{verb} {report.purged} item(s)" + (f", {report.failed} failed" if report.failed else "")
+    )
+    if report.failed:
+        sys.exit(1)
 
 
 @click.group("secrets")

@@ -12,7 +12,7 @@ from datetime import datetime
 from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
-from ingest.models import Account, ApiToken, Instance, MediaItem, Provider, utcnow
+from ingest.models import Account, ApiToken, CallbackEvent, Instance, MediaItem, Provider, utcnow
 from ingest.rate_limit import parse_limit
 from ingest.secrets import SecretBox
 from ingest.storage import Storage
@@ -238,8 +238,22 @@ def rotate_secrets(session: Session, box: SecretBox) -> int:
         if instance.app_secret_encrypted:
             instance.app_secret_encrypted = box.rotate(instance.app_secret_encrypted)
             rewritten += 1
+        if instance.callback_secret_encrypted:
+            instance.callback_secret_encrypted = box.rotate(instance.callback_secret_encrypted)
+            rewritten += 1
     session.flush()
     return rewritten
+
+
+def set_retention(session: Session, name: str, days: int | None) -> Instance:
+    """Keep NAME's stored media ``days`` days from receipt (None: for ever). Takes effect at
+    the next retention pass, for media already stored too."""
+    if days is not None and days < 1:
+        raise RegistryError("retention must be at least 1 day")
+    instance = get_instance(session, name)
+    instance.retention_days = days
+    session.flush()
+    return instance
 
 
 def get_instance(session: Session, name: str) -> Instance:
@@ -306,6 +320,7 @@ def remove_instance(
     for key in keys:
         if key is not None:
             storage.delete(key)
+    session.execute(delete(CallbackEvent).where(CallbackEvent.instance_id == instance.id))
     session.execute(delete(MediaItem).where(MediaItem.instance_id == instance.id))
     tokens = session.execute(delete(ApiToken).where(ApiToken.instance_id == instance.id))
     session.delete(instance)

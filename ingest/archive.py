@@ -44,6 +44,8 @@ NO_MEDIA = "Message not found or no media available"
 TOO_MANY_REQUESTS = "Too many requests"
 TOO_MANY_FAILURES = "Too many failed authentications"
 BASE64_OK = "Base64 retrieved successfully"
+ACCOUNT_TOKEN_REQUIRED = "Erasure needs an account token"  # noqa: S105 - a message
+ERASED = "Media erased"
 FOUND = "Message found"
 
 DEFAULT_MIME = "application/octet-stream"
@@ -102,6 +104,8 @@ class MediaRecord:
     expires_at: datetime | None
     attempts: int
     storage_key: str | None
+    removed_at: datetime | None = None
+    removed_by: str | None = None
 
     @classmethod
     def of(cls, item: MediaItem, instance: Instance) -> MediaRecord:
@@ -129,6 +133,8 @@ class MediaRecord:
             expires_at=item.expires_at,
             attempts=item.attempts or 0,
             storage_key=item.storage_key,
+            removed_at=item.removed_at,
+            removed_by=item.removed_by,
         )
 
     @property
@@ -271,8 +277,37 @@ def _check_reach(found: _Found) -> tuple[Instance, MediaItem | None]:
     return instance, item
 
 
+def authorize_erasure(
+    session: Session, token: str | None, instance_name: str | None, message_id: str | None
+) -> tuple[int, str, str]:
+    """The checks of an erasure request: ``(instance id, message id, who)``, or the error.
+
+    Same order as a lookup, with one more rule after the token: only an account token may
+    erase (403 for an instance token, whatever the name). ``who`` names the token by its
+    label, or its id, for the row's audit; never by its value.
+    """
+    name, message = require_parameters(instance_name, message_id)
+    found = _lookup(
+        session,
+        token,
+        name,
+        message,
+        name_known=_printable(instance_name),
+        message_known=_printable(message_id),
+    )
+    api_token = found[0]
+    if api_token.account_id is None:
+        raise ArchiveError(403, ACCOUNT_TOKEN_REQUIRED)
+    instance, item = _check_reach(found)
+    if item is None:
+        raise ArchiveError(404, NO_MEDIA)
+    who = f"token {api_token.id}" + (f" ({api_token.label})" if api_token.label else "")
+    return instance.id, item.message_id, who
+
+
 def require_available(record: MediaRecord) -> MediaRecord:
-    """Only stored media has bytes; pending, downloading, failed or expired rows are a 404."""
+    """Only stored media has bytes; pending, downloading, failed, expired, purged or erased
+    rows are a 404."""
     if not record.available:
         raise ArchiveError(404, NO_MEDIA)
     return record
@@ -441,6 +476,9 @@ def metadata(record: MediaRecord) -> dict[str, Any]:
         "stored_at": when(record.stored_at),
         "expires_at": when(record.expires_at),
         "attempts": record.attempts,
+        # Purged (retention) or erased: when the bytes went and on whose word.
+        "removed_at": when(record.removed_at),
+        "removed_by": record.removed_by,
     }
 
 

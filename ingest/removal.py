@@ -23,10 +23,11 @@ deleted only when no other row that may still need it refers to it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import Row, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest.db import session_scope
@@ -98,7 +99,7 @@ def erase(
     sessions: sessionmaker[Session],
     storage: Storage,
     *,
-    instance: Instance,
+    instance_id: int,
     message_id: str,
     by: str,
     now: datetime,
@@ -108,12 +109,13 @@ def erase(
     with session_scope(sessions) as session:
         item = session.execute(
             select(MediaItem)
-            .where(MediaItem.instance_id == instance.id, MediaItem.message_id == message_id)
+            .where(MediaItem.instance_id == instance_id, MediaItem.message_id == message_id)
             .with_for_update()
         ).scalar_one_or_none()
         if item is None:
             raise NotFound(message_id)
-        keys = _keys_of(item, instance.name)
+        instance_name = item.instance.name
+        keys = _keys_of(item, instance_name)
         newly = item.state != MediaState.ERASED
         if newly:
             item.state = MediaState.ERASED
@@ -133,13 +135,13 @@ def erase(
     deleted = _delete_unshared(sessions, storage, keys, item_id)
     log.warning(
         "erased instance=%s message=%s by=%s objects_deleted=%d%s",
-        instance.name,
+        instance_name,
         message_id,
         erased_by,
         deleted,
         "" if newly else " (erased before; objects deleted again)",
     )
-    return Erasure(instance.name, message_id, erased_at, erased_by, newly, deleted)
+    return Erasure(instance_name, message_id, erased_at, erased_by, newly, deleted)
 
 
 def purge_past_retention(
@@ -151,8 +153,8 @@ def purge_past_retention(
     dry_run: bool = False,
 ) -> PurgeReport:
     """Delete the objects of stored rows older than their instance's retention, and mark
-    those rows ``purged``; at most ``batch`` rows per instance per call (the next pass takes
-    the rest). ``dry_run`` counts what would go and changes nothing."""
+    those rows ``purged``, ``batch`` rows at a time. ``dry_run`` counts what would go and
+    changes nothing."""
     report = PurgeReport()
     with session_scope(sessions) as session:
         kept = session.execute(
@@ -161,50 +163,74 @@ def purge_past_retention(
             )
         ).all()
     for instance_id, name, days in kept:
-        cutoff = now - timedelta(days=int(days))
-        with session_scope(sessions) as session:
-            rows = session.execute(
-                select(MediaItem.id, MediaItem.storage_key)
-                .where(MediaItem.instance_id == instance_id)
-                .where(MediaItem.state == MediaState.STORED)
-                .where(MediaItem.received_at < cutoff)
-                .order_by(MediaItem.received_at)
-                .limit(batch)
-            ).all()
-        if dry_run:
-            report.purged += len(rows)
-            report.by_instance[name] = len(rows)
-            continue
-        gone: list[int] = []
-        for item_id, key in rows:
-            try:
-                if key:
-                    _delete_unshared(sessions, storage, {key}, item_id)
-            except StorageError as exc:
-                report.failed += 1
-                log.warning("retention: deleting item=%s failed (%s)", item_id, exc)
-                continue
-            gone.append(item_id)
-        if not gone:
-            continue
-        with session_scope(sessions) as session:
-            result = session.execute(
-                update(MediaItem)
-                .where(MediaItem.id.in_(gone))
-                .where(MediaItem.state == MediaState.STORED)
-                .values(
-                    state=MediaState.PURGED,
-                    removed_at=now,
-                    removed_by=f"retention: {days} days",
-                    updated_at=now,
-                )
-                .execution_options(synchronize_session=False)
+        assert days is not None  # selected for it
+        cutoff = now - timedelta(days=days)
+        after_id = 0
+        while True:
+            # By id, from where the last batch ended: rows whose object could not be deleted
+            # are passed over (tried again next pass), never fetched again in this one.
+            with session_scope(sessions) as session:
+                rows = session.execute(
+                    select(MediaItem.id, MediaItem.storage_key)
+                    .where(MediaItem.instance_id == instance_id)
+                    .where(MediaItem.state == MediaState.STORED)
+                    .where(MediaItem.received_at < cutoff)
+                    .where(MediaItem.id > after_id)
+                    .order_by(MediaItem.id)
+                    .limit(batch)
+                ).all()
+            if not rows:
+                break
+            after_id = rows[-1][0]
+            count = len(rows) if dry_run else _purge_rows(sessions, storage, rows, days, now)
+            report.failed += 0 if dry_run else len(rows) - count
+            report.purged += count
+            report.by_instance[name] = report.by_instance.get(name, 0) + count
+        if report.by_instance.get(name):
+            log.info(
+                "retention: instance=%s %s=%d (older than %s days)",
+                name,
+                "would purge" if dry_run else "purged",
+                report.by_instance[name],
+                days,
             )
-            count = int(getattr(result, "rowcount", 0) or 0)
-        report.purged += count
-        report.by_instance[name] = count
-        log.info("retention: instance=%s purged=%d (older than %s days)", name, count, days)
     return report
+
+
+def _purge_rows(
+    sessions: sessionmaker[Session],
+    storage: Storage,
+    rows: Sequence[Row[int, str | None]],
+    days: int,
+    now: datetime,
+) -> int:
+    """Delete the objects of these stored rows, then mark purged the rows whose object went.
+    Returns how many rows were marked."""
+    gone: list[int] = []
+    for item_id, key in rows:
+        try:
+            if key:
+                _delete_unshared(sessions, storage, {key}, item_id)
+        except StorageError as exc:
+            log.warning("retention: deleting item=%s failed (%s)", item_id, exc)
+            continue
+        gone.append(item_id)
+    if not gone:
+        return 0
+    with session_scope(sessions) as session:
+        result = session.execute(
+            update(MediaItem)
+            .where(MediaItem.id.in_(gone))
+            .where(MediaItem.state == MediaState.STORED)
+            .values(
+                state=MediaState.PURGED,
+                removed_at=now,
+                removed_by=f"retention: {days} days",
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def delete_if_removed(

@@ -21,6 +21,9 @@ from tasks import lifecycle, redis_transport
 
 DOWNLOAD_TASK = "ingest.download_media"
 RECONCILE_TASK = "ingest.reconcile"
+RETENTION_TASK = "ingest.purge_retention"
+# Retention is counted in days: an hour late is no matter, and a pass over nothing is cheap.
+RETENTION_INTERVAL = timedelta(hours=1)
 
 
 # Celery logs two INFO lines per task ("received", "succeeded"); the pipeline already logs
@@ -100,7 +103,9 @@ def _queue(name: str) -> Queue:
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("ingest", broker=settings.broker_url, include=["tasks.media"], amqp=_AMQP)
+    app = Celery(
+        "ingest", broker=settings.broker_url, include=["tasks.media", "tasks.retention"], amqp=_AMQP
+    )
     app.conf.update(
         # Safe formats only; results are never read (state lives in SQL).
         task_serializer="json",
@@ -141,7 +146,15 @@ def make_celery(settings: Settings) -> Celery:
                 "task": RECONCILE_TASK,
                 "schedule": timedelta(seconds=settings.reconcile_interval_seconds),
                 "options": {"queue": "maintenance", "expires": settings.reconcile_interval_seconds},
-            }
+            },
+            "retention": {
+                "task": RETENTION_TASK,
+                "schedule": RETENTION_INTERVAL,
+                "options": {
+                    "queue": "maintenance",
+                    "expires": int(RETENTION_INTERVAL.total_seconds()),
+                },
+            },
         },
     )
     app.conf.ingest_settings = settings

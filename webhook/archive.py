@@ -24,9 +24,10 @@ from typing import BinaryIO
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.blueprints import BlueprintSetupState
 
-from ingest import archive, metrics
+from ingest import archive, metrics, removal
 from ingest.archive import ArchiveError, MediaRecord
 from ingest.db import DATABASE_DOWN, READ_ONLY_OPTION
+from ingest.models import utcnow
 from ingest.rate_limit import AuthFailureLimiter, Decision, RateLimiter, TokenLimits
 from ingest.services import Services
 from ingest.storage import StorageError
@@ -243,6 +244,57 @@ def raw_media(instance: str | None = None) -> Response:
     response.headers["Content-Disposition"] = archive.content_disposition(filename)
     response.headers["X-Content-Type-Options"] = "nosniff"
     _cacheable(response, tag)
+    return response
+
+
+@bp.delete("/api/chat/media")
+@bp.delete("/api/chat/media/")
+@bp.delete("/api/chat/media/<instance>")
+def erase_media(instance: str | None = None) -> Response:
+    """A right-to-erasure request: the object is deleted, the row kept as ``erased`` with
+    who and when (see :mod:`ingest.removal`). Idempotent; account tokens only."""
+    services: Services = current_app.extensions["ingest"]
+    token = _token()
+    try:
+        archive.require_parameters(instance, request.args.get("messageId"))
+        try:
+            with services.sessions() as session:
+                instance_id, message_id, who = archive.authorize_erasure(
+                    session, token, instance, request.args.get("messageId")
+                )
+        except archive.TokenNotFound:
+            failures: AuthFailureLimiter = current_app.extensions[AUTH_FAILURES]
+            failures.fail(request.remote_addr)
+            raise
+        erasure = removal.erase(
+            services.sessions,
+            services.storage,
+            instance_id=instance_id,
+            message_id=message_id,
+            by=who,
+            now=utcnow(),
+        )
+    except ArchiveError as exc:
+        return error_response(exc.status, exc.message, exc.headers)
+    except removal.NotFound:
+        return error_response(404, archive.NO_MEDIA)
+    except DATABASE_DOWN:
+        log.warning("erasure: database unavailable")
+        return error_response(503, "Service unavailable", RETRY_AFTER)
+    except StorageError as exc:
+        # The row is erased (nothing is served from now on); the object is deleted when the
+        # caller repeats the request.
+        return _storage_unavailable(exc)
+    response = json_response(
+        {
+            "success": True,
+            "message": archive.ERASED,
+            "message_id": erasure.message_id,
+            "erased_at": erasure.erased_at.isoformat(),
+            "erased_by": erasure.erased_by,
+        }
+    )
+    response.headers["Cache-Control"] = "no-store"
     return response
 
 

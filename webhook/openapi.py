@@ -226,25 +226,53 @@ def _archive_paths() -> dict[str, Any]:
         "media": ("media", "The raw bytes, with Range and conditional requests.", media_ok),
     }
     paths: dict[str, Any] = {}
+    missing = {"400": _error(f"`{archive.INSTANCE_REQUIRED}`.")}
+
+    def without_instance(operation_id: str) -> dict[str, Any]:
+        return {
+            "operationId": operation_id,
+            # Nothing is looked up or counted without an instance name: never a 429.
+            "summary": "Without an instance name: always 400.",
+            "tags": ["archive"],
+            "security": ARCHIVE_SECURITY,
+            "parameters": [{**_MESSAGE_ID_PARAM, "required": False}],
+            "responses": _with_rate_limit_headers(missing),
+        }
+
     for segment, (operation_id, summary, ok) in routes.items():
         full = _archive_operation(operation_id, summary, ok)
         if segment == "media":
             full["get"]["parameters"] = full["get"]["parameters"] + media_params
+            full["delete"] = _erase_operation()
         paths[f"/api/chat/{segment}/{{instance}}"] = full
-        missing = {"400": _error(f"`{archive.INSTANCE_REQUIRED}`.")}
         for suffix, name in (("", "NoInstance"), ("/", "NoInstanceSlash")):
             paths[f"/api/chat/{segment}{suffix}"] = {
-                "get": {
-                    "operationId": f"{operation_id}{name}",
-                    # Nothing is looked up or counted without an instance name: never a 429.
-                    "summary": "Without an instance name: always 400.",
-                    "tags": ["archive"],
-                    "security": ARCHIVE_SECURITY,
-                    "parameters": [{**_MESSAGE_ID_PARAM, "required": False}],
-                    "responses": _with_rate_limit_headers(missing),
-                }
+                "get": without_instance(f"{operation_id}{name}")
             }
+            if segment == "media":
+                paths[f"/api/chat/{segment}{suffix}"]["delete"] = without_instance(f"erase{name}")
     return paths
+
+
+def _erase_operation() -> dict[str, Any]:
+    errors = _archive_errors()
+    errors["403"] = _error(f"`{archive.ACCOUNT_TOKEN_REQUIRED}`: an instance token was used.")
+    errors["503"] = _retry_after(
+        "The database or storage is unavailable. When storage failed, the row is already "
+        "erased (nothing is served); repeat the request to delete the object."
+    )
+    return {
+        "operationId": "erase",
+        "summary": "Erase a message's media (right to erasure): the object is deleted, the "
+        "row kept as `erased` with who and when. Idempotent: a repeat answers 200 with the "
+        "first erasure's time. A later webhook for the message does not bring it back.",
+        "tags": ["archive"],
+        "security": ARCHIVE_SECURITY,
+        "parameters": [_INSTANCE_PARAM, _MESSAGE_ID_PARAM],
+        "responses": _with_rate_limit_headers(
+            {"200": _json(_ref("Erased"), "Erased (now or before)."), **errors}
+        ),
+    }
 
 
 def _webhook_body() -> dict[str, Any]:
@@ -530,6 +558,20 @@ def _schemas() -> dict[str, Any]:
                 "stored_at": timestamp,
                 "expires_at": timestamp,
                 "attempts": {"type": "integer"},
+                "removed_at": timestamp,
+                "removed_by": nullable_string,
+            },
+        },
+        "Erased": {
+            "type": "object",
+            "required": ["success", "message", "message_id", "erased_at", "erased_by"],
+            "additionalProperties": False,
+            "properties": {
+                "success": {"const": True},
+                "message": {"const": archive.ERASED},
+                "message_id": {"type": "string"},
+                "erased_at": {"type": "string", "format": "date-time"},
+                "erased_by": {"type": "string"},
             },
         },
         "WebhookAccepted": {

@@ -173,3 +173,39 @@ def test_0005_on_a_server_database_without_a_key_stops_before_changing_anything(
         migrate.upgrade(database_url)  # nothing to encrypt: no key needed
     finally:
         engine.dispose()
+
+
+def test_0006_keeps_rows_admits_the_new_states_only_and_guards_its_downgrade(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from alembic import command
+    from sqlalchemy import update
+    from sqlalchemy.exc import IntegrityError
+
+    from ingest.models import MediaItem, MediaState
+    from tests.factories import make_instance, make_media_item
+
+    engine = make_engine(database_url)
+    sessions = make_session_factory(engine)
+    if not database_url.startswith("sqlite"):
+        monkeypatch.setenv("INGEST_SECRET_KEY", TEST_SECRET_KEY)
+    try:
+        with sessions.begin() as session:
+            item_id = make_media_item(
+                session, make_instance(session), state=MediaState.STORED, size=5
+            ).id
+        command.downgrade(migrate.alembic_config(database_url), "0005")
+        migrate.upgrade(database_url)
+        with sessions.begin() as session:
+            row = session.get(MediaItem, item_id)
+            assert row is not None and (row.state, row.size) == ("stored", 5)
+            row.state = MediaState.ERASED
+        with pytest.raises(IntegrityError), sessions.begin() as session:
+            session.execute(
+                update(MediaItem).where(MediaItem.id == item_id).values(state="vanished")
+            )
+        with pytest.raises(RuntimeError, match="purged or erased"):
+            command.downgrade(migrate.alembic_config(database_url), "0005")
+        assert "removed_at" in {c["name"] for c in inspect(engine).get_columns("media_items")}
+    finally:
+        engine.dispose()
