@@ -183,6 +183,9 @@ def worker(
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
     settings.ensure_var_dir()
+    # Before anything imports prometheus_client (serving --metrics-port does): a process that
+    # imported it without the variable keeps its values in memory, where no scrape sees them.
+    _configure_multiprocess_metrics(settings.var_dir)
     if _NODE_NAME not in os.environ:
         # Once per `ingest worker`: its child processes (they have a node name) skip it.
         warn_unreachable(settings, "worker")
@@ -203,7 +206,6 @@ def worker(
         _end_with_parent()
     # The runtime sizes its SQL pool from the settings: make them agree with the flag.
     os.environ["INGEST_WORKER_CONCURRENCY"] = str(total)
-    _configure_multiprocess_metrics(settings.var_dir)
     from tasks.worker import app
 
     app.worker_main(
