@@ -53,8 +53,9 @@ def _age(seconds: float | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of a table.")
 def stats_command(as_json: bool) -> None:
     """Media rows by instance, state and failure reason; the age of the oldest pending or
-    downloading row; and rows at risk: neither stored nor expired, with less than 24 h (and
-    less than 1 h) left of their 7 days."""
+    downloading row; rows at risk: neither stored nor expired, with less than 24 h (and
+    less than 1 h) left of their 7 days; and downstream callback events per instance by
+    delivery state, with the age of the oldest still pending."""
     with _session() as session:
         result = operations.stats(session, utcnow())
     if as_json:
@@ -71,6 +72,16 @@ def stats_command(as_json: bool) -> None:
             ],
             "oldest_pending_seconds": result.oldest_pending_seconds,
             "at_risk": result.at_risk,
+            "callbacks": [
+                {
+                    "instance": c.instance,
+                    "pending": c.pending,
+                    "delivered": c.delivered,
+                    "failed": c.failed,
+                    "oldest_pending_seconds": c.oldest_pending_seconds,
+                }
+                for c in result.callbacks
+            ],
         }
         click.echo(json.dumps(document, sort_keys=True))
         return
@@ -86,6 +97,15 @@ def stats_command(as_json: bool) -> None:
         f"at risk: {result.at_risk['24h']} within 24h, {result.at_risk['1h']} within 1h "
         "of their 7 days"
     )
+    if result.callbacks:
+        click.echo("")
+        deliveries = [
+            (c.instance, c.pending, c.delivered, c.failed, _age(c.oldest_pending_seconds))
+            for c in result.callbacks
+        ]
+        header = ("callbacks", "pending", "delivered", "failed", "oldest pending")
+        for line in _table(header, deliveries):
+            click.echo(line)
 
 
 def _when(name: str, value: str | None) -> datetime | None:

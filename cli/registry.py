@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 from sqlalchemy import select
@@ -225,6 +226,26 @@ def instance_add(
     "marked purged, and the archive answers 404 for it.",
 )
 @click.option("--no-retention", is_flag=True, help="Keep stored media for ever (the default).")
+@click.option(
+    "--callback-url",
+    help="POST a signed event (Standard Webhooks) here when an item is stored, fails or "
+    "expires. Its signing secret: --callback-secret / INGEST_INSTANCE_CALLBACK_SECRET, else "
+    "the one the instance has, else a new one, printed once.",
+)
+@click.option("--no-callback-url", is_flag=True, help="Stop the callbacks (pending events fail).")
+@click.option(
+    "--callback-secret",
+    cls=SecretOption,
+    envvar="INGEST_INSTANCE_CALLBACK_SECRET",
+    help="The callbacks' signing secret (`whsec_` and base64 of 24 to 64 bytes).",
+    is_flag=False,
+    flag_value="",
+)
+@click.option(
+    "--new-callback-secret",
+    is_flag=True,
+    help="Replace the callbacks' signing secret with a new one, printed once.",
+)
 def instance_update(
     name: str,
     api_key: str | None,
@@ -235,6 +256,10 @@ def instance_update(
     allow_unsigned: bool | None,
     retention_days: int | None,
     no_retention: bool,
+    callback_url: str | None,
+    no_callback_url: bool,
+    callback_secret: str | None,
+    new_callback_secret: bool,
 ) -> None:
     """Replace some of NAME's secrets (after a leak, or a new app secret at Meta); the ones
     not given stay as they are. A secret comes from its flag, its INGEST_INSTANCE_*
@@ -263,23 +288,48 @@ def instance_update(
         changed.append("unsigned webhooks " + ("accepted" if allow_unsigned else "refused"))
     if retention_days is not None and no_retention:
         raise click.UsageError("--retention-days and --no-retention contradict each other")
+    secrets_given = bool(changed)
     retention_given = retention_days is not None or no_retention
     if retention_given:
         changed.append(f"retention {_retention(retention_days)}")
+    if callback_url is not None and no_callback_url:
+        raise click.UsageError("--callback-url and --no-callback-url contradict each other")
+    callback_given = callback_url is not None or no_callback_url
+    if new_callback_secret and callback_url is None:
+        raise click.UsageError("--new-callback-secret goes with --callback-url")
+    # Read only beside --callback-url: a variable left over in the environment must not
+    # refuse, or change, anything else.
+    callback_secret = callback_secret if callback_url is not None else None
+    rotating = bool(callback_secret) or new_callback_secret
+    if callback_given:
+        changed.append("callback URL " + ("removed" if no_callback_url else "set"))
     if not changed:
         raise click.UsageError("nothing to change: give at least one secret or flag")
     settings = load_settings()
+    shown_secret = None
     with _session(settings) as session:
-        secrets_given = len(changed) > int(retention_given)
+        box = secret_box(settings)
+        updated = accounts.get_instance(session, name)
         if secrets_given:
-            updated = accounts.update_instance(session, name, changes, secret_box(settings))
+            updated = accounts.update_instance(session, name, changes, box)
         if retention_given:
             updated = accounts.set_retention(session, name, retention_days)
+        if callback_given:
+            from ingest import callbacks
+
+            kept = updated.callback_secret_encrypted
+            secret = callback_secret or (None if rotating or kept is None else box.decrypt(kept))
+            chosen = callbacks.configure(session, updated, callback_url, secret, box)
+            shown_secret = chosen if chosen is not None and chosen != secret else None
         auth = _webhook_auth(updated)
         disconnected = not updated.connected
     # Names of what changed, never the values: a variable left over from another command
     # would otherwise change a secret unnoticed.
     click.echo(f"instance {name} updated: {', '.join(changed)} (webhooks: {auth})")
+    if shown_secret is not None:
+        # Alone on the last line, like a new token: the receiver needs it to check signatures.
+        click.echo("the callbacks' signing secret (shown once):", err=True)
+        click.echo(shown_secret)
     if disconnected and api_key is not None:
         # A provider 401 is what usually disconnects an instance; a new key does not undo it.
         click.echo(
@@ -332,6 +382,12 @@ def instance_connect(name: str) -> None:
     click.echo(f"instance {name} connected")
 
 
+def _callback_origin(url: str) -> str:
+    # The path and query may carry a receiver's token: the listing shows where, not how.
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def _retention(days: int | None) -> str:
     return "for ever" if days is None else f"{days} day{'s' if days != 1 else ''}"
 
@@ -380,6 +436,8 @@ def instance_list() -> None:
             )
             if row.retention_days is not None:
                 line += f"\tretention={_retention(row.retention_days)}"
+            if row.callback_url:
+                line += f"\tcallback={_callback_origin(row.callback_url)}"
             if not row.connected:
                 if row.disconnected_at is not None:
                     line += f"\tsince={_when(row.disconnected_at)}"

@@ -184,6 +184,20 @@ class HostPolicy:
         )
 
 
+@dataclass(frozen=True)
+class PublicAddressPolicy(HostPolicy):
+    """Any host name and port (an operator configured the URL, as with callbacks), but the
+    addresses a name resolves to must be public unless that literal address is listed
+    (entries: ``address`` for 80 and 443, or ``address:port``), checked at connection time
+    by the same guarded backend as media downloads."""
+
+    def url_allowed(self, origin: Origin) -> bool:
+        return True
+
+    def name_allowed(self, host: str, port: int) -> bool:
+        return True
+
+
 def _port_matches(listed: int | None, port: int, defaults: set[int]) -> bool:
     return port == listed if listed is not None else port in defaults
 
@@ -243,6 +257,11 @@ class _RefusedAddress(Exception):
     def __init__(self, host: str) -> None:
         super().__init__(host)
         self.host = host
+
+
+# What a client from :func:`guarded_client` raises when every address of a host is refused;
+# it passes through httpx untouched (it is not an httpx error).
+RefusedAddress = _RefusedAddress
 
 
 class _Identity:
@@ -549,6 +568,27 @@ class _GuardedTransport(httpx.HTTPTransport):
         )
 
 
+def guarded_client(
+    policy: HostPolicy,
+    *,
+    timeout: float,
+    user_agent: str,
+    resolver: Resolver | None = None,
+    max_connections: int = 4,
+) -> httpx.Client:
+    """A plain httpx client whose connections pass the address guard of ``policy``: no
+    redirects followed, no proxies or cookies from anywhere. For requests other than the
+    provider's (callbacks); a refused address raises :data:`RefusedAddress`."""
+    return httpx.Client(
+        transport=_GuardedTransport(policy, resolver or system_resolver, max_connections),
+        follow_redirects=False,
+        trust_env=False,
+        timeout=httpx.Timeout(timeout),
+        headers={"User-Agent": user_agent},
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+    )
+
+
 __all__ = [
     "ACCEPT_ENCODING",
     "MAX_REDIRECTS",
@@ -558,5 +598,8 @@ __all__ = [
     "EgressResponse",
     "HostPolicy",
     "Origin",
+    "PublicAddressPolicy",
+    "RefusedAddress",
+    "guarded_client",
     "system_resolver",
 ]

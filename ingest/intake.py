@@ -22,6 +22,7 @@ from sqlalchemy import Connection, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from ingest import callbacks
 from ingest.accounts import hash_secret, secret_matches
 from ingest.events import MediaEvent
 from ingest.media_rules import over_send_limit, queue_for
@@ -261,7 +262,8 @@ def record_events(
     bare Core connection (the receiver's choice: it has no ORM objects to track). Uses the dialect's
     ``INSERT .. ON CONFLICT DO NOTHING .. RETURNING``, so concurrent deliveries of one message
     race safely in the database and exactly one of them learns the row is new. Provider error
-    events become ``failed`` rows and get no job.
+    events become ``failed`` rows and get no job; they are announced to their instance's
+    callback URL (ingest.callbacks) in the same transaction.
     """
     unique: dict[tuple[int, str], RoutedEvent] = {}
     for routed in events:
@@ -276,6 +278,7 @@ def record_events(
     jobs: list[DownloadJob] = []
     new = failed = 0
     inserted: set[tuple[int, str]] = set()
+    failed_ids: list[int] = []
     for start in range(0, len(rows), INSERT_CHUNK):
         chunk = rows[start : start + INSERT_CHUNK]
         for item_id, instance_id, message_id in session.execute(stmt, chunk):
@@ -284,11 +287,14 @@ def record_events(
             routed = unique[(instance_id, message_id)]
             if routed.event.fault is not None:
                 failed += 1
+                failed_ids.append(item_id)
                 continue
             queue = queue_for(
                 routed.event.media_type, routed.event.file_size, settings.large_media_bytes
             )
             jobs.append(DownloadJob(media_item_id=item_id, queue=queue))
+    if failed_ids:
+        callbacks.announce(session, failed_ids, received_at)
     repeated = [
         key for key, routed in unique.items() if key not in inserted and routed.event.fault is None
     ]
@@ -338,8 +344,11 @@ def _rewake_repeated(
 
 
 def is_one_insert(events: Sequence[RoutedEvent]) -> bool:
-    """Does :func:`record_events` write these in a single statement (atomic by itself)?"""
-    return len(events) <= INSERT_CHUNK
+    """Does :func:`record_events` write these in a single statement (atomic by itself)?
+
+    Not when a provider error event is among them: its ``failed`` row may be announced to a
+    callback URL, a second statement that must share the insert's transaction."""
+    return len(events) <= INSERT_CHUNK and all(routed.event.fault is None for routed in events)
 
 
 def forget_enqueued(session: Session | Connection, jobs: Sequence[DownloadJob]) -> None:

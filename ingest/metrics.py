@@ -18,6 +18,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from ingest.models import Provider
+
 WEBHOOK_REQUESTS = Counter(
     "ingest_webhook_requests_total", "Webhook POSTs answered, by HTTP status.", ["status"]
 )
@@ -42,8 +44,9 @@ PROVIDER_ERRORS = Counter(
 )
 BUDGET_BLOCKED = Counter(
     "ingest_error_budget_blocked_total",
-    "Provider calls not made because the number's error budget was spent.",
-    ["budget"],
+    "Provider calls not made because the number's error budget was spent, by provider and "
+    "budget (media: every media GET of a number; lookup: 360dialog's media-id lookups).",
+    ["provider", "budget"],
 )
 INSTANCE_DISCONNECTS = Counter(
     "ingest_instance_disconnects_total",
@@ -96,9 +99,29 @@ LEASE_LOSSES = Counter(
     "ingest_lease_losses_total",
     "Leases that ran out (a worker died or stalled), counted by the reconciler.",
 )
+CALLBACK_DELIVERIES = Counter(
+    "ingest_callback_deliveries_total",
+    "Callback POSTs by outcome: delivered (2xx), retry (will be sent again), failed (gave up).",
+    ["outcome"],
+)
+CALLBACK_EVENTS = Gauge(
+    "ingest_callback_events",
+    "Callback events by state (pending, delivered, failed), at the last reconciler pass.",
+    ["state"],
+    multiprocess_mode="mostrecent",
+)
 API_REQUESTS = Counter(
     "ingest_api_requests_total", "Archive API answers, by route and status.", ["route", "status"]
 )
+
+# Counters over a fixed set of labels start at zero in every process: their rate (and an
+# alert on it) exists from the first scrape instead of appearing with the first event.
+for _provider in Provider:
+    URL_RESOLUTIONS.labels(_provider.value)
+    BUDGET_BLOCKED.labels(_provider.value, "media")
+BUDGET_BLOCKED.labels(Provider.D360.value, "lookup")
+for _outcome in ("delivered", "retry", "failed"):
+    CALLBACK_DELIVERIES.labels(_outcome)
 
 
 def render() -> bytes:

@@ -11,7 +11,7 @@ from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from ingest import accounts
-from ingest.models import Instance, MediaItem, MediaState
+from ingest.models import CallbackEvent, Instance, MediaItem, MediaState
 
 AT_RISK_WINDOWS = {"24h": timedelta(hours=24), "1h": timedelta(hours=1)}
 ACTIVE_STATES = (MediaState.PENDING, MediaState.DOWNLOADING)
@@ -37,6 +37,18 @@ class StateCount:
 
 
 @dataclass(frozen=True)
+class CallbackCount:
+    """One instance's downstream callback events by delivery state."""
+
+    instance: str
+    pending: int = 0
+    delivered: int = 0
+    failed: int = 0
+    # Age of its oldest event still pending (None: none pending).
+    oldest_pending_seconds: float | None = None
+
+
+@dataclass(frozen=True)
 class Stats:
     now: datetime
     counts: list[StateCount]
@@ -44,6 +56,8 @@ class Stats:
     oldest_pending_seconds: float | None
     # Rows neither stored nor expired whose 7 days end within each window from now.
     at_risk: dict[str, int]
+    # Instances that have callback events, by name.
+    callbacks: list[CallbackCount] = field(default_factory=list)
 
 
 def stats(session: Session, now: datetime) -> Stats:
@@ -75,7 +89,37 @@ def stats(session: Session, now: datetime) -> Stats:
         for label, window in AT_RISK_WINDOWS.items()
     }
     age = max((now - oldest).total_seconds(), 0.0) if oldest is not None else None
-    return Stats(now=now, counts=counts, oldest_pending_seconds=age, at_risk=at_risk)
+    return Stats(
+        now=now,
+        counts=counts,
+        oldest_pending_seconds=age,
+        at_risk=at_risk,
+        callbacks=_callback_counts(session, now),
+    )
+
+
+def _callback_counts(session: Session, now: datetime) -> list[CallbackCount]:
+    rows = session.execute(
+        select(Instance.name, CallbackEvent.state, func.count(), func.min(CallbackEvent.created_at))
+        .join(Instance, Instance.id == CallbackEvent.instance_id)
+        .group_by(Instance.name, CallbackEvent.state)
+    ).all()
+    by_instance: dict[str, dict[str, int]] = {}
+    oldest: dict[str, float] = {}
+    for name, state, count, first in rows:
+        by_instance.setdefault(str(name), {})[str(state)] = int(count)
+        if state == "pending" and first is not None:
+            oldest[str(name)] = max((now - first).total_seconds(), 0.0)
+    return [
+        CallbackCount(
+            instance=name,
+            pending=states.get("pending", 0),
+            delivered=states.get("delivered", 0),
+            failed=states.get("failed", 0),
+            oldest_pending_seconds=oldest.get(name),
+        )
+        for name, states in sorted(by_instance.items())
+    ]
 
 
 @dataclass(frozen=True)

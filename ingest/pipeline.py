@@ -50,7 +50,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.dml import Update
 
-from ingest import metrics
+from ingest import callbacks, metrics
 from ingest.db import DATABASE_DOWN, one_statement_engine, session_scope
 from ingest.error_budget import (
     BudgetExhausted,
@@ -163,6 +163,9 @@ class WorkItem:
     # The webhook's signed URL, only while fresh. Confidential: never logged.
     fresh_url: str | None = field(repr=False)
     had_url: bool
+    # The instance had a callback URL at claim time: a terminal result is announced
+    # (ingest.callbacks) in the transaction that records it. False costs no statement.
+    announces: bool = False
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,7 @@ _INSTANCE_COLUMNS = (
     Instance.provider.label("instance_provider"),
     Instance.phone_number_id.label("instance_phone_number_id"),
     Instance.api_key_encrypted.label("instance_api_key_encrypted"),
+    Instance.callback_url.is_not(None).label("instance_announces"),
 )
 
 # PostgreSQL: the instance's columns come back from the same statement (UPDATE .. FROM), one
@@ -357,6 +361,9 @@ class Pipeline:
         self.settings = settings
         self.sessions = sessions
         self._one_statement = one_statement_engine(sessions)
+        # For the few finishing writes that are two statements (the record and its callback
+        # event): a real transaction on every backend.
+        self._transactional = sessions.kw["bind"]
         self.storage = storage
         self.budget = budget
         self.clients = clients
@@ -584,6 +591,7 @@ class Pipeline:
             expires_at=item.expires_at,
             fresh_url=item.download_url if fresh else None,
             had_url=item.download_url is not None,
+            announces=bool(instance.instance_announces),
         )
 
     # --- locate, download, verify ----------------------------------------------------------
@@ -798,8 +806,15 @@ class Pipeline:
         }
 
         def write() -> int:
-            with self._one_statement.begin() as connection:
-                return int(getattr(connection.execute(_RECORD_STORED, record), "rowcount", 0))
+            if not work.announces:
+                with self._one_statement.begin() as connection:
+                    return int(getattr(connection.execute(_RECORD_STORED, record), "rowcount", 0))
+            # The event is written in the transaction that records the copy (the outbox).
+            with self._transactional.begin() as connection:
+                recorded = int(getattr(connection.execute(_RECORD_STORED, record), "rowcount", 0))
+                if recorded == 1:
+                    callbacks.announce(connection, [work.id], now)
+                return recorded
 
         if self._through_outage(write, work) != 1:
             # The object is in place under its deterministic key; whoever holds the lease
@@ -871,11 +886,17 @@ class Pipeline:
         now: datetime,
     ) -> None:
         with session_scope(self.sessions) as session:
-            session.execute(
+            written = session.execute(
                 self._guarded_update(work)
                 .values(**values)
                 .execution_options(synchronize_session=False)
             )
+            if (
+                work.announces
+                and decision.state in (MediaState.FAILED, MediaState.EXPIRED)
+                and getattr(written, "rowcount", 0) == 1
+            ):
+                callbacks.announce(session, [work.id], now)
             if decision.disconnect:
                 # Only the attempt that flips the instance says so: other rows of the same
                 # instance often meet the same 401 moments later.
@@ -955,7 +976,7 @@ def _log_finish_waiting(state: tenacity.RetryCallState) -> None:
 def _failure_for(exc: Exception, endpoint: str, provider: Provider) -> AttemptFailed:
     """Provider and budget errors -> the outcome the retry table knows them by."""
     if isinstance(exc, BudgetExhausted):
-        metrics.BUDGET_BLOCKED.labels(exc.key.split(":", 1)[0]).inc()
+        metrics.BUDGET_BLOCKED.labels(provider.value, exc.key.split(":", 1)[0]).inc()
         return AttemptFailed(
             Outcome.BUDGET_EXHAUSTED,
             f"error budget for this number is spent ({endpoint})",

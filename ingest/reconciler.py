@@ -10,7 +10,8 @@ One pass, each step its own short transaction:
 
 1. expire rows whose media id passed its 7 days without a copy (and no live lease);
 2. give up on rows whose lease ran out ``max_lease_losses`` times: a row that keeps
-   killing its worker (``failed``, ``worker_lost``);
+   killing its worker (``failed``, ``worker_lost``); rows of steps 1 and 2 are announced
+   to their instance's callback URL in the same transaction (ingest.callbacks);
 3. put the other rows with a lapsed lease back to ``pending``, due now, one more loss
    counted;
 4. purge signed URLs that are stale or no longer needed;
@@ -24,8 +25,6 @@ One pass, each step its own short transaction:
 from __future__ import annotations
 
 import logging
-import random
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -34,18 +33,19 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ingest import metrics
+from ingest import callbacks, metrics
 from ingest.db import DATABASE_DOWN, session_scope
 from ingest.intake import forget_enqueued, wake_timeout
 from ingest.media_rules import queue_for
 from ingest.models import (
-    TERMINAL_STATES,
+    CallbackEvent,
     MaintenanceTurn,
     MediaItem,
     MediaState,
     MediaType,
     utcnow,
 )
+from ingest.periodic import PeriodicThread
 from ingest.queues import MEDIA_QUEUES, DownloadJob, DownloadScheduler, SchedulerUnavailable
 from ingest.retry_policy import FAILURE_REASONS
 from ingest.settings import Settings
@@ -113,38 +113,15 @@ def take_turn(
     return True
 
 
-class ReconcilerLoop:
-    """Offers to run the reconciler about once per interval, from a daemon thread.
+class ReconcilerLoop(PeriodicThread):
+    """Offers to run the reconciler about once per interval (see :mod:`ingest.periodic`).
 
-    Runs in every worker process: its own thread means a pass never waits behind downloads
-    (all download threads blocked on a stalled store, say), and the turn in SQL means the
-    deployment runs one pass per interval however many workers offer. Any error is logged
-    and the loop goes on: it is the part that must outlive every other failure.
+    Runs in every worker process; the turn in SQL means the deployment runs one pass per
+    interval however many workers offer.
     """
 
     def __init__(self, run_pass: Callable[[], object], interval_seconds: float) -> None:
-        self._run_pass = run_pass
-        self._interval = interval_seconds
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _loop(self) -> None:
-        # Processes started together spread their offers over the interval.
-        delay = random.uniform(0, self._interval)
-        while not self._stop.wait(delay):
-            try:
-                self._run_pass()
-            except Exception:  # logged; the next interval tries again
-                log.exception("reconcile pass failed; trying again in %.0f s", self._interval)
-            delay = self._interval * random.uniform(0.9, 1.1)
+        super().__init__("reconciler", run_pass, interval_seconds)
 
 
 def reconcile(
@@ -191,8 +168,8 @@ def measure_backlog(
     sessions: sessionmaker[Session], now: datetime, depths: dict[str, int] | None
 ) -> None:
     """Set the backlog gauges: rows by state and reason, rows at risk of their 7 days, the
-    oldest unfinished row, the queues' ``depths`` (None: the broker could not say). Once per
-    pass, so scrapes cost nothing."""
+    oldest unfinished row, the queues' ``depths`` (None: the broker could not say), callback
+    events by state. Once per pass, so scrapes cost nothing."""
     unfinished = MediaItem.state.in_(ACTIVE_STATES)
     labels = list(AT_RISK_WINDOWS)
     with session_scope(sessions) as session:
@@ -211,6 +188,9 @@ def measure_backlog(
                 ),
             ).where(unfinished)
         ).one()
+        callback_counts = session.execute(
+            select(CallbackEvent.state, func.count()).group_by(CallbackEvent.state)
+        ).all()
     at_risk = dict(zip(labels, (int(count or 0) for count in risk), strict=True))
     # Every known pair is written each pass, zeros included: with several processes taking
     # turns, a pair only one of them ever wrote would otherwise keep its old value.
@@ -227,57 +207,78 @@ def measure_backlog(
     )
     for queue, depth in (depths or {}).items():
         metrics.QUEUE_DEPTH.labels(queue).set(depth)
+    events = dict.fromkeys((state.value for state in callbacks.EventState), 0)
+    events.update({str(state): int(count) for state, count in callback_counts})
+    for state_label, count in events.items():
+        metrics.CALLBACK_EVENTS.labels(state_label).set(count)
 
 
 def expire_overdue(sessions: sessionmaker[Session], now: datetime) -> int:
+    """Rows past their 7 days without a copy become ``expired``, announced downstream in the
+    same transaction."""
     with session_scope(sessions) as session:
-        result = session.execute(
-            update(MediaItem)
-            .where(MediaItem.state.in_(ACTIVE_STATES))
-            .where(MediaItem.expires_at <= now)
-            .where((MediaItem.lease_until.is_(None)) | (MediaItem.lease_until < now))
-            .values(
-                state=MediaState.EXPIRED,
-                last_error="media id expired (7 days) before a copy was stored",
-                download_url=None,
-                lease_owner=None,
-                lease_until=None,
-                updated_at=now,
+        expired = (
+            session.execute(
+                update(MediaItem)
+                .where(MediaItem.state.in_(ACTIVE_STATES))
+                .where(MediaItem.expires_at <= now)
+                .where((MediaItem.lease_until.is_(None)) | (MediaItem.lease_until < now))
+                .values(
+                    state=MediaState.EXPIRED,
+                    last_error="media id expired (7 days) before a copy was stored",
+                    download_url=None,
+                    lease_owner=None,
+                    lease_until=None,
+                    updated_at=now,
+                )
+                .returning(MediaItem.id)
+                .execution_options(synchronize_session=False)
             )
-            .execution_options(synchronize_session=False)
+            .scalars()
+            .all()
         )
-        return _count(result)
+        if expired:
+            callbacks.announce(session, expired, now)
+        return len(expired)
 
 
 def recover_lapsed_leases(
     sessions: sessionmaker[Session], settings: Settings, now: datetime
 ) -> tuple[int, int]:
-    """(rows failed as worker_lost, rows put back to pending), in one transaction."""
+    """(rows failed as worker_lost, rows put back to pending), in one transaction; the
+    failed ones are announced downstream in it."""
     lapsed = (
         (MediaItem.state == MediaState.DOWNLOADING)
         & MediaItem.lease_until.is_not(None)
         & (MediaItem.lease_until < now)
     )
     with session_scope(sessions) as session:
-        lost = session.execute(
-            update(MediaItem)
-            .where(lapsed)
-            .where(MediaItem.lease_losses + 1 >= settings.max_lease_losses)
-            .values(
-                state=MediaState.FAILED,
-                failure_reason="worker_lost",
-                lease_losses=MediaItem.lease_losses + 1,
-                last_error=(
-                    f"lease ran out {settings.max_lease_losses} times: the item keeps "
-                    "stopping its worker"
-                ),
-                download_url=None,
-                lease_owner=None,
-                lease_until=None,
-                updated_at=now,
+        lost = (
+            session.execute(
+                update(MediaItem)
+                .where(lapsed)
+                .where(MediaItem.lease_losses + 1 >= settings.max_lease_losses)
+                .values(
+                    state=MediaState.FAILED,
+                    failure_reason="worker_lost",
+                    lease_losses=MediaItem.lease_losses + 1,
+                    last_error=(
+                        f"lease ran out {settings.max_lease_losses} times: the item keeps "
+                        "stopping its worker"
+                    ),
+                    download_url=None,
+                    lease_owner=None,
+                    lease_until=None,
+                    updated_at=now,
+                )
+                .returning(MediaItem.id)
+                .execution_options(synchronize_session=False)
             )
-            .execution_options(synchronize_session=False)
+            .scalars()
+            .all()
         )
+        if lost:
+            callbacks.announce(session, lost, now)
         released = session.execute(
             update(MediaItem)
             .where(lapsed)
@@ -292,7 +293,7 @@ def recover_lapsed_leases(
             )
             .execution_options(synchronize_session=False)
         )
-        return _count(lost), _count(released)
+        return len(lost), _count(released)
 
 
 def purge_urls(sessions: sessionmaker[Session], now: datetime) -> int:
@@ -305,7 +306,7 @@ def purge_urls(sessions: sessionmaker[Session], now: datetime) -> int:
                 or_(
                     MediaItem.url_deadline.is_(None),
                     MediaItem.url_deadline <= now,
-                    MediaItem.state.in_(list(TERMINAL_STATES)),
+                    MediaItem.state.not_in(ACTIVE_STATES),
                 )
             )
             .values(download_url=None)

@@ -223,6 +223,18 @@ class Settings(BaseSettings):
     # this, every client shares the proxy's address.
     web_forwarded_hops: int = Field(default=0, ge=0)
 
+    # Downstream callbacks (ingest.callbacks). The operator names the callback URL, so any
+    # host and port may be used, but the addresses it resolves to must be public unless the
+    # literal address is listed here (``address:port``, or without a port for 80 and 443),
+    # the rule media downloads follow.
+    callback_private_addresses: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Per phase (connect, write, read) of one POST.
+    callback_timeout_seconds: float = Field(default=10.0, gt=0)
+    # An event not delivered this long after it was created is given up (``failed``).
+    callback_give_up_hours: float = Field(default=24.0, gt=0)
+    # How often each worker process looks for events that are due.
+    callback_interval_seconds: float = Field(default=2.0, gt=0)
+
     # Archive API.
     api_rate_limit: str = "100/minute"
     # Failed authentications (archive API tokens, webhook signatures), per client address
@@ -263,6 +275,20 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("must name at least one host")
         return [format_media_host(*split_media_host(entry)) for entry in value]
+
+    @field_validator("callback_private_addresses", mode="before")
+    @classmethod
+    def _parse_addresses(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("callback_private_addresses")
+    @classmethod
+    def _literal_addresses(cls, value: list[str]) -> list[str]:
+        entries = [split_media_host(entry) for entry in value]
+        for host, _port in entries:
+            if _ip(host) is None:
+                raise ValueError(f"{host!r}: list addresses (address or address:port), not names")
+        return [format_media_host(host, port) for host, port in entries]
 
     @field_validator("graph_url", "d360_url")
     @classmethod

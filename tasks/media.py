@@ -7,7 +7,8 @@ HTTP pool, shared by every thread), one error budget and one Pipeline. Tests and
 may install their own with :func:`install_runtime`.
 
 At start the worker also starts its reconciler thread (ingest.reconciler.ReconcilerLoop: the
-pass never waits behind downloads, and does not depend on beat) and its heartbeat
+pass never waits behind downloads, and does not depend on beat), its callback thread
+(ingest.callbacks.CallbackLoop: downstream events, one sender per process) and its heartbeat
 (tasks.heartbeat). On SIGTERM it stops taking tasks and lets transfers finish for at most
 ``worker_shutdown_seconds``; then it hands the rest back (their rows claimable at once by
 another worker) and exits, so a supervisor's grace period is never turned into a SIGKILL.
@@ -26,6 +27,7 @@ from celery import Celery, Task, shared_task
 from celery.signals import worker_init, worker_shutdown, worker_shutting_down
 
 from ingest import logs
+from ingest.callbacks import CallbackLoop, CallbackSender
 from ingest.egress import Egress
 from ingest.pipeline import Pipeline, new_lease_owner
 from ingest.providers import Credentials, ProviderClient, client_for
@@ -57,6 +59,8 @@ class WorkerRuntime:
     egress: Egress | None = None
     reconciler: ReconcilerLoop | None = None
     heartbeat: HeartbeatWriter | None = None
+    callback_sender: CallbackSender | None = None
+    callback_loop: CallbackLoop | None = None
 
     def reconcile(self) -> ReconcileReport | None:
         """One reconciler pass, if no other process ran one in this interval."""
@@ -72,6 +76,12 @@ class WorkerRuntime:
         settings = self.services.settings
         self.reconciler = ReconcilerLoop(self.reconcile, settings.reconcile_interval_seconds)
         self.reconciler.start()
+        if self.callback_sender is None:
+            self.callback_sender = CallbackSender(settings)
+        self.callback_loop = CallbackLoop(
+            self.services.sessions, self.callback_sender, settings.callback_interval_seconds
+        )
+        self.callback_loop.start()
         if settings.worker_heartbeat_file is not None:
             self.heartbeat = HeartbeatWriter(settings.worker_heartbeat_file)
             self.heartbeat.start()
@@ -81,6 +91,10 @@ class WorkerRuntime:
             self.heartbeat.stop()
         if self.reconciler is not None:
             self.reconciler.stop()
+        if self.callback_loop is not None:
+            self.callback_loop.stop()
+        if self.callback_sender is not None:
+            self.callback_sender.close()
         if self.egress is not None:
             self.egress.close()
         self.services.close()

@@ -1,4 +1,5 @@
-"""The retention task: beat's hourly trigger for :func:`ingest.removal.purge_past_retention`.
+"""The retention task: beat's hourly trigger for :func:`ingest.removal.purge_past_retention`,
+and for deleting old delivered or failed callback events (:func:`ingest.callbacks.prune`).
 
 One pass per period for the whole deployment, whatever the number of beats: the pass takes a
 turn in SQL first (as the reconciler does), so a second beat, or an operator's
@@ -13,7 +14,8 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from ingest import logs
+from ingest import callbacks, logs
+from ingest.db import session_scope
 from ingest.models import utcnow
 from ingest.pipeline import new_lease_owner
 from ingest.reconciler import take_turn
@@ -35,4 +37,7 @@ def purge_retention(self: Task) -> dict[str, Any] | None:
             services.sessions, RETENTION_TURN, owner=new_lease_owner(), now=now, period=period
         ):
             return None
-        return asdict(purge_past_retention(services.sessions, services.storage, now))
+        report = asdict(purge_past_retention(services.sessions, services.storage, now))
+        with session_scope(services.sessions) as session:
+            report["callback_events_pruned"] = callbacks.prune(session, now)
+        return report

@@ -45,6 +45,11 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("INGEST_") and not name.startswith("INGEST_TEST_"):
             monkeypatch.delenv(name)
+    # `ingest web` and `ingest worker` set this in their own process, which for a command
+    # invoked in-process is pytest's: set and deleted here, so monkeypatch removes it again
+    # after the test whatever the test's command did.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "unset")
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
 
 
 # --- databases -------------------------------------------------------------------------
