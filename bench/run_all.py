@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 DOC = ROOT / "docs" / "PERFORMANCE.md"
 CHART = ROOT / "docs" / "performance-time-to-stored.png"
-BENCHES = ("webhook_bench", "worker_bench", "api_bench")
+BENCHES = ("webhook_bench", "worker_bench", "api_bench", "storage_bench")
 # Inbound rates the capacity note plans for (media per second).
 RATES = (10, 100, 1000)
 # Fraction of a core a worker process may use before we add another: headroom for bursts.

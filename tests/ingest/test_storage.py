@@ -6,10 +6,12 @@ on S3 in production.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import os
 import random
+import threading
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -310,7 +312,7 @@ def test_put_of_different_bytes_never_overwrites(storage: Storage) -> None:
 
 # MemoryStorage checks and writes under one lock: it has no window to race in.
 @pytest.mark.parametrize("backend", ["local", "moto", "moto_server"])
-@pytest.mark.parametrize("size", [100, 9 * MiB], ids=["single", "multipart"])
+@pytest.mark.parametrize("size", [100, 2 * MiB, 9 * MiB], ids=["single", "spooled", "multipart"])
 def test_conditional_write_settles_a_race(
     storage: Storage, backend: str, size: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -471,6 +473,116 @@ def test_s3_small_put_is_one_request_and_looks_only_after_a_refusal(
         put_bytes(storage, "once", b"other bytes")
     assert calls == ["PutObject", "HeadObject"]
     assert read(storage, "once") == b"first copy"
+    storage.client.close()
+
+
+def _record_requests(storage: S3Storage) -> list[tuple[str, dict[str, str], bool]]:
+    """Every request as sent: operation, headers (lower-case names), sent from this thread."""
+    sent: list[tuple[str, dict[str, str], bool]] = []
+    caller = threading.current_thread()
+
+    def record(request: Any, event_name: str, **_: Any) -> None:
+        headers = {
+            name.lower(): value.decode() if isinstance(value, bytes) else value
+            for name, value in request.headers.items()
+        }
+        sent.append((event_name.rsplit(".", 1)[-1], headers, threading.current_thread() is caller))
+
+    storage.client.meta.events.register("before-send.s3", record)
+    return sent
+
+
+def _b64_sha256(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+@pytest.mark.parametrize("size", [1024, 2 * MiB], ids=["memory", "spooled"])
+def test_s3_single_request_carries_the_pipeline_sha256_and_nothing_hashed_again(
+    moto_server: MotoServer, s3_bucket: str, size: int
+) -> None:
+    """S3 checks the pipeline's own digest; the SDK adds no checksum and signs no payload."""
+    storage = S3Storage(s3_bucket, endpoint_url=moto_server.endpoint_url)
+    sent = _record_requests(storage)
+    data = random.Random(8).randbytes(size)
+    put_bytes(storage, "one", data, "application/pdf")
+    assert [operation for operation, _, _ in sent] == ["PutObject"]
+    _, headers, from_caller = sent[0]
+    assert headers["x-amz-checksum-sha256"] == _b64_sha256(data)
+    assert headers["if-none-match"] == "*"
+    # A hex digest here would mean botocore hashed the body to sign it.
+    assert headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+    assert not [
+        h for h in headers if h.startswith("x-amz-checksum-") and h != "x-amz-checksum-sha256"
+    ]
+    assert "x-amz-trailer" not in headers and "x-amz-sdk-checksum-algorithm" not in headers
+    assert from_caller
+    raw = storage.client.head_object(Bucket=s3_bucket, Key="one")
+    assert (raw["ContentType"], raw["Metadata"]) == ("application/pdf", {"sha256": sha(data)})
+    storage.client.close()
+
+
+def test_s3_multipart_put_sends_sha256_per_part_from_the_calling_thread(
+    moto_server: MotoServer, s3_bucket: str
+) -> None:
+    """S3 has no whole-object SHA256 for multipart: each part carries its own, hashed once."""
+    storage = S3Storage(s3_bucket, endpoint_url=moto_server.endpoint_url)
+    data = random.Random(9).randbytes(9 * MiB)
+    sent = _record_requests(storage)
+    put_bytes(storage, "big", data, "video/mp4")
+    operations = [operation for operation, _, _ in sent]
+    assert operations == [
+        "HeadObject",
+        "CreateMultipartUpload",
+        "UploadPart",
+        "UploadPart",
+        "CompleteMultipartUpload",
+    ]
+    assert all(from_caller for _, _, from_caller in sent), "use_threads=False: no pool"
+    create, first, second, complete = (headers for _, headers, _ in sent[1:])
+    assert create["x-amz-checksum-algorithm"] == "SHA256"
+    assert "x-amz-checksum-sha256" not in create  # no FULL_OBJECT SHA256, which S3 refuses
+    assert first["x-amz-checksum-sha256"] == _b64_sha256(data[: 8 * MiB])
+    assert second["x-amz-checksum-sha256"] == _b64_sha256(data[8 * MiB :])
+    for part in (first, second):
+        assert part["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+        assert "x-amz-checksum-crc32" not in part and "x-amz-trailer" not in part
+    assert complete["if-none-match"] == "*"
+    raw = storage.client.head_object(Bucket=s3_bucket, Key="big")
+    assert (raw["ContentType"], raw["Metadata"]) == ("video/mp4", {"sha256": sha(data)})
+    storage.client.close()
+
+
+def test_s3_multipart_put_over_other_bytes_is_refused_at_completion(
+    moto_server: MotoServer, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The managed transfer's CompleteMultipartUpload carries IfNoneMatch too: the 412 is
+    looked at (same bytes: success; other bytes: refused) and no upload is left behind."""
+    storage = S3Storage(s3_bucket, endpoint_url=moto_server.endpoint_url)
+    original = random.Random(10).randbytes(9 * MiB)
+    put_bytes(storage, "taken", original)
+    monkeypatch.setattr(storage, "_existing_before_write", lambda *args: None)
+    sent = _record_requests(storage)
+    with pytest.raises(StorageError) as refused:
+        put_bytes(storage, "taken", random.Random(11).randbytes(9 * MiB))
+    assert not isinstance(refused.value, StorageIntegrityError)
+    operations = [operation for operation, _, _ in sent]
+    assert operations[-3:] == ["CompleteMultipartUpload", "AbortMultipartUpload", "HeadObject"]
+    sent.clear()
+    assert put_bytes(storage, "taken", original).sha256 == sha(original)
+    assert [operation for operation, _, _ in sent][-2:] == ["AbortMultipartUpload", "HeadObject"]
+    assert storage.client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    assert storage.head("taken").sha256 == sha(original)
+    storage.client.close()
+
+
+def test_s3_mismatched_body_sends_no_bytes(moto_server: MotoServer, s3_bucket: str) -> None:
+    """The spool is verified before the transfer starts: nothing but the look-up is sent."""
+    storage = S3Storage(s3_bucket, endpoint_url=moto_server.endpoint_url)
+    sent = _record_requests(storage)
+    size = 9 * MiB
+    with pytest.raises(StorageIntegrityError):
+        storage.put("bad", generated(size), size=size, sha256=sha(b"other"), content_type="x/y")
+    assert [operation for operation, _, _ in sent] == ["HeadObject"]
     storage.client.close()
 
 
