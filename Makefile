@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]' -c constraints.txt
+	$(BIN)/python -m pip install --quiet -e '.[run,dev]' -c constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,7 +20,7 @@ lock:
 	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	$(PYTHON) -m venv "$$tmp/venv"; \
 	"$$tmp/venv/bin/python" -m pip install --quiet --upgrade pip; \
-	"$$tmp/venv/bin/python" -m pip install --quiet -e '.[dev]'; \
+	"$$tmp/venv/bin/python" -m pip install --quiet -e '.[run,dev]'; \
 	awk '!/^#/ {exit} {print}' constraints.txt > "$$tmp/constraints.txt"; \
 	"$$tmp/venv/bin/python" -m pip freeze --exclude-editable >> "$$tmp/constraints.txt"; \
 	mv "$$tmp/constraints.txt" constraints.txt

@@ -716,9 +716,25 @@ def run_probe(
 # --- following and verifying ------------------------------------------------------------
 
 
-def _bar(total: int, desc: str, quiet: bool, position: int) -> Any:
-    from tqdm import tqdm
+class _NoBar:
+    """Stands in for a progress bar where tqdm is not installed (it comes with `make run`'s
+    extra, not with the service: a container image runs the demo without it)."""
 
+    def __init__(self) -> None:
+        self.n = 0
+
+    def update(self, count: int) -> None:
+        self.n += count
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int, desc: str, quiet: bool, position: int) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
     return tqdm(
         total=total,
         desc=desc,

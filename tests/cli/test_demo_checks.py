@@ -167,3 +167,17 @@ def test_help_says_how_to_point_the_demo_at_a_service_and_a_sandbox() -> None:
     assert result.exit_code == 0
     for words in ("--sandbox", "INGEST_VAR_DIR", "INGEST_DATABASE_URL", "make run", "--keep"):
         assert words in result.output
+
+
+def test_the_demo_runs_without_tqdm(monkeypatch: pytest.MonkeyPatch) -> None:
+    # tqdm comes with `make run`'s extra; an image without it still runs the demo.
+    import sys
+
+    from cli import demo
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    bar = demo._bar(10, "stored", quiet=False, position=0)
+    bar.update(3)
+    bar.update(2)
+    assert bar.n == 5
+    bar.close()
