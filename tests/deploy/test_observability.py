@@ -93,6 +93,7 @@ def test_the_alerts_cover_the_backlog_failures_and_dependencies() -> None:
     assert "ingest_oldest_pending_seconds) > 600" in joined
     assert "ingest_error_budget_blocked_total" in joined
     assert "ingest_dependency_up) == 0" in joined
+    assert 'ingest_callback_deliveries_total{outcome="failed"}' in joined
     consuming = [e for e in exprs.values() if "ingest_queue_depth" in e]
     assert consuming and "rate(ingest_downloads_total[10m])) == 0" in consuming[0]
     severities = {rule["labels"]["severity"] for rule in _rules() if "1h" in rule["expr"]}
