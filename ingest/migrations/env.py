@@ -17,9 +17,13 @@ def run_migrations_online() -> None:
         _run(connection)
         return
     engine = make_engine(config.get_main_option("sqlalchemy.url") or "")
-    with engine.connect() as conn:
-        _run(conn)
-    engine.dispose()
+    try:
+        with engine.connect() as conn:
+            _run(conn)
+    finally:
+        # Also when a migration refuses (0006's downgrade): a pooled connection left to the
+        # garbage collector is a ResourceWarning in whatever runs next.
+        engine.dispose()
 
 
 def _run(connection: object) -> None:
