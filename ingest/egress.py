@@ -37,9 +37,7 @@ from urllib.parse import parse_qsl
 import httpcore
 import httpx
 
-# Module import, not names: ingest.providers imports this module for its clients, and the
-# contract's errors are only looked up when raised, so either module may be imported first.
-from ingest import providers
+from ingest import provider_errors as providers
 from ingest.settings import Settings, split_media_host
 
 # httpx and httpcore log every request line, full URL and query included, at INFO/DEBUG.
@@ -49,7 +47,7 @@ for _noisy in ("httpx", "httpcore"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 if TYPE_CHECKING:
-    from ingest.providers import Endpoint
+    from ingest.provider_errors import Endpoint
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5

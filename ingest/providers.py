@@ -41,7 +41,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -52,9 +52,19 @@ from ingest import egress
 from ingest.events import CDN_ATTACHMENT_PATH, is_attachment_url, is_media_id, unescape_slashes
 from ingest.media_rules import normalize_sha256
 from ingest.models import Provider
+from ingest.provider_errors import (
+    DisallowedHost,
+    Endpoint,
+    MediaNotFound,
+    ProviderAuthError,
+    ProviderError,
+    ProviderRejected,
+    ProviderThrottled,
+    ProviderUnavailable,
+    TooLarge,
+    UrlRejected,
+)
 from ingest.settings import Settings
-
-Endpoint = Literal["lookup", "download"]
 
 log = logging.getLogger(__name__)
 
@@ -82,67 +92,6 @@ class MediaLocation:
             f"MediaLocation(url=<redacted>, mime_type={self.mime_type!r}, "
             f"sha256={self.sha256!r}, file_size={self.file_size!r})"
         )
-
-
-class ProviderError(Exception):
-    """A provider call failed. Messages never contain a URL, a token or a key.
-
-    ``status`` is the HTTP status when there was a response; ``counts_against_budget`` is
-    True when the provider saw an error response (its error-based throttle counts those).
-    """
-
-    retryable = False
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        endpoint: Endpoint,
-        status: int | None = None,
-        counts_against_budget: bool = True,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.endpoint = endpoint
-        self.status = status
-        self.counts_against_budget = counts_against_budget
-        self.retry_after = retry_after
-
-
-class ProviderRejected(ProviderError):
-    """400 (or another 4xx that will never change): never retried."""
-
-
-class ProviderAuthError(ProviderError):
-    """401/403 from the media lookup: the instance's credentials no longer work."""
-
-
-class MediaNotFound(ProviderError):
-    """404 from the media lookup: the media id is unknown or gone."""
-
-
-class UrlRejected(ProviderError):
-    """The CDN refused a download URL (401/403/404/410): it expired; resolve a new one."""
-
-
-class ProviderThrottled(ProviderError):
-    """429: back off (``retry_after`` when the provider said)."""
-
-    retryable = True
-
-
-class ProviderUnavailable(ProviderError):
-    """5xx, timeout, connection failure: back off and retry."""
-
-    retryable = True
-
-
-class DisallowedHost(ProviderError):
-    """A URL (or a redirect hop) points outside the allowlist or at a private address."""
-
-
-class TooLarge(ProviderError):
-    """The body passed the cap (100 MB, or the size the lookup stated): aborted."""
 
 
 class ProviderClient(Protocol):
@@ -451,3 +400,27 @@ def client_for(
     if credentials.provider is Provider.D360:
         return D360Client(credentials, settings, egress)
     return CloudApiClient(credentials, settings, egress)
+
+
+# The contract's errors live in ingest.provider_errors (egress raises them too); they are part
+# of this module's interface for the pipeline and the retry table.
+__all__ = [
+    "LOOKASIDE_HOST",
+    "CloudApiClient",
+    "Credentials",
+    "D360Client",
+    "DisallowedHost",
+    "Endpoint",
+    "MediaLocation",
+    "MediaNotFound",
+    "ProviderAuthError",
+    "ProviderClient",
+    "ProviderError",
+    "ProviderRejected",
+    "ProviderThrottled",
+    "ProviderUnavailable",
+    "TooLarge",
+    "UrlRejected",
+    "client_for",
+    "rewrite_for_d360",
+]

@@ -35,3 +35,23 @@ def test_the_cli_does_not_import_prometheus_client_before_a_process_configures_i
     code = "import sys, cli.main; print('prometheus_client' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _core_imports(path: Path) -> set[str]:
+    """The ``ingest.*`` modules a core module imports (``from ingest import x`` counts x)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("ingest."))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "ingest":
+                names.update(f"ingest.{a.name}" for a in node.names)
+            elif node.module.startswith("ingest."):
+                names.add(node.module)
+    return names
+
+
+def test_egress_does_not_import_the_provider_clients_that_sit_on_it() -> None:
+    # The errors both raise live in ingest.provider_errors: no import cycle between them.
+    assert "ingest.providers" not in _core_imports(CORE / "egress.py")
+    assert "ingest.egress" in _core_imports(CORE / "providers.py")
