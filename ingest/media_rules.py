@@ -17,9 +17,6 @@ from ingest.queues import LARGE_MEDIA, SMALL_MEDIA
 KB = 1024
 MB = 1024 * 1024
 
-# The provider delivers nothing larger (a larger inbound file arrives as an error event).
-PROVIDER_MAX_BYTES = 100 * MB
-
 SEND_LIMITS: dict[MediaType, int] = {
     MediaType.IMAGE: 5 * MB,
     MediaType.AUDIO: 16 * MB,
