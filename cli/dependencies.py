@@ -52,7 +52,7 @@ class Dependency:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class CheckResult:
     name: str
     target: str
     ok: bool
@@ -228,19 +228,19 @@ def _import_what_checks_use(settings: Settings) -> None:
 
 def check_dependencies(
     settings: Settings, *, timeout: float = CHECK_SECONDS, only: tuple[str, ...] | None = None
-) -> list[Outcome]:
+) -> list[CheckResult]:
     """Run every check at once; one still running after about ``timeout`` is a failure."""
     chosen = [dep for dep in dependencies(settings) if only is None or dep.name in only]
     _import_what_checks_use(settings)
-    results: dict[str, Outcome] = {}
+    results: dict[str, CheckResult] = {}
 
     def run(dep: Dependency) -> None:
         try:
             detail = dep.check(settings, timeout)
         except Exception as exc:  # noqa: BLE001 - a check reports any failure, it never raises
-            results[dep.name] = Outcome(dep.name, dep.target, False, describe(exc))
+            results[dep.name] = CheckResult(dep.name, dep.target, False, describe(exc))
         else:
-            results[dep.name] = Outcome(dep.name, dep.target, True, detail)
+            results[dep.name] = CheckResult(dep.name, dep.target, True, detail)
 
     threads = [
         threading.Thread(target=run, args=(dep,), name=f"check-{dep.name}", daemon=True)
@@ -253,14 +253,14 @@ def check_dependencies(
         thread.join(max(0.0, deadline - time.monotonic()))
     return [
         results.get(dep.name)
-        or Outcome(dep.name, dep.target, False, f"no answer within {timeout:g} s")
+        or CheckResult(dep.name, dep.target, False, f"no answer within {timeout:g} s")
         for dep in chosen
     ]
 
 
 def warn_unreachable(
     settings: Settings, process: str, *, timeout: float = CHECK_SECONDS
-) -> list[Outcome]:
+) -> list[CheckResult]:
     """Log one WARNING per dependency that does not answer; the process starts anyway."""
     failed = [
         outcome for outcome in check_dependencies(settings, timeout=timeout) if not outcome.ok

@@ -78,7 +78,10 @@ PRUNE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
-class Decision:
+class Allowance:
+    """What one request may do under its limit, and the figures its answer's headers carry
+    (``ingest.retry_policy.Decision`` is the other kind of decision: a download's next state)."""
+
     allowed: bool
     limit: int
     remaining: int
@@ -104,11 +107,11 @@ def parse_limit(value: str) -> RateLimitItem:
 
 
 class Window(Protocol):
-    def hit(self, item: RateLimitItem, key: str) -> Decision:
+    def hit(self, item: RateLimitItem, key: str) -> Allowance:
         """Count one request under ``key`` if ``item`` allows it, and say so."""
         ...
 
-    def peek(self, item: RateLimitItem, key: str) -> Decision:
+    def peek(self, item: RateLimitItem, key: str) -> Allowance:
         """Whether ``item`` would allow one more request under ``key``; counts nothing."""
         ...
 
@@ -129,23 +132,23 @@ class RedisWindow:
             redis_storage(client, prefix=prefix, key_space=key_space)
         )
 
-    def hit(self, item: RateLimitItem, key: str) -> Decision:
+    def hit(self, item: RateLimitItem, key: str) -> Allowance:
         allowed = self._strategy.hit(item, key)
         return self._decision(item, key, allowed=allowed)
 
-    def peek(self, item: RateLimitItem, key: str) -> Decision:
+    def peek(self, item: RateLimitItem, key: str) -> Allowance:
         return self._decision(item, key, allowed=None)
 
-    def _decision(self, item: RateLimitItem, key: str, *, allowed: bool | None) -> Decision:
+    def _decision(self, item: RateLimitItem, key: str, *, allowed: bool | None) -> Allowance:
         stats = self._strategy.get_window_stats(item, key)
         remaining = max(0, stats.remaining)
         if allowed is None:
             allowed = remaining > 0
         reset = math.ceil(stats.reset_time)
         if allowed:
-            return Decision(True, item.amount, remaining, 0, reset)
+            return Allowance(True, item.amount, remaining, 0, reset)
         retry_after = max(1, math.ceil(stats.reset_time - time.time()))
-        return Decision(False, item.amount, remaining, retry_after, reset)
+        return Allowance(False, item.amount, remaining, retry_after, reset)
 
 
 def _advisory_lock_id(key: str) -> int:
@@ -165,7 +168,7 @@ class SqlWindow:
         self._prune_lock = threading.Lock()
         self._next_prune = 0.0
 
-    def hit(self, item: RateLimitItem, key: str) -> Decision:
+    def hit(self, item: RateLimitItem, key: str) -> Allowance:
         rate_key = item.key_for(key)
         now = time.time()
         with session_scope(self._sessions) as session:
@@ -179,7 +182,7 @@ class SqlWindow:
             self._prune(session, now, postgresql=postgresql)
         return decision
 
-    def peek(self, item: RateLimitItem, key: str) -> Decision:
+    def peek(self, item: RateLimitItem, key: str) -> Allowance:
         # A read: no lock, and on SQLite a deferred transaction that never waits for writers.
         with self._sessions() as session:
             session.connection(execution_options={READ_ONLY_OPTION: True})
@@ -187,7 +190,7 @@ class SqlWindow:
 
     def _decide(
         self, session: Session, item: RateLimitItem, rate_key: str, now: float, *, count_hit: bool
-    ) -> Decision:
+    ) -> Allowance:
         period = item.get_expiry()
         in_window = (ApiRateHit.rate_key == rate_key) & (ApiRateHit.hit_at > _at(now - period))
         count, oldest = session.execute(
@@ -202,7 +205,7 @@ class SqlWindow:
                 )
             first = oldest.timestamp() if oldest is not None else now
             remaining = item.amount - count - (1 if count_hit else 0)
-            return Decision(True, item.amount, remaining, 0, math.ceil(first + period))
+            return Allowance(True, item.amount, remaining, 0, math.ceil(first + period))
         # The slot that frees first is the one that brings the count under the limit (more
         # hits than the limit only after a lower limit was configured).
         frees = session.scalar(
@@ -214,7 +217,9 @@ class SqlWindow:
         )
         assert frees is not None
         free_at = frees.timestamp() + period
-        return Decision(False, item.amount, 0, max(1, math.ceil(free_at - now)), math.ceil(free_at))
+        return Allowance(
+            False, item.amount, 0, max(1, math.ceil(free_at - now)), math.ceil(free_at)
+        )
 
     def _prune(self, session: Session, now: float, *, postgresql: bool) -> None:
         # In the hit's own transaction: on SQLite it already holds the write lock, so a
@@ -324,7 +329,7 @@ class RateLimiter:
     ) -> RateLimiter:
         return cls(window_for(redis=redis, prefix=prefix, sessions=sessions), limit)
 
-    def hit(self, token_hash: str, item: RateLimitItem | None = None) -> Decision:
+    def hit(self, token_hash: str, item: RateLimitItem | None = None) -> Allowance:
         """Count a request of ``token_hash`` against ``item`` (default: the deployment's)."""
         item = item or self.item
         try:
@@ -337,10 +342,10 @@ class RateLimiter:
             )
             return self.unmetered(item)
 
-    def unmetered(self, item: RateLimitItem | None = None) -> Decision:
+    def unmetered(self, item: RateLimitItem | None = None) -> Allowance:
         """What to say when nothing was counted: the whole limit is left, nothing to wait for."""
         amount = (item or self.item).amount
-        return Decision(True, amount, amount, 0, math.ceil(time.time()))
+        return Allowance(True, amount, amount, 0, math.ceil(time.time()))
 
 
 def client_key(address: str | None) -> str:
@@ -399,7 +404,7 @@ class AuthFailureLimiter:
             (self.overall, f"{AUTH_FAILURE_KEY}:all"),
         ]
 
-    def refusal(self, address: str | None) -> Decision | None:
+    def refusal(self, address: str | None) -> Allowance | None:
         """The refusal if ``address`` (or the deployment) has spent its failures, else None."""
         client = client_key(address)
         for item, key in self._windows(client):
@@ -416,10 +421,10 @@ class AuthFailureLimiter:
                 return decision
         return None
 
-    def fail(self, address: str | None) -> Decision:
+    def fail(self, address: str | None) -> Allowance:
         """Count one failed authentication of ``address``; its own window as it now stands."""
         client = client_key(address)
-        decisions: list[Decision] = []
+        decisions: list[Allowance] = []
         for item, key in self._windows(client):
             try:
                 decisions.append(self._window.hit(item, key))
@@ -429,7 +434,7 @@ class AuthFailureLimiter:
                     type(exc).__name__,
                 )
                 decisions.append(
-                    Decision(True, item.amount, item.amount, 0, math.ceil(time.time()))
+                    Allowance(True, item.amount, item.amount, 0, math.ceil(time.time()))
                 )
         own = decisions[0]
         if own.allowed and own.remaining == 0:

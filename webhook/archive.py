@@ -28,7 +28,7 @@ from ingest import archive, metrics, removal
 from ingest.archive import ArchiveError, MediaRecord
 from ingest.db import DATABASE_DOWN, READ_ONLY_OPTION
 from ingest.models import utcnow
-from ingest.rate_limit import AuthFailureLimiter, Decision, RateLimiter, TokenLimits
+from ingest.rate_limit import Allowance, AuthFailureLimiter, RateLimiter, TokenLimits
 from ingest.services import Services
 from ingest.storage import StorageError
 from webhook import openapi
@@ -116,13 +116,13 @@ def _parameters_present() -> bool:
     return True
 
 
-def _too_many(message: str, decision: Decision) -> Response:
+def _too_many(message: str, decision: Allowance) -> Response:
     return error_response(429, message, {"Retry-After": str(decision.retry_after)})
 
 
 @bp.after_request
 def _annotate(response: Response) -> Response:
-    decision: Decision | None = g.get("rate_limit")
+    decision: Allowance | None = g.get("rate_limit")
     if decision is not None:
         response.headers["X-RateLimit-Limit"] = str(decision.limit)
         response.headers["X-RateLimit-Remaining"] = str(decision.remaining)

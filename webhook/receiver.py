@@ -68,7 +68,7 @@ class Rejected(Exception):
 
 
 @dataclass
-class Outcome:
+class RequestSummary:
     """What the request log line reports."""
 
     instance: str = "-"
@@ -119,7 +119,7 @@ def verify(instance: str | None = None) -> Response:
 @bp.post("/webhook/<instance>")
 def receive(instance: str | None = None) -> Response:
     started = time.perf_counter()
-    outcome = Outcome(instance=_loggable(instance) if instance else "-")
+    outcome = RequestSummary(instance=_loggable(instance) if instance else "-")
     status = 500
     try:
         response = _receive(instance, outcome)
@@ -144,7 +144,7 @@ def receive(instance: str | None = None) -> Response:
         )
 
 
-def _receive(instance_name: str | None, outcome: Outcome) -> Response:
+def _receive(instance_name: str | None, outcome: RequestSummary) -> Response:
     services: Services = current_app.extensions["ingest"]
     scheduler: DownloadScheduler = current_app.extensions["ingest.scheduler"]
     settings = services.settings
@@ -290,7 +290,7 @@ def _route_to_instance(
 
 
 def _route_by_phone_number(
-    directory: InstanceDirectory, raw: bytes, outcome: Outcome, max_items: int
+    directory: InstanceDirectory, raw: bytes, outcome: RequestSummary, max_items: int
 ) -> tuple[ParsedWebhook, list[RoutedEvent]]:
     """``POST /webhook``: each change goes to the instance its phone number id names.
 
@@ -336,7 +336,7 @@ def _parse(raw: bytes, max_items: int) -> ParsedWebhook:
 
 
 def _wake_workers(
-    services: Services, scheduler: DownloadScheduler, recorded: Recorded, outcome: Outcome
+    services: Services, scheduler: DownloadScheduler, recorded: Recorded, outcome: RequestSummary
 ) -> None:
     if not recorded.jobs:
         return
