@@ -358,7 +358,8 @@ def fetch_large(port: int, path: str, token: str, verify_sha: str | None) -> tup
 def run(plan: Plan, database_server: str | None, redis_url: str | None) -> dict[str, Any]:
     """PostgreSQL and Redis (the production shape) when given, else the embedded defaults."""
     from ingest import migrate
-    from tests.plugins.processes import ProcessGroup, create_postgres_database
+    from sandbox.processes import ProcessGroup
+    from sandbox.stacks import create_postgres_database
 
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="api-bench-")))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from tests.plugins.processes import ManagedProcess, ProcessGroup
+    from sandbox.processes import ManagedProcess, ProcessGroup
 
 # Given a request id unique within the run, the body and the headers that go with it only
 # (a signature, say). Must be a module-level function: it crosses into spawned processes.
@@ -206,14 +206,12 @@ def gunicorn(
 ) -> tuple[ManagedProcess, int]:
     """``factory`` under gunicorn with ``ingest web``'s settings, on a free port, answering."""
     from ingest.settings import Settings
-    from tests.plugins.processes import ProcessError, free_port, http_answers, wait_for
+    from sandbox.processes import serve_on_free_port
 
     # The default, as `ingest web` runs it (the benchmarks set no INGEST_WEB_THREADS).
     threads = Settings.model_fields["web_threads"].default
 
-    last: ProcessError | None = None
-    for _ in range(3):  # a free port may be taken before gunicorn binds it
-        port = free_port()
+    def start(port: int) -> ManagedProcess:
         argv = [
             sys.executable, "-m", "gunicorn",
             "--bind", f"127.0.0.1:{port}",
@@ -227,13 +225,8 @@ def gunicorn(
         if graceful_timeout is not None:
             argv += ["--graceful-timeout", str(graceful_timeout)]
         argv.append(factory)
-        process = group.start(name, argv, env=env)
-        process.base_url = f"http://127.0.0.1:{port}"
-        try:
-            wait_for(process, http_answers(f"{process.base_url}/healthz"), "answering")
-            return process, port
-        except ProcessError as exc:
-            last = exc
-            process.stop()
-    assert last is not None
-    raise last
+        return group.start(name, argv, env=env)
+
+    process = serve_on_free_port(start, "/healthz")
+    assert process.base_url is not None
+    return process, int(process.base_url.rsplit(":", 1)[1])

@@ -26,9 +26,7 @@ import hashlib
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,21 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from ingest.storage import S3Storage
+from sandbox.stacks import S3_DUMMY_CREDENTIALS, start_moto_server, stop_moto_server
 
 RESULTS = Path(__file__).parent / "results"
 MiB = 1024 * 1024
 # The bound tests/ingest/test_storage.py sets for a 20 MiB put (a quarter of it); fixed, so the
 # tiny run's smaller object is held to the same few MiB rather than to a quarter of itself.
 GOAL_PEAK_MIB = 5.0
-# Dummy credentials: the server does not check them, and no real account can be reached.
-DUMMY_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 
 
 @dataclass(frozen=True)
@@ -65,52 +56,6 @@ class Plan:
 
 FULL = Plan(object_bytes=20 * MiB, rounds=5)
 TINY = Plan(object_bytes=9 * MiB, rounds=1)  # still two parts: the multipart path runs
-
-
-# --- a moto server on a free port (as tests/plugins/s3.py starts one; bench never imports
-# tests) -----------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def start_moto_server(stack: ExitStack) -> str:
-    """The venv's ``moto_server`` on a free local port, stopped with ``stack``; its URL."""
-    executable = Path(sys.executable).parent / "moto_server"
-    if not executable.exists():
-        raise RuntimeError(f"{executable} not found: install the dev extras (moto[server])")
-    for _ in range(3):  # the free port may be taken before the server binds it
-        endpoint_url = f"http://127.0.0.1:{_free_port()}"
-        process = subprocess.Popen(
-            [str(executable), "-H", "127.0.0.1", "-p", endpoint_url.rsplit(":", 1)[1]],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, **DUMMY_CREDENTIALS},
-        )
-        stack.callback(_stop, process)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                httpx.get(f"{endpoint_url}/moto-api/", timeout=1.0)
-                return endpoint_url
-            except httpx.TransportError:
-                time.sleep(0.05)
-        _stop(process)
-    raise RuntimeError("moto_server did not start after 3 attempts")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 # --- measuring ----------------------------------------------------------------------------
@@ -155,9 +100,10 @@ def run(plan: Plan) -> dict[str, Any]:
 
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
         os.environ.pop(name, None)
-    os.environ.update(DUMMY_CREDENTIALS)
+    os.environ.update(S3_DUMMY_CREDENTIALS)
     with ExitStack() as stack:
-        endpoint_url = start_moto_server(stack)
+        moto, endpoint_url = start_moto_server()
+        stack.callback(stop_moto_server, moto)
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="storage-bench-")))
         source = workdir / "spooled.bin"
         sha256 = write_random_file(source, plan.object_bytes)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import hmac
 import json
 import os
 import platform
@@ -34,6 +33,7 @@ from flask import Flask
 from sqlalchemy import func, select
 
 from bench.harness import Request, generate_load, gunicorn, summarise
+from ingest.intake import sign
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_DATABASE = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -144,14 +144,10 @@ def image_body(message_id: str) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
 
-def _signature(body: bytes) -> str:
-    return "sha256=" + hmac.new(APP_SECRET.encode(), body, hashlib.sha256).hexdigest()
-
-
 def signed_image(request_id: str) -> tuple[bytes, dict[str, str]]:
     """A new image message per request, signed as Meta signs it."""
     body = image_body(f"wamid.BENCH.{request_id}")
-    return body, {"X-Hub-Signature-256": _signature(body)}
+    return body, {"X-Hub-Signature-256": sign(body, APP_SECRET)}
 
 
 WEBHOOK = Request(
@@ -219,7 +215,8 @@ def _latency_row(
 
 def run(plan: Plan, database_server: str, redis_url: str, tiny: bool) -> dict[str, Any]:
     from ingest.secrets import generate_key
-    from tests.plugins.processes import ProcessGroup, RedisKeyspace, create_postgres_database
+    from sandbox.processes import ProcessGroup
+    from sandbox.stacks import RedisKeyspace, create_postgres_database
 
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="webhook-bench-")))

@@ -51,35 +51,34 @@ from pydantic import SecretStr
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from cli.demo import (
-    DemoRegistration,
-    SandboxControl,
-    SandboxMedia,
-    media_message,
-    percentile,
-    register,
-    webhook_body,
-)
+from cli.demo_summary import percentile
 from cli.service import thread_shares
 from ingest.db import make_engine, make_session_factory
 from ingest.models import MediaItem, MediaState, Provider
 from ingest.queues import SMALL_MEDIA
 from ingest.secrets import generate_key
 from ingest.settings import Settings
-from sandbox.payloads import sign
-from tests.plugins.processes import (
-    S3_DUMMY_CREDENTIALS,
+from sandbox.client import SandboxControl
+from sandbox.payloads import varied_message, webhook_body
+from sandbox.processes import (
     WORKER_READY_MARKER,
     ManagedProcess,
     ProcessGroup,
-    StackEnv,
     child_environment,
-    embedded_stack_env,
     log_contains,
-    service_stack_env,
     wait_for,
 )
-from tests.plugins.s3 import start_moto_server, stop_moto_server
+from sandbox.provider import SandboxMedia
+from sandbox.registration import DemoRegistration, register
+from sandbox.stacks import (
+    S3_DUMMY_CREDENTIALS,
+    StackEnv,
+    create_bucket,
+    embedded_stack_env,
+    service_stack_env,
+    start_moto_server,
+    stop_moto_server,
+)
 
 RESULTS = Path(__file__).parent / "results"
 KB = 1024
@@ -144,8 +143,6 @@ def bench_stack(root: Path, sandbox_root: str, endpoint_url: str) -> Iterator[St
         stack = service_stack_env(database, redis_url, endpoint_url, **extra)
     else:
         print("worker_bench: missing " + "; ".join(missing) + ": using SQLite", file=sys.stderr)
-        from tests.plugins.processes import create_bucket
-
         bucket = f"ingest-bench-{uuid.uuid4().hex[:12]}"
         create_bucket(endpoint_url, bucket)
         stack = embedded_stack_env(
@@ -282,17 +279,11 @@ class Poster:
         self.count += 1
         wamid = f"wamid.BENCH{uuid.uuid4().hex.upper()}"
         body = webhook_body(
-            self.reg.phone_number_id, media_message(media, wamid, "15551230000", self.count)
+            self.reg.phone_number_id, varied_message(media, wamid, "15551230000", self.count)
         )
         assert self.reg.app_secret is not None
-        response = self.http.post(
-            f"{self.web_url}/webhook",
-            content=body,
-            headers={
-                "Content-Type": "application/json",
-                "X-Hub-Signature-256": sign(self.reg.app_secret, body),
-            },
-        )
+        path, headers = self.reg.webhook_route(body)
+        response = self.http.post(f"{self.web_url}{path}", content=body, headers=headers)
         response.raise_for_status()
         return wamid
 

@@ -11,14 +11,15 @@ from dataclasses import dataclass
 import click
 import httpx
 
-from cli.demo import SandboxControl, SandboxMedia, find_sandbox, missing_database
+from cli.demo_checks import missing_database
 from ingest import accounts
 from ingest.db import make_engine, make_session_factory
 from ingest.models import Provider
 from ingest.secrets import secret_box
 from ingest.settings import Settings, hide_password, load_settings
 from sandbox import payloads
-from sandbox.provider import SandboxConfig, SandboxProvider
+from sandbox.client import SandboxControl, SandboxNotFound, find_sandbox
+from sandbox.provider import SandboxConfig, SandboxMedia, SandboxProvider
 from sandbox.server import make_sandbox_server, media_hosts_for
 
 WEBHOOK_SECRET_VARIABLE = "INGEST_INSTANCE_WEBHOOK_SECRET"  # noqa: S105 - a variable's name
@@ -135,7 +136,7 @@ def webhook_headers(
     only hashed: it comes from INGEST_INSTANCE_WEBHOOK_SECRET)."""
     headers = {"Content-Type": "application/json"}
     if instance.app_secret:
-        headers["X-Hub-Signature-256"] = payloads.sign(instance.app_secret, body)
+        headers["X-Hub-Signature-256"] = payloads.sign(body, instance.app_secret)
     if instance.webhook_secret_header and instance.webhook_secret_hash:
         secret = environ.get(WEBHOOK_SECRET_VARIABLE)
         if not secret:
@@ -162,15 +163,7 @@ class Webhook:
 def webhook_for(instance: InstanceRow, media: SandboxMedia) -> Webhook:
     """The path to post to and the exact body of one inbound media message for ``media``."""
     message_id = payloads.wamid()
-    message = payloads.media_message(
-        media.media_type,
-        media.media_id,
-        message_id=message_id,
-        mime_type=media.mime_type,
-        sha256=media.sha256_hex,
-        url=media.url,
-        filename=f"{media.media_id}.pdf" if media.media_type == "document" else None,
-    )
+    message = payloads.message_for(media, message_id=message_id)
     envelope = payloads.webhook(instance.phone_number_id, messages=[message])
     if instance.provider is Provider.D360:
         # 360dialog posts to the URL configured for the number, with its slashes escaped.
@@ -233,7 +226,10 @@ def send(
     """
     settings = load_settings()
     instance = read_instance(settings, instance_name)
-    root = find_sandbox(sandbox_url, settings.graph_url, os.environ)
+    try:
+        root = find_sandbox(sandbox_url, settings.graph_url, os.environ)
+    except SandboxNotFound as exc:
+        raise SendError(str(exc)) from None
     if root is None:
         raise SendError(
             "no sandbox answers where the service's may be (INGEST_GRAPH_URL, port "
@@ -254,7 +250,7 @@ def send(
     # only the message id.
     click.echo(
         f"sandbox {root} serves {media.media_type} {media.media_id} for {instance.name}: "
-        f"{media.mime_type}, {media.file_size} bytes, sha256 {media.sha256_hex}",
+        f"{media.mime_type}, {media.file_size} bytes, sha256 {media.sha256}",
         err=True,
     )
     target = service_url.rstrip("/") + webhook.path

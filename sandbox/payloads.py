@@ -3,7 +3,9 @@ them, and their ``X-Hub-Signature-256``. Pure functions: tests, ``ingest demo`` 
 
     message = media_message("image", media.media_id, sha256=media.sha256, url=media.url)
     body = encode(webhook(phone_number_id, messages=[message]))
-    headers = {"X-Hub-Signature-256": sign(app_secret, body)}
+    headers = {"X-Hub-Signature-256": sign(body, app_secret)}
+
+``sign`` is the receiver's own (:func:`ingest.intake.sign`), so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ingest import intake
+from ingest.intake import sign as sign
 from sandbox.provider import SandboxMedia
 
 MEDIA_TYPES = ("image", "video", "audio", "document", "sticker")
@@ -90,6 +92,22 @@ def message_for(
         sha256=media.sha256_b64 if sha256_format == "base64" else media.sha256,
         url=media.url if with_url else None,
         **extra,
+    )
+
+
+def varied_message(media: SandboxMedia, message_id: str, sender: str, n: int) -> dict[str, Any]:
+    """The ``n``-th message of a run for ``media``, varied the ways real ones vary (sha256 as
+    hex or base64, captions with non-ASCII text, voice notes)."""
+    kind = media.media_type
+    return message_for(
+        media,
+        sha256_format="base64" if n % 2 else "hex",
+        message_id=message_id,
+        sender=sender,
+        caption=f"demo {kind} {n} ✓" if kind in ("image", "video", "document") else None,
+        filename=f"demo-{n}.pdf" if kind == "document" else None,
+        voice=n % 3 == 0 if kind == "audio" else None,
+        animated=False if kind == "sticker" else None,
     )
 
 
@@ -176,6 +194,6 @@ def encode(body: dict[str, Any], *, escape_slashes: bool = False) -> bytes:
     return text.encode()
 
 
-def sign(app_secret: str, body: bytes) -> str:
-    """``X-Hub-Signature-256``: HMAC-SHA256 of the exact raw body with the app secret."""
-    return intake.sign(body, app_secret)
+def webhook_body(phone_number_id: str, message: dict[str, Any]) -> bytes:
+    """The bytes to post (and sign) of one webhook carrying ``message``."""
+    return encode(webhook(phone_number_id, messages=[message]))

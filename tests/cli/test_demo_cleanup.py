@@ -14,11 +14,13 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cli import demo
+from cli import demo, demo_summary, demo_verify
 from ingest import accounts
 from ingest.models import ApiToken, Instance, MediaItem, MediaState, Provider, utcnow
 from ingest.settings import Settings
 from ingest.storage import MemoryStorage, storage_from_settings
+from sandbox import registration
+from sandbox.provider import SandboxMedia
 from tests.factories import make_instance, make_media_item
 
 
@@ -97,7 +99,7 @@ def demo_settings(make_settings: Any, database_url: str) -> Settings:
 
 
 def test_the_demo_token_has_its_own_rate_limit(demo_settings: Settings, session: Session) -> None:
-    reg = demo.register(demo_settings, Provider.CLOUD, rate_limit=demo.DEMO_RATE_LIMIT)
+    reg = registration.register(demo_settings, Provider.CLOUD, rate_limit=demo.DEMO_RATE_LIMIT)
     row = session.scalar(
         select(ApiToken).where(ApiToken.token_hash == accounts.hash_secret(reg.token))
     )
@@ -107,7 +109,7 @@ def test_the_demo_token_has_its_own_rate_limit(demo_settings: Settings, session:
 def test_the_demo_removes_its_instance_token_rows_and_objects(
     demo_settings: Settings, sessions: sessionmaker[Session]
 ) -> None:
-    reg = demo.register(demo_settings, Provider.CLOUD, rate_limit=demo.DEMO_RATE_LIMIT)
+    reg = registration.register(demo_settings, Provider.CLOUD, rate_limit=demo.DEMO_RATE_LIMIT)
     storage = storage_from_settings(demo_settings)
     with sessions.begin() as session:
         instance = accounts.get_instance(session, reg.instance)
@@ -116,7 +118,7 @@ def test_the_demo_removes_its_instance_token_rows_and_objects(
             make_media_item(session, instance, state=MediaState.STORED, storage_key=key)
             _store(storage, key)
 
-    removed = demo.remove_registration(demo_settings, reg)
+    removed = registration.remove_registration(demo_settings, reg)
 
     assert (removed.media_rows, removed.objects, removed.tokens) == (2, 2, 0)  # token revoked
     with sessions() as session:
@@ -128,17 +130,19 @@ def test_the_demo_removes_its_instance_token_rows_and_objects(
 
 
 def test_summary_says_what_was_removed_or_how_to_look_at_what_was_kept(tmp_path: Path) -> None:
-    removed = demo.Cleanup(removed=accounts.RemovedInstance("demo-1", 41, 40, 0))
-    line = demo.cleanup_line(demo.cleanup_summary(removed, "demo-1", None))
+    removed = demo_summary.Cleanup(removed=accounts.RemovedInstance("demo-1", 41, 40, 0))
+    line = demo_summary.cleanup_line(demo_summary.cleanup_summary(removed, "demo-1", None))
     assert "demo-1" in line and "41 media rows" in line and "40 stored objects" in line
 
-    kept = demo.cleanup_summary(demo.Cleanup(kept=True), "demo-1", tmp_path)
+    kept = demo_summary.cleanup_summary(demo_summary.Cleanup(kept=True), "demo-1", tmp_path)
     assert kept["kept"] is True
-    line = demo.cleanup_line(kept)
+    line = demo_summary.cleanup_line(kept)
     assert f"INGEST_VAR_DIR={tmp_path} ingest media list --instance demo-1" in line
 
-    failed = demo.cleanup_summary(demo.Cleanup(error="StorageError: down"), "demo-1", None)
-    assert "FAILED" in demo.cleanup_line(failed)
+    failed = demo_summary.cleanup_summary(
+        demo_summary.Cleanup(error="StorageError: down"), "demo-1", None
+    )
+    assert "FAILED" in demo_summary.cleanup_line(failed)
 
 
 # --- verification runs while rows are still arriving ------------------------------------------
@@ -146,10 +150,10 @@ def test_summary_says_what_was_removed_or_how_to_look_at_what_was_kept(tmp_path:
 
 class _Verifier:
     def __init__(self) -> None:
-        self.items: list[demo.Sent] = []
+        self.items: list[demo_verify.Sent] = []
         self.waited = False
 
-    def submit(self, item: demo.Sent) -> None:
+    def submit(self, item: demo_verify.Sent) -> None:
         item.verified = True
         self.items.append(item)
 
@@ -164,10 +168,10 @@ class _Verifier:
 def test_follow_hands_each_item_to_the_verifier_once_when_it_is_stored(
     demo_settings: Settings, sessions: sessionmaker[Session]
 ) -> None:
-    reg = demo.register(demo_settings, Provider.CLOUD)
-    media = demo.SandboxMedia("image", "1", "ab" * 32, "q", "image/jpeg", 10, "http://x/")
+    reg = registration.register(demo_settings, Provider.CLOUD)
+    media = SandboxMedia("1", "5550001", "image", "image/jpeg", "ab" * 32, "q", 10, "http://x/")
     now = datetime.now(UTC)
-    sent = [demo.Sent(media, f"wamid.F{n}", now, 200) for n in range(3)]
+    sent = [demo_verify.Sent(media, f"wamid.F{n}", now, 200) for n in range(3)]
     with sessions.begin() as session:
         instance = accounts.get_instance(session, reg.instance)
         make_media_item(

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
-from tests.plugins.processes import free_port
+from sandbox.processes import free_port
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 

@@ -21,7 +21,8 @@ from gunicorn.http import wsgi as gunicorn_wsgi
 
 from cli.service import ACCESS_LOG_FORMAT
 from cli.web_hardening import READ_TIMEOUT_SECONDS, EscapingLogger, escape
-from tests.plugins.processes import ManagedProcess, ProcessGroup, embedded_stack_env
+from sandbox.processes import ManagedProcess, ProcessGroup
+from sandbox.stacks import embedded_stack_env
 
 # --- the escaping itself ---------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.plugins.processes import StackEnv
+from sandbox.stacks import StackEnv
 
 
 @pytest.fixture(params=["embedded", "services"])

@@ -12,13 +12,16 @@ from typing import Any
 import pytest
 from standardwebhooks import Webhook
 
-from cli.demo import SandboxControl, in_process_sandbox, register
+from cli.demo_embedded import in_process_sandbox
 from ingest import callbacks
 from ingest.db import make_engine, make_session_factory, session_scope
 from ingest.models import MediaState, Provider
 from ingest.secrets import secret_box
+from sandbox.client import SandboxControl
+from sandbox.processes import ProcessGroup
+from sandbox.registration import register
+from sandbox.stacks import StackEnv
 from tests.e2e.test_pipeline_e2e import post_media, provider_env, wait_final
-from tests.plugins.processes import ProcessGroup, StackEnv
 from tests.plugins.wsgi import wsgi_server
 
 pytestmark = pytest.mark.e2e
@@ -143,7 +146,7 @@ def test_a_receiver_gets_signed_events_for_a_stored_and_a_failed_item_and_a_retr
         stored_wamid,
         "stored",
     )
-    assert (stored["sha256"], stored["size"]) == (good.sha256_hex, good.file_size)
+    assert (stored["sha256"], stored["size"]) == (good.sha256, good.file_size)
     assert stored["paths"]["base64"] == (
         f"/api/chat/base64/{reg.instance}?messageId={stored_wamid}"
     )

@@ -18,28 +18,25 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from cli import demo
+from cli import demo, demo_summary, demo_verify
 from ingest.db import make_engine, make_session_factory
 from ingest.events import parse_body
 from ingest.intake import signature_valid
 from ingest.models import ApiToken, Instance, MediaItem, MediaState, Provider
+from sandbox import payloads
 from sandbox.payloads import sign
+from sandbox.processes import INGEST, ProcessGroup, child_environment, free_port
+from sandbox.provider import SandboxMedia
 from sandbox.server import media_hosts_for
-from tests.plugins.processes import (
-    INGEST,
-    ProcessGroup,
-    StackEnv,
-    child_environment,
-    embedded_stack_env,
-    free_port,
-)
+from sandbox.stacks import StackEnv, embedded_stack_env
 
 
-def _media(kind: str = "image", size: int = 1000) -> demo.SandboxMedia:
-    return demo.SandboxMedia(
+def _media(kind: str = "image", size: int = 1000) -> SandboxMedia:
+    return SandboxMedia(
         media_type=kind,
         media_id="123",
-        sha256_hex="ab" * 32,
+        phone_number_id="5550001",
+        sha256="ab" * 32,
         sha256_b64=base64.b64encode(bytes.fromhex("ab" * 32)).decode(),
         mime_type="image/jpeg",
         file_size=size,
@@ -61,9 +58,9 @@ def test_plan_has_every_type_with_sizes_in_their_ranges() -> None:
 
 
 def test_webhook_body_is_signed_over_its_exact_bytes_and_parses() -> None:
-    message = demo.media_message(_media("document"), "wamid.X1", "15550001111", 3)
-    body = demo.webhook_body("5550001", message)
-    signature = sign("app-secret", body)
+    message = payloads.varied_message(_media("document"), "wamid.X1", "15550001111", 3)
+    body = payloads.webhook_body("5550001", message)
+    signature = sign(body, "app-secret")
     assert signature_valid(body, signature, "app-secret")
     assert not signature_valid(body + b" ", signature, "app-secret")
     parsed = parse_body(body)
@@ -80,21 +77,25 @@ def test_webhook_body_is_signed_over_its_exact_bytes_and_parses() -> None:
 
 def test_summary_counts_loss_and_corruption_and_fails_the_run() -> None:
     now = datetime.now(UTC)
-    good = demo.Sent(_media(), "w1", now, 200, MediaState.STORED, None, now + timedelta(seconds=1))
+    good = demo_verify.Sent(
+        _media(), "w1", now, 200, MediaState.STORED, None, now + timedelta(seconds=1)
+    )
     good.verified = True
-    corrupt = demo.Sent(_media(), "w2", now, 200, MediaState.STORED, None, now + timedelta(2))
+    corrupt = demo_verify.Sent(
+        _media(), "w2", now, 200, MediaState.STORED, None, now + timedelta(2)
+    )
     corrupt.verified, corrupt.problem = False, "bytes differ from the provider's"
-    lost = demo.Sent(_media("video"), "w3", now, 200, MediaState.FAILED, "provider_error")
+    lost = demo_verify.Sent(_media("video"), "w3", now, 200, MediaState.FAILED, "provider_error")
 
-    summary = demo.summarise([good, corrupt, lost], Provider.CLOUD, "http://x", False)
+    summary = demo_summary.summarise([good, corrupt, lost], Provider.CLOUD, "http://x", False)
     assert summary["sent"] == 3 and summary["stored"] == 2 and summary["verified"] == 1
     assert summary["corrupted"] == 1 and summary["lost"] == 1
     assert summary["failed_by_reason"] == {"provider_error": 1}
     assert summary["seconds_to_stored"]["p50"] is not None
-    assert not demo.demo_ok(summary)
+    assert not demo_summary.demo_ok(summary)
 
-    ok = demo.summarise([good], Provider.CLOUD, "http://x", False)
-    assert demo.demo_ok(ok)
+    ok = demo_summary.summarise([good], Provider.CLOUD, "http://x", False)
+    assert demo_summary.demo_ok(ok)
     assert "secret" not in json.dumps(ok)
 
 

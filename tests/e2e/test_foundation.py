@@ -11,7 +11,8 @@ from sqlalchemy import select
 from ingest.accounts import hash_secret
 from ingest.db import make_engine, make_session_factory
 from ingest.models import ApiToken, Instance
-from tests.plugins.processes import ProcessGroup, StackEnv
+from sandbox.processes import ProcessGroup
+from sandbox.stacks import StackEnv
 
 pytestmark = pytest.mark.e2e
 

@@ -10,17 +10,17 @@ import subprocess
 import httpx
 import pytest
 
-from sandbox.server import media_hosts_for
-from tests.plugins.processes import (
+from sandbox.processes import (
     INGEST,
     WORKER_READY_MARKER,
     ProcessError,
     ProcessGroup,
-    StackEnv,
     child_environment,
     free_port,
     wait_for,
 )
+from sandbox.server import media_hosts_for
+from sandbox.stacks import StackEnv
 
 pytestmark = pytest.mark.e2e
 

@@ -19,22 +19,17 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from cli.demo import (
-    SECRET_HEADER,
-    DemoRegistration,
-    SandboxControl,
-    SandboxMedia,
-    in_process_sandbox,
-    media_message,
-    register,
-    webhook_body,
-)
+from cli.demo_embedded import in_process_sandbox
 from ingest.db import make_engine, make_session_factory
 from ingest.models import TERMINAL_STATES, MediaItem, MediaState, Provider
 from ingest.settings import Settings
-from sandbox.payloads import sign
+from sandbox.client import SandboxControl
+from sandbox.payloads import sign, varied_message, webhook_body
+from sandbox.processes import ProcessGroup, free_port
+from sandbox.provider import SandboxMedia
+from sandbox.registration import SECRET_HEADER, DemoRegistration, register
 from sandbox.server import media_hosts_for
-from tests.plugins.processes import ProcessGroup, StackEnv, free_port
+from sandbox.stacks import StackEnv
 
 pytestmark = pytest.mark.e2e
 
@@ -78,10 +73,10 @@ def provider_env(sandbox_root: str, **extra: str) -> dict[str, str]:
 
 def post_media(web_url: str, reg: DemoRegistration, media: SandboxMedia, n: int) -> str:
     wamid = f"wamid.E2E{n:04d}{media.media_id}"
-    body = webhook_body(reg.phone_number_id, media_message(media, wamid, "15550001111", n))
+    body = webhook_body(reg.phone_number_id, varied_message(media, wamid, "15550001111", n))
     headers = {"Content-Type": "application/json"}
     if reg.app_secret:
-        headers["X-Hub-Signature-256"] = sign(reg.app_secret, body)
+        headers["X-Hub-Signature-256"] = sign(body, reg.app_secret)
         url = f"{web_url}/webhook"
     else:
         assert reg.webhook_secret is not None
@@ -126,7 +121,7 @@ def assert_served_byte_identical(
     assert response.status_code == 200, response.text
     body = response.json()
     data = base64.b64decode(body["base64"], validate=True)
-    assert hashlib.sha256(data).hexdigest() == media.sha256_hex
+    assert hashlib.sha256(data).hexdigest() == media.sha256
     assert len(data) == media.file_size
     assert body["media_type"] == media.media_type
     assert body["message_id"] == wamid
@@ -154,7 +149,7 @@ def test_every_media_type_on_both_providers_is_stored_and_served_identically(
     assert all(state == (MediaState.STORED, None) for state in states.values()), states
     for reg, wamid, media in sent:
         row = rows[wamid]
-        assert row.actual_sha256 == media.sha256_hex
+        assert row.actual_sha256 == media.sha256
         assert row.size == media.file_size
         assert row.download_url is None  # the signed URL is gone once used
         assert_served_byte_identical(web.base_url, reg, wamid, media)
@@ -262,7 +257,7 @@ def test_worker_killed_mid_download_loses_nothing_and_leaves_one_object(
     assert_served_byte_identical(web.base_url, reg, wamid, media)
     objects = _stored_objects(Path(embedded_stack.env["INGEST_VAR_DIR"]) / "media")
     assert len(objects) == 1, objects
-    assert hashlib.sha256(objects[0].read_bytes()).hexdigest() == media.sha256_hex
+    assert hashlib.sha256(objects[0].read_bytes()).hexdigest() == media.sha256
 
 
 def test_a_slow_reader_of_a_large_base64_body_does_not_hold_up_the_web_process(
@@ -303,4 +298,4 @@ def test_a_slow_reader_of_a_large_base64_body_does_not_hold_up_the_web_process(
         received.extend(pieces)
     body = json.loads(b"".join(received))
     data = base64.b64decode(body["base64"], validate=True)
-    assert hashlib.sha256(data).hexdigest() == big.sha256_hex
+    assert hashlib.sha256(data).hexdigest() == big.sha256

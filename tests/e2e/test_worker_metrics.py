@@ -5,14 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.plugins.processes import (
-    INGEST,
-    WORKER_READY_MARKER,
-    ProcessGroup,
-    StackEnv,
-    free_port,
-    wait_for,
-)
+from sandbox.processes import INGEST, WORKER_READY_MARKER, ProcessGroup, free_port, wait_for
+from sandbox.stacks import StackEnv
 
 pytestmark = pytest.mark.e2e
 

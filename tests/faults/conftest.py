@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
+from sandbox.processes import ProcessGroup
+from sandbox.stacks import start_moto_server, stop_moto_server
 from tests.conftest import skip_or_fail
 from tests.faults.harness import RECORDED, FaultStack, MotoProcess, record_early_failure
-from tests.plugins.processes import ProcessGroup
-from tests.plugins.s3 import start_moto_server, stop_moto_server
 from tests.plugins.servers import (
     PostgresCluster,
     ServerError,

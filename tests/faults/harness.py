@@ -45,22 +45,17 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from cli.demo import (
-    DemoRegistration,
-    SandboxControl,
-    SandboxMedia,
-    media_message,
-    register,
-    webhook_body,
-)
 from ingest.db import make_engine
 from ingest.models import TERMINAL_STATES, Instance, MediaItem, MediaState, Provider
 from ingest.secrets import generate_key
 from ingest.settings import Settings
-from sandbox.payloads import sign
+from sandbox.client import SandboxControl
+from sandbox.payloads import sign, varied_message, webhook_body
+from sandbox.processes import ManagedProcess, ProcessGroup
+from sandbox.provider import SandboxMedia
+from sandbox.registration import DemoRegistration, register
 from sandbox.server import media_hosts_for
-from tests.plugins.processes import S3_DUMMY_CREDENTIALS, ManagedProcess, ProcessGroup
-from tests.plugins.s3 import admin_client
+from sandbox.stacks import S3_DUMMY_CREDENTIALS, admin_client
 from tests.plugins.servers import PostgresCluster, RedisServer, TcpGate
 
 # Read at import: the suite's autouse fixture removes INGEST_* variables from the test's
@@ -332,11 +327,11 @@ class FaultStack:
         for n, item in enumerate(media):
             wamid = f"wamid.FAULT{uuid.uuid4().hex.upper()}"
             body = webhook_body(
-                number.phone_number_id, media_message(item, wamid, "15550001111", n)
+                number.phone_number_id, varied_message(item, wamid, "15550001111", n)
             )
             headers = {
                 "Content-Type": "application/json",
-                "X-Hub-Signature-256": sign(number.app_secret, body),
+                "X-Hub-Signature-256": sign(body, number.app_secret),
             }
             out.append(Delivery(number, item, wamid, f"{base}/webhook", body, headers))
         return out
@@ -778,7 +773,7 @@ def _check_objects(
 
         def verify(key: str) -> str | None:
             row = expected[key]
-            want = media_of[row.message_id].sha256_hex
+            want = media_of[row.message_id].sha256
             body = client.get_object(Bucket=stack.bucket, Key=key)["Body"].read()
             got = hashlib.sha256(body).hexdigest()
             if got != want or row.actual_sha256 != want:

@@ -41,7 +41,8 @@ from ingest.storage import (
     storage_from_settings,
     translate_s3_error,
 )
-from tests.plugins.s3 import MotoServer, unique_bucket_name
+from sandbox.stacks import MotoServer
+from tests.plugins.s3 import unique_bucket_name
 
 MiB = 1024 * 1024
 BACKENDS = ["local", "memory", "moto", "moto_server"]

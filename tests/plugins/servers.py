@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.plugins.processes import free_port
+from sandbox.processes import free_port
 
 START_TIMEOUT_SECONDS = 30.0
 

@@ -236,7 +236,7 @@ def test_payloads_parse_and_sign(number: SandboxServer) -> None:
     faults = [e for e in parsed.media if e.fault is not None]
     assert len(faults) == 1 and faults[0].fault is not None
     assert faults[0].fault.reason == "too_large"
-    signature = payloads.sign("app-secret", body)
+    signature = payloads.sign(body, "app-secret")
     expected = hmac.new(b"app-secret", body, hashlib.sha256).hexdigest()
     assert signature == "sha256=" + expected
 

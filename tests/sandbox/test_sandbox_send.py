@@ -15,9 +15,9 @@ from cli.main import cli
 from ingest.models import MediaItem, Provider
 from ingest.queues import RecordingScheduler
 from ingest.services import Services
+from sandbox.processes import free_port
 from sandbox.server import SandboxServer
 from tests.factories import make_instance
-from tests.plugins.processes import free_port
 from tests.plugins.wsgi import wsgi_server
 from webhook.app import create_app
 

@@ -44,17 +44,11 @@ from kombu import Consumer, Exchange, Queue
 from ingest import migrate
 from ingest.queues import SMALL_MEDIA, DownloadJob, SchedulerUnavailable
 from ingest.settings import Settings
+from sandbox.processes import WORKER_READY_MARKER, ManagedProcess, ProcessGroup, free_port, wait_for
 from tasks import lifecycle, redis_transport
 from tasks.celery_app import make_celery
 from tasks.dispatch import CeleryScheduler
 from tests.conftest import skip_or_fail
-from tests.plugins.processes import (
-    WORKER_READY_MARKER,
-    ManagedProcess,
-    ProcessGroup,
-    free_port,
-    wait_for,
-)
 
 AMQP_URL = os.environ.get("INGEST_TEST_AMQP_URL")
 
