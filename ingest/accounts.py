@@ -12,6 +12,7 @@ from datetime import datetime
 from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
+from ingest.media_rows import delete_with_instance
 from ingest.models import Account, ApiToken, CallbackEvent, Instance, MediaItem, Provider, utcnow
 from ingest.rate_limit import parse_limit
 from ingest.secrets import SecretBox
@@ -321,7 +322,7 @@ def remove_instance(
         if key is not None:
             storage.delete(key)
     session.execute(delete(CallbackEvent).where(CallbackEvent.instance_id == instance.id))
-    session.execute(delete(MediaItem).where(MediaItem.instance_id == instance.id))
+    delete_with_instance(session, instance.id)
     tokens = session.execute(delete(ApiToken).where(ApiToken.instance_id == instance.id))
     session.delete(instance)
     session.flush()

@@ -8,7 +8,6 @@ nothing.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import threading
@@ -18,15 +17,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, select, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from ingest import callbacks
+from ingest import callbacks, media_rows
 from ingest.accounts import hash_secret, secret_matches
 from ingest.events import MediaEvent
+from ingest.media_rows import INSERT_CHUNK
+from ingest.media_rows import forget_enqueued as forget_enqueued
 from ingest.media_rules import over_send_limit, queue_for
-from ingest.models import Instance, MediaItem, MediaState, MediaType
+from ingest.models import Instance, MediaType
 from ingest.queues import DownloadJob
 from ingest.secrets import SecretBox, environment_secret_box
 from ingest.settings import Settings
@@ -37,8 +37,6 @@ SIGNATURE_PREFIX = "sha256="
 URL_LIFETIME = timedelta(minutes=5)
 # How long a worker process trusts its cached copy of an instance's route and secrets.
 INSTANCE_CACHE_SECONDS = 5.0
-# Rows per executemany call; SQLAlchemy splits further to stay under parameter limits.
-INSERT_CHUNK = 200
 
 
 class HeaderLookup(Protocol):
@@ -270,29 +268,22 @@ def record_events(
         unique.setdefault((routed.instance_id, routed.event.message_id), routed)
     rows = [_row(routed, settings, received_at) for routed in unique.values()]
 
-    # One statement, built once per dialect and cached compiled; the rows go as executemany
-    # parameters (SQLAlchemy's "insertmanyvalues" batches them into multi-row INSERTs, and
-    # RETURNING answers only the rows that were actually inserted).
-    dialect = session.dialect if isinstance(session, Connection) else session.get_bind().dialect
-    stmt = _insert_statement(dialect.name)
     jobs: list[DownloadJob] = []
     new = failed = 0
     inserted: set[tuple[int, str]] = set()
     failed_ids: list[int] = []
-    for start in range(0, len(rows), INSERT_CHUNK):
-        chunk = rows[start : start + INSERT_CHUNK]
-        for item_id, instance_id, message_id in session.execute(stmt, chunk):
-            new += 1
-            inserted.add((instance_id, message_id))
-            routed = unique[(instance_id, message_id)]
-            if routed.event.fault is not None:
-                failed += 1
-                failed_ids.append(item_id)
-                continue
-            queue = queue_for(
-                routed.event.media_type, routed.event.file_size, settings.large_media_bytes
-            )
-            jobs.append(DownloadJob(media_item_id=item_id, queue=queue))
+    for item_id, instance_id, message_id in media_rows.record(session, rows):
+        new += 1
+        inserted.add((instance_id, message_id))
+        routed = unique[(instance_id, message_id)]
+        if routed.event.fault is not None:
+            failed += 1
+            failed_ids.append(item_id)
+            continue
+        queue = queue_for(
+            routed.event.media_type, routed.event.file_size, settings.large_media_bytes
+        )
+        jobs.append(DownloadJob(media_item_id=item_id, queue=queue))
     if failed_ids:
         callbacks.announce(session, failed_ids, received_at)
     repeated = [
@@ -319,28 +310,13 @@ def _rewake_repeated(
     """Wake rows that a redelivered webhook names, when they are still pending and due and
     their wake-up is old: a provider redelivers when we did not answer, which may mean the
     process that committed the rows died before it could wake anyone."""
-    stale_before = received_at - wake_timeout(settings)
-    jobs: list[DownloadJob] = []
-    for start in range(0, len(keys), INSERT_CHUNK):
-        woken = session.execute(
-            update(MediaItem)
-            .where(
-                tuple_(MediaItem.instance_id, MediaItem.message_id).in_(
-                    keys[start : start + INSERT_CHUNK]
-                )
-            )
-            .where(MediaItem.state == MediaState.PENDING)
-            .where(MediaItem.next_attempt_at <= received_at)
-            .where(MediaItem.enqueued_at.is_(None) | (MediaItem.enqueued_at < stale_before))
-            .values(enqueued_at=received_at)
-            .returning(MediaItem.id, MediaItem.media_type, MediaItem.declared_size)
-            .execution_options(synchronize_session=False)
-        )
-        jobs += [
-            DownloadJob(item_id, queue_for(MediaType(kind), size, settings.large_media_bytes))
-            for item_id, kind, size in woken
-        ]
-    return jobs
+    woken = media_rows.wake_redelivered(
+        session, keys, now=received_at, stale_before=received_at - wake_timeout(settings)
+    )
+    return [
+        DownloadJob(item_id, queue_for(MediaType(kind), size, settings.large_media_bytes))
+        for item_id, kind, size in woken
+    ]
 
 
 def is_one_insert(events: Sequence[RoutedEvent]) -> bool:
@@ -349,35 +325,6 @@ def is_one_insert(events: Sequence[RoutedEvent]) -> bool:
     Not when a provider error event is among them: its ``failed`` row may be announced to a
     callback URL, a second statement that must share the insert's transaction."""
     return len(events) <= INSERT_CHUNK and all(routed.event.fault is None for routed in events)
-
-
-def forget_enqueued(session: Session | Connection, jobs: Sequence[DownloadJob]) -> None:
-    """The wake-ups were not sent: mark the rows as never enqueued, so the reconciler picks
-    them up on its next pass rather than waiting for a wake-up that never left."""
-    if not jobs:
-        return
-    session.execute(
-        update(MediaItem)
-        .where(MediaItem.id.in_([job.media_item_id for job in jobs]))
-        .where(MediaItem.state == MediaState.PENDING)
-        .values(enqueued_at=None)
-    )
-
-
-@functools.cache
-def _insert_statement(dialect_name: str) -> Any:
-    table = MediaItem.__table__
-    if dialect_name == "postgresql":
-        insert: Any = postgresql.insert
-    elif dialect_name == "sqlite":
-        insert = sqlite.insert
-    else:
-        raise NotImplementedError(f"no conflict-ignoring insert for dialect {dialect_name!r}")
-    return (
-        insert(table)
-        .on_conflict_do_nothing(index_elements=["instance_id", "message_id"])
-        .returning(table.c.id, table.c.instance_id, table.c.message_id)
-    )
 
 
 def issued_at(event: MediaEvent, received_at: datetime) -> datetime:
@@ -432,22 +379,5 @@ def _row(routed: RoutedEvent, settings: Settings, received_at: datetime) -> dict
         "stored_at": None,
         "updated_at": received_at,
     }
-    if event.fault is not None:
-        row.update(
-            state=MediaState.FAILED.value,
-            failure_reason=event.fault.reason,
-            last_error=event.fault.describe(),
-            download_url=None,
-            url_deadline=None,
-            enqueued_at=None,
-        )
-    else:
-        # Optimistic: the wake-up is sent right after the commit. If it cannot be,
-        # forget_enqueued() clears this so the reconciler does not wait for it.
-        row.update(
-            state=MediaState.PENDING.value,
-            failure_reason=None,
-            last_error=None,
-            enqueued_at=received_at,
-        )
+    row.update(media_rows.arrival(event.fault, received_at))
     return row

@@ -7,23 +7,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ingest import accounts
+from ingest import accounts, media_rows
+from ingest.media_rows import ACTIVE_STATES
+from ingest.media_rows import REDRIVABLE_AFTER_EXPIRY as REDRIVABLE_AFTER_EXPIRY
+from ingest.media_rows import REDRIVABLE_STATES as REDRIVABLE_STATES
 from ingest.models import CallbackEvent, Instance, MediaItem, MediaState
 
 AT_RISK_WINDOWS = {"24h": timedelta(hours=24), "1h": timedelta(hours=1)}
-ACTIVE_STATES = (MediaState.PENDING, MediaState.DOWNLOADING)
-REDRIVABLE_STATES = (MediaState.FAILED, MediaState.EXPIRED)
-
-# Failure reasons a redrive may still fix once the media id is past its 7 days. Empty, on
-# purpose: every path to the bytes goes through the media id (a fresh URL comes from
-# resolving it), the provider drops it after 7 days, and our own reconciler expires any
-# unfinished row past `expires_at` (and the pipeline refuses one) without a provider call.
-# Redriving such a row would only make it `expired` again within one pass.
-REDRIVABLE_AFTER_EXPIRY: frozenset[str] = frozenset()
-
 BATCH = 500
 SAMPLE_ROWS = 10
 
@@ -159,19 +152,6 @@ class RedriveReport:
     sample: list[SampleRow] = field(default_factory=list)
 
 
-def _fixable_after_expiry(now: datetime) -> ColumnElement[bool]:
-    """SQL: the row may be redriven as far as its 7 days go."""
-    if not REDRIVABLE_AFTER_EXPIRY:
-        return MediaItem.expires_at > now
-    return or_(
-        MediaItem.expires_at > now,
-        and_(
-            MediaItem.state == MediaState.FAILED,
-            MediaItem.failure_reason.in_(sorted(REDRIVABLE_AFTER_EXPIRY)),
-        ),
-    )
-
-
 def redrive(session: Session, selection: Selection, now: datetime, dry_run: bool) -> RedriveReport:
     """Put the selected failed or expired rows back to ``pending``, due now, with a fresh
     attempt count and no wake-up recorded, so the reconciler's next pass publishes them.
@@ -229,25 +209,6 @@ def redrive(session: Session, selection: Selection, now: datetime, dry_run: bool
 
     for start in range(0, len(eligible), BATCH):
         batch = eligible[start : start + BATCH]
-        result = session.execute(
-            update(MediaItem)
-            .where(MediaItem.id.in_(batch))
-            .where(MediaItem.state.in_(states))
-            .where(_fixable_after_expiry(now))
-            .values(
-                state=MediaState.PENDING,
-                next_attempt_at=now,
-                attempts=0,
-                lease_losses=0,
-                failure_reason=None,
-                last_error=None,
-                lease_owner=None,
-                lease_until=None,
-                enqueued_at=None,
-                updated_at=now,
-            )
-            .execution_options(synchronize_session=False)
-        )
-        report.redriven += int(getattr(result, "rowcount", 0) or 0)
+        report.redriven += media_rows.redrive(session, batch, states, now)
     report.skipped = report.eligible - report.redriven
     return report

@@ -6,7 +6,9 @@ that is due and holds no live lease can be claimed), loads plain values and clos
 session before any network I/O, and finishes with an ``UPDATE`` guarded by its lease, so a
 worker that lost its lease never overwrites a newer attempt. A transfer that outlasts a third
 of the lease renews it as it goes; if the row turns out to belong to another worker by then,
-the attempt stops at once, writes nothing and ends ``skipped`` (reason ``lease_lost``).
+the attempt stops at once, writes nothing and ends ``skipped`` (reason ``lease_lost``). The
+row's writes are transitions of :mod:`ingest.media_rows`; this module decides which one ends
+an attempt, and when.
 
 The URL rule: the signed URL from the webhook is used while it is fresh (issued less than
 ``settings.url_fresh_seconds`` ago: at its receipt, or earlier for a late redelivery);
@@ -44,13 +46,12 @@ from typing import TypeVar
 
 import pybreaker
 import tenacity
-from sqlalchemy import bindparam, case, select, update
+from sqlalchemy import update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.sql.dml import Update
 
-from ingest import callbacks, metrics
+from ingest import callbacks, media_rows, metrics
 from ingest.db import DATABASE_DOWN, one_statement_engine, session_scope
 from ingest.error_budget import (
     BudgetExhausted,
@@ -71,7 +72,7 @@ from ingest.integrity import (
     checksum_problem,
 )
 from ingest.media_rules import object_key, over_send_limit
-from ingest.models import Instance, MediaItem, MediaState, MediaType, Provider, utcnow
+from ingest.models import Instance, MediaState, MediaType, Provider, utcnow
 from ingest.providers import (
     Credentials,
     DisallowedHost,
@@ -121,23 +122,6 @@ DATABASE_UNREACHABLE = (OperationalError, InterfaceError, PoolTimeout)
 # A transfer renews its lease every lease_seconds / 3: a renewal that comes a whole stalled
 # read (the HTTP timeout) late still finds the lease live, with a wide margin for clock skew.
 LEASE_RENEWALS_PER_LEASE = 3
-
-# What an attempt reads from its row, returned by the claiming UPDATE itself.
-_CLAIM_COLUMNS = (
-    MediaItem.attempts,
-    MediaItem.instance_id,
-    MediaItem.message_id,
-    MediaItem.media_id,
-    MediaItem.media_type,
-    MediaItem.animated,
-    MediaItem.declared_mime,
-    MediaItem.declared_sha256,
-    MediaItem.declared_size,
-    MediaItem.received_at,
-    MediaItem.expires_at,
-    MediaItem.download_url,
-    MediaItem.url_deadline,
-)
 
 
 @dataclass(frozen=True)
@@ -229,116 +213,6 @@ class _Attempt:
     # The error-budget reservation of the provider call in flight, and when to renew it.
     reservation: Reservation | None = None
     reservation_renew_at: float = math.inf
-
-
-# Only a row that is due and holds no live lease can be claimed. Taking over a row still in
-# ``downloading`` means its last lease ran out: that counts as a lease loss, and the row whose
-# losses would reach max_lease_losses is left to the reconciler to fail as worker_lost.
-_CLAIM = (
-    update(MediaItem)
-    .where(MediaItem.id == bindparam("p_id"))
-    .where(MediaItem.state.in_([MediaState.PENDING, MediaState.DOWNLOADING]))
-    .where(MediaItem.next_attempt_at <= bindparam("p_now"))
-    .where((MediaItem.lease_until.is_(None)) | (MediaItem.lease_until < bindparam("p_now")))
-    .where(
-        ~(
-            (MediaItem.state == MediaState.DOWNLOADING)
-            & (MediaItem.lease_losses + 1 >= bindparam("p_max_lease_losses"))
-        )
-    )
-    .values(
-        state=MediaState.DOWNLOADING,
-        lease_owner=bindparam("p_owner"),
-        lease_until=bindparam("p_lease_until"),
-        attempts=MediaItem.attempts + 1,
-        lease_losses=MediaItem.lease_losses
-        + case((MediaItem.state == MediaState.DOWNLOADING, 1), else_=0),
-        updated_at=bindparam("p_now"),
-    )
-    # The values the attempt needs come back with the claim: no second read of the row.
-    .returning(*_CLAIM_COLUMNS)
-)
-
-_INSTANCE_COLUMNS = (
-    Instance.name.label("instance_name"),
-    Instance.connected.label("instance_connected"),
-    Instance.provider.label("instance_provider"),
-    Instance.phone_number_id.label("instance_phone_number_id"),
-    Instance.api_key_encrypted.label("instance_api_key_encrypted"),
-    Instance.callback_url.is_not(None).label("instance_announces"),
-)
-
-# PostgreSQL: the instance's columns come back from the same statement (UPDATE .. FROM), one
-# round trip per claim instead of two. SQLite's RETURNING cannot name a FROM table, so there
-# the instance is read by a second statement in the same transaction.
-_CLAIM_WITH_INSTANCE = _CLAIM.where(MediaItem.instance_id == Instance.id).returning(
-    *_INSTANCE_COLUMNS
-)
-_INSTANCE_FOR_ATTEMPT = select(*_INSTANCE_COLUMNS).where(Instance.id == bindparam("p_instance_id"))
-
-# Guarded by the lease: a worker that lost it never overwrites a newer attempt.
-_RECORD_STORED = (
-    update(MediaItem)
-    .where(MediaItem.id == bindparam("p_id"))
-    .where(MediaItem.lease_owner == bindparam("p_owner"))
-    .where(MediaItem.state == MediaState.DOWNLOADING)
-    .values(
-        state=MediaState.STORED,
-        storage_backend=bindparam("p_backend"),
-        storage_key=bindparam("p_key"),
-        size=bindparam("p_size"),
-        actual_sha256=bindparam("p_sha256"),
-        actual_mime=bindparam("p_mime"),
-        over_send_limit=bindparam("p_over_limit"),
-        stored_at=bindparam("p_now"),
-        download_url=None,
-        failure_reason=None,
-        last_error=None,
-        lease_owner=None,
-        lease_until=None,
-        updated_at=bindparam("p_now"),
-    )
-)
-
-# Extends only a lease that is still ours: no row matched means another worker owns the row.
-_RENEW_LEASE = (
-    update(MediaItem)
-    .where(MediaItem.id == bindparam("p_id"))
-    .where(MediaItem.lease_owner == bindparam("p_owner"))
-    .where(MediaItem.state == MediaState.DOWNLOADING)
-    .values(lease_until=bindparam("p_lease_until"), updated_at=bindparam("p_now"))
-)
-
-
-# A stopping worker hands the row back as it was before the claim: due now, the attempt given
-# back (no provider call finished), the wake-up forgotten so the reconciler re-publishes it.
-_HAND_BACK = (
-    update(MediaItem)
-    .where(MediaItem.id == bindparam("p_id"))
-    .where(MediaItem.lease_owner == bindparam("p_owner"))
-    .where(MediaItem.state == MediaState.DOWNLOADING)
-    .values(
-        state=MediaState.PENDING,
-        attempts=MediaItem.attempts - 1,
-        next_attempt_at=bindparam("p_now"),
-        enqueued_at=None,
-        last_error="handed back: the worker stopped mid-attempt",
-        lease_owner=None,
-        lease_until=None,
-        updated_at=bindparam("p_now"),
-    )
-)
-
-# A due row whose download would be thrown away (the object store is failing) waits for the
-# store's next probe instead; no claim, no attempt counted.
-_DEFER_UNCLAIMED = (
-    update(MediaItem)
-    .where(MediaItem.id == bindparam("p_id"))
-    .where(MediaItem.state == MediaState.PENDING)
-    .where(MediaItem.next_attempt_at <= bindparam("p_now"))
-    .where((MediaItem.lease_until.is_(None)) | (MediaItem.lease_until < bindparam("p_now")))
-    .values(next_attempt_at=bindparam("p_next"), updated_at=bindparam("p_now"))
-)
 
 
 def new_lease_owner() -> str:
@@ -484,8 +358,8 @@ class Pipeline:
         pause = self.settings.storage_breaker_reset_seconds
         next_attempt_at = now + timedelta(seconds=pause + self.rng.uniform(0, pause))
         with self._one_statement.begin() as connection:
-            connection.execute(
-                _DEFER_UNCLAIMED, {"p_id": item_id, "p_now": now, "p_next": next_attempt_at}
+            media_rows.defer_unclaimed(
+                connection, item_id, now=now, next_attempt_at=next_attempt_at
             )
         metrics.DOWNLOADS.labels(SKIPPED, STORAGE_PAUSED).inc()
         log.info("download item=%s outcome=skipped reason=%s", item_id, STORAGE_PAUSED)
@@ -515,9 +389,7 @@ class Pipeline:
 
     def _hand_back(self, work: WorkItem) -> None:
         with self._one_statement.begin() as connection:
-            connection.execute(
-                _HAND_BACK, {"p_id": work.id, "p_owner": work.owner, "p_now": self.clock()}
-            )
+            media_rows.hand_back(connection, work.id, work.owner, self.clock())
 
     def claim(self, item_id: int) -> WorkItem | None:
         """Take the row with a lease, or return None if it is not ours to work on now.
@@ -533,34 +405,24 @@ class Pipeline:
         # Core execution of statements built once: the ORM's bulk-update path and a fresh
         # cache key per call were a large share of the worker's CPU per item.
         with self._one_statement.begin() as connection:
-            joined = connection.dialect.name == "postgresql"
-            claimed = connection.execute(
-                _CLAIM_WITH_INSTANCE if joined else _CLAIM,
-                {
-                    "p_id": item_id,
-                    "p_now": now,
-                    "p_max_lease_losses": self.settings.max_lease_losses,
-                    "p_owner": owner,
-                    "p_lease_until": now + timedelta(seconds=self.settings.lease_seconds),
-                },
+            claimed = media_rows.claim(
+                connection,
+                item_id,
+                owner=owner,
+                now=now,
+                lease_until=now + timedelta(seconds=self.settings.lease_seconds),
+                max_lease_losses=self.settings.max_lease_losses,
             )
-            item = claimed.one_or_none()
-            if item is None:
-                return None
-            instance = (
-                item
-                if joined
-                else connection.execute(
-                    _INSTANCE_FOR_ATTEMPT, {"p_instance_id": item.instance_id}
-                ).one()
-            )
+        if claimed is None:
+            return None
+        item, instance = claimed
         try:
             api_key = box.decrypt(instance.instance_api_key_encrypted)
         except SecretKeyError:
             # Encrypted with a key this process lacks: no fault of the row's. Hand it back as
             # it was (attempt given back) for when the keys are fixed, and say so loudly.
             with self._one_statement.begin() as connection:
-                connection.execute(_HAND_BACK, {"p_id": item_id, "p_owner": owner, "p_now": now})
+                media_rows.hand_back(connection, item_id, owner, now)
             raise
         # The URL's five minutes started when it was issued (ingest.intake.issued_at: the
         # receipt, or the message's time for a late redelivery), which its deadline records.
@@ -717,14 +579,12 @@ class Pipeline:
         now = self.clock()
         try:
             with self._one_statement.begin() as connection:
-                renewed = connection.execute(
-                    _RENEW_LEASE,
-                    {
-                        "p_id": work.id,
-                        "p_owner": work.owner,
-                        "p_lease_until": now + timedelta(seconds=self.settings.lease_seconds),
-                        "p_now": now,
-                    },
+                renewed = media_rows.renew_lease(
+                    connection,
+                    work.id,
+                    work.owner,
+                    now=now,
+                    lease_until=now + timedelta(seconds=self.settings.lease_seconds),
                 )
         except DATABASE_UNREACHABLE as exc:
             log.warning(
@@ -732,7 +592,7 @@ class Pipeline:
             )
             attempt.renew_at = now_monotonic + RENEW_RETRY_SECONDS
             return
-        if renewed.rowcount != 1:
+        if not renewed:
             raise LeaseLost(f"lost its lease {when}")
         attempt.renew_at = self.monotonic() + self._renew_every
 
@@ -793,30 +653,30 @@ class Pipeline:
                 Outcome.STORAGE_UNAVAILABLE, f"storage failed: {exc.strerror or 'OSError'}"
             ) from None
         now = self.clock()
-        record = {
-            "p_id": work.id,
-            "p_owner": work.owner,
-            "p_backend": stored.backend,
-            "p_key": stored.key,
-            "p_size": spool.size,
-            "p_sha256": spool.sha256,
-            "p_mime": verified.mime,
-            "p_over_limit": over_send_limit(work.media_type, spool.size, animated=work.animated),
-            "p_now": now,
-        }
+        over_limit = over_send_limit(work.media_type, spool.size, animated=work.animated)
+        # Without a callback URL the record is one statement, in autocommit; with one, the
+        # event is written in the transaction that records the copy (the outbox).
+        engine = self._transactional if work.announces else self._one_statement
 
-        def write() -> int:
-            if not work.announces:
-                with self._one_statement.begin() as connection:
-                    return int(getattr(connection.execute(_RECORD_STORED, record), "rowcount", 0))
-            # The event is written in the transaction that records the copy (the outbox).
-            with self._transactional.begin() as connection:
-                recorded = int(getattr(connection.execute(_RECORD_STORED, record), "rowcount", 0))
-                if recorded == 1:
+        def write() -> bool:
+            with engine.begin() as connection:
+                recorded = media_rows.finish_stored(
+                    connection,
+                    work.id,
+                    work.owner,
+                    backend=stored.backend,
+                    key=stored.key,
+                    size=spool.size,
+                    sha256=spool.sha256,
+                    mime=verified.mime,
+                    over_limit=over_limit,
+                    now=now,
+                )
+                if recorded and work.announces:
                     callbacks.announce(connection, [work.id], now)
                 return recorded
 
-        if self._through_outage(write, work) != 1:
+        if not self._through_outage(write, work):
             # The object is in place under its deterministic key; whoever holds the lease
             # now will find it there and record it. Unless the row was erased or purged
             # meanwhile: then nobody will, and the copy must not outlive the request.
@@ -845,24 +705,7 @@ class Pipeline:
             retry_after=failure.retry_after,
             not_before=failure.not_before,
         )
-        values: dict[str, object] = {
-            "state": decision.state,
-            "failure_reason": decision.failure_reason,
-            "last_error": _short(failure.detail),
-            "lease_owner": None,
-            "lease_until": None,
-            "updated_at": now,
-        }
-        if decision.next_attempt_at is not None:
-            values["next_attempt_at"] = decision.next_attempt_at
-        if decision.refund_attempt:
-            values["attempts"] = MediaItem.attempts - 1
-        if attempt.url_used or decision.state != MediaState.PENDING:
-            # Used once, or no longer needed: the signed URL is not kept.
-            values["download_url"] = None
-        self._through_outage(
-            lambda: self._write_unstored(work, values, decision, failure, now), work
-        )
+        self._through_outage(lambda: self._write_unstored(attempt, decision, failure, now), work)
         return AttemptResult(
             work.id,
             decision.outcome,
@@ -878,23 +721,23 @@ class Pipeline:
         return result
 
     def _write_unstored(
-        self,
-        work: WorkItem,
-        values: dict[str, object],
-        decision: Decision,
-        failure: AttemptFailed,
-        now: datetime,
+        self, attempt: _Attempt, decision: Decision, failure: AttemptFailed, now: datetime
     ) -> None:
+        work = attempt.work
         with session_scope(self.sessions) as session:
-            written = session.execute(
-                self._guarded_update(work)
-                .values(**values)
-                .execution_options(synchronize_session=False)
+            written = media_rows.finish_not_stored(
+                session,
+                work.id,
+                work.owner,
+                decision,
+                last_error=_short(failure.detail),
+                url_used=attempt.url_used,
+                now=now,
             )
             if (
                 work.announces
                 and decision.state in (MediaState.FAILED, MediaState.EXPIRED)
-                and getattr(written, "rowcount", 0) == 1
+                and written
             ):
                 callbacks.announce(session, [work.id], now)
             if decision.disconnect:
@@ -922,15 +765,6 @@ class Pipeline:
                         _short(failure.detail),
                         work.instance_name,
                     )
-
-    @staticmethod
-    def _guarded_update(work: WorkItem) -> Update:
-        return (
-            update(MediaItem)
-            .where(MediaItem.id == work.id)
-            .where(MediaItem.lease_owner == work.owner)
-            .where(MediaItem.state == MediaState.DOWNLOADING)
-        )
 
     def _record(self, work: WorkItem, result: AttemptResult) -> None:
         if result.state is None:

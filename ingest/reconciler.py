@@ -33,9 +33,10 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ingest import callbacks, metrics
+from ingest import callbacks, media_rows, metrics
 from ingest.db import DATABASE_DOWN, session_scope
-from ingest.intake import forget_enqueued, wake_timeout
+from ingest.intake import wake_timeout
+from ingest.media_rows import ACTIVE_STATES, forget_enqueued
 from ingest.media_rules import queue_for
 from ingest.models import (
     CallbackEvent,
@@ -54,8 +55,6 @@ log = logging.getLogger(__name__)
 
 # Wake-ups published per pass; the next pass (a minute later) takes the rest.
 DEFAULT_BATCH = 1000
-
-ACTIVE_STATES = (MediaState.PENDING, MediaState.DOWNLOADING)
 
 RECONCILE_TURN = "reconcile"
 # A turn lasts a little less than the interval, so the next offer (about an interval later,
@@ -217,26 +216,7 @@ def expire_overdue(sessions: sessionmaker[Session], now: datetime) -> int:
     """Rows past their 7 days without a copy become ``expired``, announced downstream in the
     same transaction."""
     with session_scope(sessions) as session:
-        expired = (
-            session.execute(
-                update(MediaItem)
-                .where(MediaItem.state.in_(ACTIVE_STATES))
-                .where(MediaItem.expires_at <= now)
-                .where((MediaItem.lease_until.is_(None)) | (MediaItem.lease_until < now))
-                .values(
-                    state=MediaState.EXPIRED,
-                    last_error="media id expired (7 days) before a copy was stored",
-                    download_url=None,
-                    lease_owner=None,
-                    lease_until=None,
-                    updated_at=now,
-                )
-                .returning(MediaItem.id)
-                .execution_options(synchronize_session=False)
-            )
-            .scalars()
-            .all()
-        )
+        expired = media_rows.expire(session, now)
         if expired:
             callbacks.announce(session, expired, now)
         return len(expired)
@@ -247,72 +227,18 @@ def recover_lapsed_leases(
 ) -> tuple[int, int]:
     """(rows failed as worker_lost, rows put back to pending), in one transaction; the
     failed ones are announced downstream in it."""
-    lapsed = (
-        (MediaItem.state == MediaState.DOWNLOADING)
-        & MediaItem.lease_until.is_not(None)
-        & (MediaItem.lease_until < now)
-    )
     with session_scope(sessions) as session:
-        lost = (
-            session.execute(
-                update(MediaItem)
-                .where(lapsed)
-                .where(MediaItem.lease_losses + 1 >= settings.max_lease_losses)
-                .values(
-                    state=MediaState.FAILED,
-                    failure_reason="worker_lost",
-                    lease_losses=MediaItem.lease_losses + 1,
-                    last_error=(
-                        f"lease ran out {settings.max_lease_losses} times: the item keeps "
-                        "stopping its worker"
-                    ),
-                    download_url=None,
-                    lease_owner=None,
-                    lease_until=None,
-                    updated_at=now,
-                )
-                .returning(MediaItem.id)
-                .execution_options(synchronize_session=False)
-            )
-            .scalars()
-            .all()
-        )
+        lost = media_rows.give_up_lapsed(session, now, settings.max_lease_losses)
         if lost:
             callbacks.announce(session, lost, now)
-        released = session.execute(
-            update(MediaItem)
-            .where(lapsed)
-            .values(
-                state=MediaState.PENDING,
-                lease_losses=MediaItem.lease_losses + 1,
-                last_error="lease ran out (worker lost or stopped)",
-                next_attempt_at=now,
-                lease_owner=None,
-                lease_until=None,
-                updated_at=now,
-            )
-            .execution_options(synchronize_session=False)
-        )
-        return len(lost), _count(released)
+        released = media_rows.release_lapsed(session, now)
+        return len(lost), released
 
 
 def purge_urls(sessions: sessionmaker[Session], now: datetime) -> int:
     """Signed URLs are kept only until used or stale."""
     with session_scope(sessions) as session:
-        result = session.execute(
-            update(MediaItem)
-            .where(MediaItem.download_url.is_not(None))
-            .where(
-                or_(
-                    MediaItem.url_deadline.is_(None),
-                    MediaItem.url_deadline <= now,
-                    MediaItem.state.not_in(ACTIVE_STATES),
-                )
-            )
-            .values(download_url=None)
-            .execution_options(synchronize_session=False)
-        )
-        return _count(result)
+        return media_rows.purge_urls(session, now)
 
 
 def wake_due(
@@ -371,12 +297,7 @@ def wake_due(
                 continue  # young enough, and its queue still holds wake-ups: not lost
             jobs.append(DownloadJob(media_item_id=item_id, queue=queue))
         if jobs:
-            session.execute(
-                update(MediaItem)
-                .where(MediaItem.id.in_([job.media_item_id for job in jobs]))
-                .values(enqueued_at=now)
-                .execution_options(synchronize_session=False)
-            )
+            media_rows.wake(session, [job.media_item_id for job in jobs], now)
     if not jobs:
         return [], False
     try:

@@ -27,9 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from ingest import media_rows
 from ingest.db import session_scope
 from ingest.media_rules import object_key
 from ingest.models import Instance, MediaItem, MediaState
@@ -116,22 +117,13 @@ def erase(
             raise NotFound(message_id)
         instance_name = item.instance.name
         keys = _keys_of(item, instance_name)
+        item_id = item.id
         newly = item.state != MediaState.ERASED
         if newly:
-            item.state = MediaState.ERASED
-            item.removed_at = now
-            item.removed_by = by[:200]
-            # What identifies the person or the content goes; what the audit needs stays
-            # (message id, type, size, checksum, when it was stored and erased, by whom).
-            item.caption = None
-            item.filename = None
-            item.sender = None
-            item.media_id = None
-            item.download_url = None
-            item.lease_owner = None
-            item.lease_until = None
-            item.updated_at = now
-        erased_at, erased_by, item_id = item.removed_at or now, item.removed_by or by, item.id
+            media_rows.erase(session, item_id, by=by[:200], now=now)
+            erased_at, erased_by = now, by[:200]
+        else:
+            erased_at, erased_by = item.removed_at or now, item.removed_by or by
     deleted = _delete_unshared(sessions, storage, keys, item_id)
     log.warning(
         "erased instance=%s message=%s by=%s objects_deleted=%d%s",
@@ -218,19 +210,7 @@ def _purge_rows(
     if not gone:
         return 0
     with session_scope(sessions) as session:
-        result = session.execute(
-            update(MediaItem)
-            .where(MediaItem.id.in_(gone))
-            .where(MediaItem.state == MediaState.STORED)
-            .values(
-                state=MediaState.PURGED,
-                removed_at=now,
-                removed_by=f"retention: {days} days",
-                updated_at=now,
-            )
-            .execution_options(synchronize_session=False)
-        )
-    return int(getattr(result, "rowcount", 0) or 0)
+        return media_rows.purge(session, gone, removed_by=f"retention: {days} days", now=now)
 
 
 def delete_if_removed(

@@ -108,6 +108,24 @@ class Decision:
     refund_attempt: bool
 
 
+# Where an outcome that is not retried leaves the row.
+_FINAL_STATES = {
+    Action.STORE: MediaState.STORED,
+    Action.FAIL: MediaState.FAILED,
+    Action.EXPIRE: MediaState.EXPIRED,
+}
+
+
+def final_decision(outcome: Outcome) -> Decision:
+    """The decision for an outcome that is never retried (store, fail, expire): it needs no
+    attempt count or clock, so a statement over many rows (the reconciler giving up on
+    ``worker_lost``) writes the same state and reason as one attempt would."""
+    rule = RULES[outcome]
+    if rule.action is Action.RETRY:
+        raise ValueError(f"{outcome} is retried: its decision needs decide()")
+    return Decision(outcome, _FINAL_STATES[rule.action], rule.reason, None, rule.disconnect, False)
+
+
 def backoff_seconds(attempts: int, settings: Settings, rng: random.Random) -> float:
     """Exponential in the attempts made so far (1 = first), with equal jitter, capped."""
     exponent = min(max(attempts, 1) - 1, 32)
@@ -129,12 +147,8 @@ def decide(
     """Apply the table. ``retry_after`` (the provider's, seconds) is a floor for the delay,
     capped at ``retry_max_seconds``; a negative or non-finite one is ignored."""
     rule = RULES[outcome]
-    if rule.action is Action.STORE:
-        return Decision(outcome, MediaState.STORED, None, None, False, False)
-    if rule.action is Action.FAIL:
-        return Decision(outcome, MediaState.FAILED, rule.reason, None, rule.disconnect, False)
-    if rule.action is Action.EXPIRE:
-        return Decision(outcome, MediaState.EXPIRED, None, None, False, False)
+    if rule.action is not Action.RETRY:
+        return final_decision(outcome)
 
     if rule.delay is Delay.OPERATOR:
         delay = min(OPERATOR_PAUSE_SECONDS, settings.retry_max_seconds)

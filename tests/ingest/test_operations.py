@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from ingest import operations
+from ingest import media_rows
 from ingest.accounts import RegistryError
 from ingest.models import Instance, MediaItem, MediaState, utcnow
 from ingest.operations import Selection, redrive, stats
@@ -231,7 +231,7 @@ def test_redrive_guard_skips_rows_changed_between_select_and_update(
         pytest.skip("SQLite's BEGIN IMMEDIATE holds every other writer off: no race to lose")
     now = utcnow()
     item_id = _failed(rows)
-    original = operations._fixable_after_expiry
+    original = media_rows._fixable_after_expiry
 
     def race(at: Any) -> Any:
         # Runs after the rows were read, before the UPDATE is sent.
@@ -241,7 +241,7 @@ def test_redrive_guard_skips_rows_changed_between_select_and_update(
             )
         return original(at)
 
-    monkeypatch.setattr(operations, "_fixable_after_expiry", race)
+    monkeypatch.setattr(media_rows, "_fixable_after_expiry", race)
     with sessions.begin() as session:
         report = redrive(session, Selection(), now, dry_run=False)
 

@@ -1,0 +1,654 @@
+"""The media row's state machine: every write to ``media_items``, one function per transition.
+
+A row is created ``pending`` (or ``failed`` at once, for a provider error event) and moves::
+
+    (webhook) ---------- record -------------------> pending | failed
+    pending ------------ claim --------------------> downloading   due, no live lease
+    downloading -------- claim --------------------> downloading   its lease lapsed: taken
+                                                                   over, one loss counted
+    downloading -------- renew_lease --------------> downloading   still this attempt's
+    downloading -------- hand_back ----------------> pending       the worker is stopping
+    pending ------------ defer_unclaimed ----------> pending       the store is failing
+    downloading -------- finish_stored ------------> stored
+    downloading -------- finish_not_stored --------> pending (retry) | failed | expired
+    pending|downloading  expire -------------------> expired       7 days over, no live lease
+    downloading -------- give_up_lapsed -----------> failed        worker_lost: lapsed, and
+                                                                   the loss limit reached
+    downloading -------- release_lapsed -----------> pending       lapsed: one loss counted
+    failed|expired ----- redrive ------------------> pending       an operator's decision
+    stored ------------- purge --------------------> purged        past the retention
+    any but erased ----- erase --------------------> erased        a right-to-erasure request
+    any ---------------- delete_with_instance -----> (no row)      the instance is removed
+
+Within a state: :func:`wake`, :func:`wake_redelivered` and :func:`forget_enqueued` set or
+clear ``enqueued_at`` (the last wake-up sent) of pending rows; :func:`purge_urls` drops signed
+URLs once used or stale.
+
+Each transition is one guarded statement, so one that no longer applies (another worker took
+the row, an operator erased it) changes nothing, and its count or returned ids say so. The
+guards are named once: :func:`_unleased` (no live lease), :func:`_lapsed` (a lease ran out),
+:func:`_loss_limit_reached` (the lease-loss threshold, for the claim and the give-up) and
+:func:`_owned` (this attempt still owns the row: every write of an attempt after its claim).
+
+Nothing here opens or commits a transaction: each function runs in its caller's. A transition
+that makes a row ``stored``, ``failed`` or ``expired`` returns what it changed, and its caller
+announces it (``ingest.callbacks.announce``) in that same transaction, the outbox. The
+attempt's statements are built once at import and take bound parameters, run on Core
+connections (``ingest.db.one_statement_engine``): a claim or a record per item builds nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Row,
+    and_,
+    bindparam,
+    case,
+    delete,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import BindParameter
+
+from ingest.events import ProviderFault
+from ingest.models import Instance, MediaItem, MediaState
+from ingest.queues import DownloadJob
+from ingest.retry_policy import Decision, Outcome, final_decision
+
+Executor = Session | Connection
+AnyRow = Row[*tuple[Any, ...]]
+
+# Rows not yet finished: waiting for an attempt, or in one.
+ACTIVE_STATES = (MediaState.PENDING, MediaState.DOWNLOADING)
+REDRIVABLE_STATES = (MediaState.FAILED, MediaState.EXPIRED)
+# Failure reasons a redrive may still fix once the media id is past its 7 days. Empty, on
+# purpose: every path to the bytes goes through the media id (a fresh URL comes from
+# resolving it), the provider drops it after 7 days, and our own reconciler expires any
+# unfinished row past `expires_at` (and the pipeline refuses one) without a provider call.
+# Redriving such a row would only make it `expired` again within one pass.
+REDRIVABLE_AFTER_EXPIRY: frozenset[str] = frozenset()
+# Rows per executemany call or per IN list; SQLAlchemy splits further to stay under
+# parameter limits.
+INSERT_CHUNK = 200
+
+_WORKER_LOST = final_decision(Outcome.WORKER_LOST)
+# Every way out of ``downloading`` (and erasure) drops the lease.
+_NO_LEASE: dict[str, Any] = {"lease_owner": None, "lease_until": None}
+
+
+# --- the guards --------------------------------------------------------------------------
+
+
+def _unleased(now: datetime | BindParameter[datetime]) -> ColumnElement[bool]:
+    """No live lease: never leased, handed back, or its lease ran out."""
+    return or_(MediaItem.lease_until.is_(None), MediaItem.lease_until < now)
+
+
+def _lapsed(now: datetime) -> ColumnElement[bool]:
+    """A lease ran out: an attempt held the row, and its worker died or stopped."""
+    return and_(
+        MediaItem.state == MediaState.DOWNLOADING,
+        MediaItem.lease_until.is_not(None),
+        MediaItem.lease_until < now,
+    )
+
+
+def _loss_limit_reached(max_lease_losses: int | BindParameter[int]) -> ColumnElement[bool]:
+    """One more lost lease reaches the limit: the row keeps stopping its worker."""
+    return MediaItem.lease_losses + 1 >= max_lease_losses
+
+
+def _owned(
+    item_id: int | BindParameter[int], owner: str | BindParameter[str]
+) -> ColumnElement[bool]:
+    """This attempt still owns the row: a worker that lost its lease never overwrites a
+    newer attempt, nor a row erased or purged meanwhile."""
+    return and_(
+        MediaItem.id == item_id,
+        MediaItem.lease_owner == owner,
+        MediaItem.state == MediaState.DOWNLOADING,
+    )
+
+
+def _fixable_after_expiry(now: datetime) -> ColumnElement[bool]:
+    """The row may be redriven as far as its 7 days go."""
+    if not REDRIVABLE_AFTER_EXPIRY:
+        return MediaItem.expires_at > now
+    return or_(
+        MediaItem.expires_at > now,
+        and_(
+            MediaItem.state == MediaState.FAILED,
+            MediaItem.failure_reason.in_(sorted(REDRIVABLE_AFTER_EXPIRY)),
+        ),
+    )
+
+
+# --- record ------------------------------------------------------------------------------
+
+
+def arrival(fault: ProviderFault | None, received_at: datetime) -> dict[str, Any]:
+    """The state columns of a new row: ``pending`` and due, or ``failed`` at once when the
+    provider reported an error instead of the media."""
+    if fault is not None:
+        return {
+            "state": MediaState.FAILED.value,
+            "failure_reason": fault.reason,
+            "last_error": fault.describe(),
+            "download_url": None,
+            "url_deadline": None,
+            "enqueued_at": None,
+        }
+    # Optimistic: the wake-up is sent right after the commit. If it cannot be,
+    # forget_enqueued() clears this so the reconciler does not wait for it.
+    return {
+        "state": MediaState.PENDING.value,
+        "failure_reason": None,
+        "last_error": None,
+        "enqueued_at": received_at,
+    }
+
+
+def record(executor: Executor, rows: Sequence[dict[str, Any]]) -> list[tuple[int, int, str]]:
+    """Insert these rows, ignoring any whose ``(instance, message id)`` exists; returns
+    ``(id, instance id, message id)`` of the rows inserted.
+
+    One statement, built once per dialect and cached compiled; the rows go as executemany
+    parameters (SQLAlchemy's "insertmanyvalues" batches them into multi-row INSERTs, and
+    RETURNING answers only the rows that were actually inserted), so concurrent deliveries of
+    one message race safely in the database and exactly one of them learns the row is new.
+    """
+    bind = executor if isinstance(executor, Connection) else executor.get_bind()
+    stmt = _insert_statement(bind.dialect.name)
+    inserted: list[tuple[int, int, str]] = []
+    for start in range(0, len(rows), INSERT_CHUNK):
+        chunk = rows[start : start + INSERT_CHUNK]
+        inserted += [
+            (item_id, instance_id, message_id)
+            for item_id, instance_id, message_id in executor.execute(stmt, chunk)
+        ]
+    return inserted
+
+
+@functools.cache
+def _insert_statement(dialect_name: str) -> Any:
+    table = MediaItem.__table__
+    if dialect_name == "postgresql":
+        insert: Any = postgresql.insert
+    elif dialect_name == "sqlite":
+        insert = sqlite.insert
+    else:
+        raise NotImplementedError(f"no conflict-ignoring insert for dialect {dialect_name!r}")
+    return (
+        insert(table)
+        .on_conflict_do_nothing(index_elements=["instance_id", "message_id"])
+        .returning(table.c.id, table.c.instance_id, table.c.message_id)
+    )
+
+
+# --- one attempt -------------------------------------------------------------------------
+
+# What an attempt reads from its row, returned by the claiming UPDATE itself.
+_CLAIM_COLUMNS = (
+    MediaItem.attempts,
+    MediaItem.instance_id,
+    MediaItem.message_id,
+    MediaItem.media_id,
+    MediaItem.media_type,
+    MediaItem.animated,
+    MediaItem.declared_mime,
+    MediaItem.declared_sha256,
+    MediaItem.declared_size,
+    MediaItem.received_at,
+    MediaItem.expires_at,
+    MediaItem.download_url,
+    MediaItem.url_deadline,
+)
+
+# Only a row that is due and holds no live lease can be claimed. Taking over a row still in
+# ``downloading`` means its last lease ran out: that counts as a lease loss, and the row whose
+# losses would reach max_lease_losses is left to the reconciler to fail as worker_lost.
+_CLAIM = (
+    update(MediaItem)
+    .where(MediaItem.id == bindparam("p_id"))
+    .where(MediaItem.state.in_(ACTIVE_STATES))
+    .where(MediaItem.next_attempt_at <= bindparam("p_now"))
+    .where(_unleased(bindparam("p_now")))
+    .where(
+        ~(
+            (MediaItem.state == MediaState.DOWNLOADING)
+            & _loss_limit_reached(bindparam("p_max_lease_losses"))
+        )
+    )
+    .values(
+        state=MediaState.DOWNLOADING,
+        lease_owner=bindparam("p_owner"),
+        lease_until=bindparam("p_lease_until"),
+        attempts=MediaItem.attempts + 1,
+        lease_losses=MediaItem.lease_losses
+        + case((MediaItem.state == MediaState.DOWNLOADING, 1), else_=0),
+        updated_at=bindparam("p_now"),
+    )
+    # The values the attempt needs come back with the claim: no second read of the row.
+    .returning(*_CLAIM_COLUMNS)
+)
+
+_INSTANCE_COLUMNS = (
+    Instance.name.label("instance_name"),
+    Instance.connected.label("instance_connected"),
+    Instance.provider.label("instance_provider"),
+    Instance.phone_number_id.label("instance_phone_number_id"),
+    Instance.api_key_encrypted.label("instance_api_key_encrypted"),
+    Instance.callback_url.is_not(None).label("instance_announces"),
+)
+
+# PostgreSQL: the instance's columns come back from the same statement (UPDATE .. FROM), one
+# round trip per claim instead of two. SQLite's RETURNING cannot name a FROM table, so there
+# the instance is read by a second statement in the same transaction.
+_CLAIM_WITH_INSTANCE = _CLAIM.where(MediaItem.instance_id == Instance.id).returning(
+    *_INSTANCE_COLUMNS
+)
+_INSTANCE_FOR_ATTEMPT = select(*_INSTANCE_COLUMNS).where(Instance.id == bindparam("p_instance_id"))
+
+_ATTEMPT_OWNS_ROW = _owned(bindparam("p_id"), bindparam("p_owner"))
+
+# Extends only a lease that is still ours: no row matched means another worker owns the row.
+_RENEW_LEASE = (
+    update(MediaItem)
+    .where(_ATTEMPT_OWNS_ROW)
+    .values(lease_until=bindparam("p_lease_until"), updated_at=bindparam("p_now"))
+)
+
+# A stopping worker hands the row back as it was before the claim: due now, the attempt given
+# back (no provider call finished), the wake-up forgotten so the reconciler re-publishes it.
+_HAND_BACK = (
+    update(MediaItem)
+    .where(_ATTEMPT_OWNS_ROW)
+    .values(
+        state=MediaState.PENDING,
+        attempts=MediaItem.attempts - 1,
+        next_attempt_at=bindparam("p_now"),
+        enqueued_at=None,
+        last_error="handed back: the worker stopped mid-attempt",
+        **_NO_LEASE,
+        updated_at=bindparam("p_now"),
+    )
+)
+
+# A due row whose download would be thrown away (the object store is failing) waits for the
+# store's next probe instead; no claim, no attempt counted.
+_DEFER_UNCLAIMED = (
+    update(MediaItem)
+    .where(MediaItem.id == bindparam("p_id"))
+    .where(MediaItem.state == MediaState.PENDING)
+    .where(MediaItem.next_attempt_at <= bindparam("p_now"))
+    .where(_unleased(bindparam("p_now")))
+    .values(next_attempt_at=bindparam("p_next"), updated_at=bindparam("p_now"))
+)
+
+_RECORD_STORED = (
+    update(MediaItem)
+    .where(_ATTEMPT_OWNS_ROW)
+    .values(
+        state=MediaState.STORED,
+        storage_backend=bindparam("p_backend"),
+        storage_key=bindparam("p_key"),
+        size=bindparam("p_size"),
+        actual_sha256=bindparam("p_sha256"),
+        actual_mime=bindparam("p_mime"),
+        over_send_limit=bindparam("p_over_limit"),
+        stored_at=bindparam("p_now"),
+        download_url=None,
+        failure_reason=None,
+        last_error=None,
+        **_NO_LEASE,
+        updated_at=bindparam("p_now"),
+    )
+)
+
+
+def claim(
+    connection: Connection,
+    item_id: int,
+    *,
+    owner: str,
+    now: datetime,
+    lease_until: datetime,
+    max_lease_losses: int,
+) -> tuple[AnyRow, AnyRow] | None:
+    """Lease the row to ``owner``; returns its columns (``_CLAIM_COLUMNS``) and its
+    instance's (``instance_*``), or None when it is not due, leased, finished, or at its
+    lease-loss limit (the reconciler gives that one up)."""
+    joined = connection.dialect.name == "postgresql"
+    item = connection.execute(
+        _CLAIM_WITH_INSTANCE if joined else _CLAIM,
+        {
+            "p_id": item_id,
+            "p_now": now,
+            "p_max_lease_losses": max_lease_losses,
+            "p_owner": owner,
+            "p_lease_until": lease_until,
+        },
+    ).one_or_none()
+    if item is None:
+        return None
+    if joined:
+        return item, item
+    instance = connection.execute(_INSTANCE_FOR_ATTEMPT, {"p_instance_id": item.instance_id})
+    return item, instance.one()
+
+
+def renew_lease(
+    connection: Connection, item_id: int, owner: str, *, now: datetime, lease_until: datetime
+) -> bool:
+    """Extend the attempt's lease; False when the row is no longer its own."""
+    renewed = connection.execute(
+        _RENEW_LEASE,
+        {"p_id": item_id, "p_owner": owner, "p_lease_until": lease_until, "p_now": now},
+    )
+    return _count(renewed) == 1
+
+
+def hand_back(connection: Connection, item_id: int, owner: str, now: datetime) -> None:
+    connection.execute(_HAND_BACK, {"p_id": item_id, "p_owner": owner, "p_now": now})
+
+
+def defer_unclaimed(
+    connection: Connection, item_id: int, *, now: datetime, next_attempt_at: datetime
+) -> None:
+    connection.execute(_DEFER_UNCLAIMED, {"p_id": item_id, "p_now": now, "p_next": next_attempt_at})
+
+
+def finish_stored(
+    connection: Connection,
+    item_id: int,
+    owner: str,
+    *,
+    backend: str,
+    key: str,
+    size: int,
+    sha256: str,
+    mime: str,
+    over_limit: bool,
+    now: datetime,
+) -> bool:
+    """Record the verified copy; False when the attempt no longer owns the row."""
+    recorded = connection.execute(
+        _RECORD_STORED,
+        {
+            "p_id": item_id,
+            "p_owner": owner,
+            "p_backend": backend,
+            "p_key": key,
+            "p_size": size,
+            "p_sha256": sha256,
+            "p_mime": mime,
+            "p_over_limit": over_limit,
+            "p_now": now,
+        },
+    )
+    return _count(recorded) == 1
+
+
+def finish_not_stored(
+    executor: Executor,
+    item_id: int,
+    owner: str,
+    decision: Decision,
+    *,
+    last_error: str,
+    url_used: bool,
+    now: datetime,
+) -> bool:
+    """Write the retry table's ``decision`` (retry, fail or expire); False when the attempt
+    no longer owns the row."""
+    values: dict[str, object] = {
+        "state": decision.state,
+        "failure_reason": decision.failure_reason,
+        "last_error": last_error,
+        **_NO_LEASE,
+        "updated_at": now,
+    }
+    if decision.next_attempt_at is not None:
+        values["next_attempt_at"] = decision.next_attempt_at
+    if decision.refund_attempt:
+        values["attempts"] = MediaItem.attempts - 1
+    if url_used or decision.state != MediaState.PENDING:
+        # Used once, or no longer needed: the signed URL is not kept.
+        values["download_url"] = None
+    written = executor.execute(
+        update(MediaItem)
+        .where(_owned(item_id, owner))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return _count(written) == 1
+
+
+# --- the reconciler's transitions ----------------------------------------------------------
+
+
+def expire(executor: Executor, now: datetime) -> list[int]:
+    """Rows past their 7 days without a copy, and no live lease, become ``expired``."""
+    expired = executor.execute(
+        update(MediaItem)
+        .where(MediaItem.state.in_(ACTIVE_STATES))
+        .where(MediaItem.expires_at <= now)
+        .where(_unleased(now))
+        .values(
+            state=MediaState.EXPIRED,
+            last_error="media id expired (7 days) before a copy was stored",
+            download_url=None,
+            **_NO_LEASE,
+            updated_at=now,
+        )
+        .returning(MediaItem.id)
+        .execution_options(synchronize_session=False)
+    )
+    return list(expired.scalars().all())
+
+
+def give_up_lapsed(executor: Executor, now: datetime, max_lease_losses: int) -> list[int]:
+    """Rows whose lease ran out for the ``max_lease_losses``-th time fail as ``worker_lost``:
+    the item keeps stopping its worker. Run before :func:`release_lapsed`."""
+    lost = executor.execute(
+        update(MediaItem)
+        .where(_lapsed(now))
+        .where(_loss_limit_reached(max_lease_losses))
+        .values(
+            state=_WORKER_LOST.state,
+            failure_reason=_WORKER_LOST.failure_reason,
+            lease_losses=MediaItem.lease_losses + 1,
+            last_error=(
+                f"lease ran out {max_lease_losses} times: the item keeps stopping its worker"
+            ),
+            download_url=None,
+            **_NO_LEASE,
+            updated_at=now,
+        )
+        .returning(MediaItem.id)
+        .execution_options(synchronize_session=False)
+    )
+    return list(lost.scalars().all())
+
+
+def release_lapsed(executor: Executor, now: datetime) -> int:
+    """Rows whose lease ran out go back to ``pending``, due now, one more loss counted."""
+    released = executor.execute(
+        update(MediaItem)
+        .where(_lapsed(now))
+        .values(
+            state=MediaState.PENDING,
+            lease_losses=MediaItem.lease_losses + 1,
+            last_error="lease ran out (worker lost or stopped)",
+            next_attempt_at=now,
+            **_NO_LEASE,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return _count(released)
+
+
+def purge_urls(executor: Executor, now: datetime) -> int:
+    """Signed URLs are kept only until used or stale."""
+    purged = executor.execute(
+        update(MediaItem)
+        .where(MediaItem.download_url.is_not(None))
+        .where(
+            or_(
+                MediaItem.url_deadline.is_(None),
+                MediaItem.url_deadline <= now,
+                MediaItem.state.not_in(ACTIVE_STATES),
+            )
+        )
+        .values(download_url=None)
+        .execution_options(synchronize_session=False)
+    )
+    return _count(purged)
+
+
+# --- wake-ups ----------------------------------------------------------------------------
+
+
+def wake(executor: Executor, item_ids: Sequence[int], now: datetime) -> None:
+    """Record that a wake-up is being published for these rows."""
+    executor.execute(
+        update(MediaItem)
+        .where(MediaItem.id.in_(item_ids))
+        .values(enqueued_at=now)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def wake_redelivered(
+    executor: Executor,
+    keys: Sequence[tuple[int, str]],
+    *,
+    now: datetime,
+    stale_before: datetime,
+) -> list[AnyRow]:
+    """Of the rows these ``(instance id, message id)`` name, stamp a wake-up on those still
+    pending and due whose last wake-up is older than ``stale_before`` (or none); returns their
+    ``(id, media_type, declared_size)``."""
+    woken: list[AnyRow] = []
+    for start in range(0, len(keys), INSERT_CHUNK):
+        woken += executor.execute(
+            update(MediaItem)
+            .where(
+                tuple_(MediaItem.instance_id, MediaItem.message_id).in_(
+                    keys[start : start + INSERT_CHUNK]
+                )
+            )
+            .where(MediaItem.state == MediaState.PENDING)
+            .where(MediaItem.next_attempt_at <= now)
+            .where(MediaItem.enqueued_at.is_(None) | (MediaItem.enqueued_at < stale_before))
+            .values(enqueued_at=now)
+            .returning(MediaItem.id, MediaItem.media_type, MediaItem.declared_size)
+            .execution_options(synchronize_session=False)
+        ).all()
+    return woken
+
+
+def forget_enqueued(executor: Executor, jobs: Sequence[DownloadJob]) -> None:
+    """The wake-ups were not sent: mark the rows as never enqueued, so the reconciler picks
+    them up on its next pass rather than waiting for a wake-up that never left."""
+    if not jobs:
+        return
+    executor.execute(
+        update(MediaItem)
+        .where(MediaItem.id.in_([job.media_item_id for job in jobs]))
+        .where(MediaItem.state == MediaState.PENDING)
+        .values(enqueued_at=None)
+    )
+
+
+# --- an operator's decisions -------------------------------------------------------------
+
+
+def redrive(
+    executor: Executor, item_ids: Sequence[int], states: Sequence[str], now: datetime
+) -> int:
+    """Put these rows back to ``pending``, due now, with a fresh attempt count and no wake-up
+    recorded, if they are still in ``states`` and fixable as far as their 7 days go."""
+    redriven = executor.execute(
+        update(MediaItem)
+        .where(MediaItem.id.in_(item_ids))
+        .where(MediaItem.state.in_(states))
+        .where(_fixable_after_expiry(now))
+        .values(
+            state=MediaState.PENDING,
+            next_attempt_at=now,
+            attempts=0,
+            lease_losses=0,
+            failure_reason=None,
+            last_error=None,
+            **_NO_LEASE,
+            enqueued_at=None,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return _count(redriven)
+
+
+def purge(executor: Executor, item_ids: Sequence[int], *, removed_by: str, now: datetime) -> int:
+    """These stored rows' objects are gone (retention): they become ``purged``."""
+    purged = executor.execute(
+        update(MediaItem)
+        .where(MediaItem.id.in_(item_ids))
+        .where(MediaItem.state == MediaState.STORED)
+        .values(
+            state=MediaState.PURGED,
+            removed_at=now,
+            removed_by=removed_by,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return _count(purged)
+
+
+def erase(executor: Executor, item_id: int, *, by: str, now: datetime) -> bool:
+    """The row becomes ``erased``, with who asked and when. What identifies the person or the
+    content goes; what the audit needs stays (message id, type, size, checksum, when it was
+    stored and erased, by whom). False when it was erased already."""
+    erased = executor.execute(
+        update(MediaItem)
+        .where(MediaItem.id == item_id)
+        .where(MediaItem.state != MediaState.ERASED)
+        .values(
+            state=MediaState.ERASED,
+            removed_at=now,
+            removed_by=by,
+            caption=None,
+            filename=None,
+            sender=None,
+            media_id=None,
+            download_url=None,
+            **_NO_LEASE,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return _count(erased) == 1
+
+
+def delete_with_instance(executor: Executor, instance_id: int) -> None:
+    """The instance is being removed: its rows go with it (the caller has deleted their
+    callback events, which refer to them)."""
+    executor.execute(delete(MediaItem).where(MediaItem.instance_id == instance_id))
+
+
+def _count(result: object) -> int:
+    return int(getattr(result, "rowcount", 0) or 0)
