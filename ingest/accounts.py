@@ -268,10 +268,6 @@ def find_instance(session: Session, name: str) -> Instance | None:
     return session.scalar(select(Instance).where(Instance.name == name))
 
 
-def find_instance_by_phone_number_id(session: Session, phone_number_id: str) -> Instance | None:
-    return session.scalar(select(Instance).where(Instance.phone_number_id == phone_number_id))
-
-
 def set_connected(session: Session, name: str, connected: bool) -> Instance:
     """The operator connects NAME (forgetting why it was disconnected) or disconnects it."""
     instance = get_instance(session, name)
@@ -422,18 +418,3 @@ def revoke_token(session: Session, token_id: int) -> ApiToken:
     session.delete(row)
     session.flush()
     return row
-
-
-def token_reaches(session: Session, token: str, instance: Instance) -> bool:
-    """True if ``token`` is an account token of the instance's account, or its own token.
-
-    Looked up by hash (an indexed equality on a value the caller cannot steer byte by byte),
-    then compared in constant time.
-    """
-    digest = hash_secret(token)
-    row = session.scalar(select(ApiToken).where(ApiToken.token_hash == digest))
-    if row is None or not hmac.compare_digest(row.token_hash, digest):
-        return False
-    if row.instance_id is not None:
-        return row.instance_id == instance.id
-    return row.account_id == instance.account_id

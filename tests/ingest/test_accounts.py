@@ -59,24 +59,6 @@ def test_tokens_are_stored_only_as_hashes(session: Session) -> None:
     assert token not in stored
 
 
-def test_instance_token_reaches_only_its_instance(session: Session) -> None:
-    shop = make_instance(session, name="shop")
-    other = make_instance(session, name="other")
-    token = accounts.create_token(session, instance="shop")
-    assert accounts.token_reaches(session, token, shop)
-    assert not accounts.token_reaches(session, token, other)
-    assert not accounts.token_reaches(session, token + "x", shop)
-
-
-def test_account_token_reaches_every_instance_of_its_account_only(session: Session) -> None:
-    accounts.add_account(session, "acme")
-    mine = [make_instance(session, account="acme"), make_instance(session, account="acme")]
-    theirs = make_instance(session)
-    token = accounts.create_token(session, account="acme")
-    assert all(accounts.token_reaches(session, token, instance) for instance in mine)
-    assert not accounts.token_reaches(session, token, theirs)
-
-
 def test_a_token_has_exactly_one_scope(session: Session) -> None:
     make_instance(session, name="shop")
     with pytest.raises(accounts.RegistryError):
