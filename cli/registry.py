@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import click
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from ingest import accounts
 from ingest.db import make_engine, make_session_factory, session_scope
@@ -22,17 +22,23 @@ from ingest.settings import Settings, load_settings
 
 
 @contextmanager
-def _session(settings: Settings | None = None) -> Iterator[Session]:
-    settings = settings or load_settings()
+def _sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    """A session factory on the configured database, for a command that runs several units
+    of work; a registry error is the command's one-line error."""
     settings.ensure_var_dir()
     engine = make_engine(settings.database_url)
     try:
-        with session_scope(make_session_factory(engine)) as session:
-            yield session
+        yield make_session_factory(engine)
     except accounts.RegistryError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         engine.dispose()
+
+
+@contextmanager
+def _session(settings: Settings | None = None) -> Iterator[Session]:
+    with _sessions(settings or load_settings()) as sessions, session_scope(sessions) as session:
+        yield session
 
 
 @click.group()
@@ -584,28 +590,26 @@ def media_erase(instance_name: str, message_id: str, by: str | None) -> None:
     from ingest.storage import StorageError, storage_from_settings
 
     settings = load_settings()
-    with _session(settings) as session:
-        instance_id = accounts.get_instance(session, instance_name).id
-    engine = make_engine(settings.database_url)
-    try:
-        erasure = removal.erase(
-            make_session_factory(engine),
-            storage_from_settings(settings),
-            instance_id=instance_id,
-            message_id=message_id,
-            by=by or f"cli:{getpass.getuser()}",
-            now=utcnow(),
-        )
-    except removal.NotFound:
-        raise click.ClickException(
-            f"instance {instance_name!r} has no message {message_id!r}"
-        ) from None
-    except StorageError as exc:
-        raise click.ClickException(
-            f"the row is erased, but deleting its object failed ({exc}): run the command again"
-        ) from None
-    finally:
-        engine.dispose()
+    with _sessions(settings) as sessions:
+        with session_scope(sessions) as session:
+            instance_id = accounts.get_instance(session, instance_name).id
+        try:
+            erasure = removal.erase(
+                sessions,
+                storage_from_settings(settings),
+                instance_id=instance_id,
+                message_id=message_id,
+                by=by or f"cli:{getpass.getuser()}",
+                now=utcnow(),
+            )
+        except removal.NotFound:
+            raise click.ClickException(
+                f"instance {instance_name!r} has no message {message_id!r}"
+            ) from None
+        except StorageError as exc:
+            raise click.ClickException(
+                f"the row is erased, but deleting its object failed ({exc}): run the command again"
+            ) from None
     again = "" if erasure.newly_erased else " (erased before; objects deleted again)"
     click.echo(
         f"erased {instance_name} {message_id} at {_when(erasure.erased_at)} by "
@@ -622,17 +626,10 @@ def media_purge(dry_run: bool) -> None:
     from ingest.storage import storage_from_settings
 
     settings = load_settings()
-    settings.ensure_var_dir()
-    engine = make_engine(settings.database_url)
-    try:
+    with _sessions(settings) as sessions:
         report = removal.purge_past_retention(
-            make_session_factory(engine),
-            storage_from_settings(settings),
-            utcnow(),
-            dry_run=dry_run,
+            sessions, storage_from_settings(settings), utcnow(), dry_run=dry_run
         )
-    finally:
-        engine.dispose()
     verb = "would purge" if dry_run else "purged"
     for name, count in sorted(report.by_instance.items()):
         click.echo(f"{name}\t{verb} {count}")

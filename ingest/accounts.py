@@ -12,6 +12,7 @@ from datetime import datetime
 from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
+from ingest.db import row_count
 from ingest.media_rows import delete_with_instance
 from ingest.models import Account, ApiToken, CallbackEvent, Instance, MediaItem, Provider, utcnow
 from ingest.rate_limit import parse_limit
@@ -326,7 +327,7 @@ def remove_instance(
         name=name,
         media_rows=media_rows or 0,
         objects=len(keys),
-        tokens=getattr(tokens, "rowcount", 0) or 0,
+        tokens=row_count(tokens),
     )
 
 

@@ -199,17 +199,7 @@ def find_record(
     One round trip: the token, the instance and the message come back from a single query,
     and the decisions are made here, in the documented order.
     """
-    name, message = require_parameters(instance_name, message_id)
-    # Checked on the values as sent: strip() also removes some control characters.
-    found = _lookup(
-        session,
-        token,
-        name,
-        message,
-        name_known=_printable(instance_name),
-        message_known=_printable(message_id),
-    )
-    instance, item = _check_reach(found)
+    instance, item = _check_reach(_find(session, token, instance_name, message_id))
     record = None if item is None else MediaRecord.of(item, instance)
     if not instance.connected and (record is None or not record.available):
         raise ArchiveError(503, NOT_CONNECTED)
@@ -219,6 +209,22 @@ def find_record(
 
 
 _Found = tuple[ApiToken, Instance | None, MediaItem | None]
+
+
+def _find(
+    session: Session, token: str | None, instance_name: str | None, message_id: str | None
+) -> _Found:
+    """The parameters' check (400), then the token with its instance and message rows."""
+    name, message = require_parameters(instance_name, message_id)
+    # Checked on the values as sent: strip() also removes some control characters.
+    return _lookup(
+        session,
+        token,
+        name,
+        message,
+        name_known=_printable(instance_name),
+        message_known=_printable(message_id),
+    )
 
 
 def _printable(value: str | None) -> bool:
@@ -286,15 +292,7 @@ def authorize_erasure(
     erase (403 for an instance token, whatever the name). ``who`` names the token by its
     label, or its id, for the row's audit; never by its value.
     """
-    name, message = require_parameters(instance_name, message_id)
-    found = _lookup(
-        session,
-        token,
-        name,
-        message,
-        name_known=_printable(instance_name),
-        message_known=_printable(message_id),
-    )
+    found = _find(session, token, instance_name, message_id)
     api_token = found[0]
     if api_token.account_id is None:
         raise ArchiveError(403, ACCOUNT_TOKEN_REQUIRED)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from ingest import metrics
 from ingest.error_budget import BudgetExhausted, BudgetUnavailable
 from ingest.models import Provider
 from ingest.providers import (
@@ -49,6 +48,10 @@ class AttemptFailed(Exception):
 
 def failure_for(exc: Exception, endpoint: str, provider: Provider) -> AttemptFailed:
     """Provider and budget errors -> the outcome the retry table knows them by."""
+    # Here, not at the top: ingest.callbacks imports this module for short(), and the CLI
+    # imports callbacks before `ingest web` and `ingest worker` configure prometheus_client.
+    from ingest import metrics
+
     if isinstance(exc, BudgetExhausted):
         metrics.BUDGET_BLOCKED.labels(provider.value, exc.key.split(":", 1)[0]).inc()
         return AttemptFailed(

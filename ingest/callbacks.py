@@ -50,7 +50,8 @@ from standardwebhooks import Webhook
 
 from ingest import accounts
 from ingest.archive import raw_media_path
-from ingest.db import session_scope
+from ingest.attempt_errors import short
+from ingest.db import row_count, session_scope
 from ingest.egress import (
     HostPolicy,
     PublicAddressPolicy,
@@ -85,7 +86,6 @@ DEFAULT_BATCH = 100
 CANDIDATES = 10
 # Item ids per statement of announce().
 ANNOUNCE_CHUNK = 500
-MAX_ERROR_CHARS = 300
 # Delivered and failed events are kept this long for `ingest stats` and an operator's look,
 # then deleted by the hourly retention task.
 FINISHED_EVENTS_KEPT = timedelta(days=7)
@@ -519,7 +519,7 @@ def _record(
         outcome = "delivered"
         values.update(state=EventState.DELIVERED, delivered_at=now, last_error=None)
     else:
-        values["last_error"] = _short(result.error or "")
+        values["last_error"] = short(result.error or "")
         deadline = event.created_at + timedelta(hours=sender.settings.callback_give_up_hours)
         if now >= deadline:
             outcome = "failed"
@@ -538,7 +538,7 @@ def _record(
             .values(**values)
             .execution_options(synchronize_session=False)
         )
-        if int(getattr(written, "rowcount", 0) or 0) != 1:
+        if row_count(written) != 1:
             return None
     return outcome
 
@@ -606,7 +606,7 @@ def prune(session: Session, now: datetime, keep: timedelta = FINISHED_EVENTS_KEP
         .where(CallbackEvent.created_at < now - keep)
         .execution_options(synchronize_session=False)
     )
-    return int(getattr(result, "rowcount", 0) or 0)
+    return row_count(result)
 
 
 class CallbackLoop(PeriodicThread):
@@ -624,7 +624,3 @@ class CallbackLoop(PeriodicThread):
             lambda: deliver_due(sessions, sender, stop=self.stopping),
             interval_seconds,
         )
-
-
-def _short(text: str) -> str:
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"

@@ -106,6 +106,18 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 
+def engine_of(sessions: sessionmaker[Session]) -> Engine:
+    """The engine a session factory is bound to."""
+    engine = sessions.kw["bind"]
+    assert isinstance(engine, Engine)
+    return engine
+
+
+def row_count(result: object) -> int:
+    """Rows a write matched (0 when the driver cannot say)."""
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def one_statement_engine(sessions: sessionmaker[Session]) -> Engine:
     """The sessions' engine, for units of work that are a single statement.
 
@@ -114,8 +126,7 @@ def one_statement_engine(sessions: sessionmaker[Session]) -> Engine:
     (two of the three per statement, on both ends of the wire). SQLite keeps its
     transactions: the BEGIN IMMEDIATE hook above is what queues its writers.
     """
-    engine = sessions.kw["bind"]
-    assert isinstance(engine, Engine)
+    engine = engine_of(sessions)
     if engine.dialect.name == "sqlite":
         return engine
     return engine.execution_options(isolation_level="AUTOCOMMIT")

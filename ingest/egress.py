@@ -37,7 +37,7 @@ from urllib.parse import parse_qsl
 import httpcore
 import httpx
 
-from ingest import provider_errors as providers
+from ingest import provider_errors
 from ingest.settings import Settings, split_media_host
 
 # httpx and httpcore log every request line, full URL and query included, at INFO/DEBUG.
@@ -228,7 +228,7 @@ class _GuardedBackend(httpcore.SyncBackend):
         # opened, so no path around that check (a pooled request, a future caller) connects
         # to a host or port off the list.
         if not self._policy.name_allowed(host, port):
-            raise _RefusedAddress(host)
+            raise RefusedAddress(host)
         try:
             candidates = self._resolver(host, port)
         except OSError as exc:
@@ -238,7 +238,7 @@ class _GuardedBackend(httpcore.SyncBackend):
         ]
         if not allowed:
             # Raised through httpcore and httpx untouched (they only map their own errors).
-            raise _RefusedAddress(host)
+            raise RefusedAddress(host)
         last: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
         for address in allowed:
             try:
@@ -251,15 +251,14 @@ class _GuardedBackend(httpcore.SyncBackend):
         raise last
 
 
-class _RefusedAddress(Exception):
+class RefusedAddress(Exception):
+    """Every address of a host is refused. Raised where the socket would be opened, it passes
+    through httpcore and httpx untouched (it is not one of their errors): :class:`Egress`
+    maps it to the provider contract's error, a :func:`guarded_client`'s caller catches it."""
+
     def __init__(self, host: str) -> None:
         super().__init__(host)
         self.host = host
-
-
-# What a client from :func:`guarded_client` raises when every address of a host is refused;
-# it passes through httpx untouched (it is not an httpx error).
-RefusedAddress = _RefusedAddress
 
 
 class _Identity:
@@ -367,17 +366,17 @@ class EgressResponse:
     def read(self, max_bytes: int) -> bytes:
         return b"".join(self.iter_bytes(max_bytes))
 
-    def _undecodable(self, what: str) -> providers.ProviderUnavailable:
+    def _undecodable(self, what: str) -> provider_errors.ProviderUnavailable:
         # The provider answered; its encoding is the fault, not an error response it counts.
-        return providers.ProviderUnavailable(
+        return provider_errors.ProviderUnavailable(
             f"{self.host} {what}",
             endpoint=self.endpoint,
             status=self.status_code,
             counts_against_budget=False,
         )
 
-    def _too_large(self, max_bytes: int) -> providers.TooLarge:
-        return providers.TooLarge(
+    def _too_large(self, max_bytes: int) -> provider_errors.TooLarge:
+        return provider_errors.TooLarge(
             f"body from {self.host} is over {max_bytes} bytes",
             endpoint=self.endpoint,
             status=self.status_code,
@@ -397,23 +396,23 @@ def _mapped_errors(endpoint: Endpoint, host: str, *, sent: bool) -> Iterator[Non
     try:
         yield
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-        raise providers.ProviderUnavailable(
+        raise provider_errors.ProviderUnavailable(
             f"cannot connect to {host} ({type(exc).__name__})",
             endpoint=endpoint,
             counts_against_budget=False,
         ) from None
     except httpx.TimeoutException as exc:
-        raise providers.ProviderUnavailable(
+        raise provider_errors.ProviderUnavailable(
             f"{host} timed out ({type(exc).__name__})", endpoint=endpoint
         ) from None
     except httpx.TransportError as exc:
-        raise providers.ProviderUnavailable(
+        raise provider_errors.ProviderUnavailable(
             f"connection to {host} failed ({type(exc).__name__})",
             endpoint=endpoint,
             counts_against_budget=sent,
         ) from None
-    except _RefusedAddress as exc:
-        raise providers.DisallowedHost(
+    except RefusedAddress as exc:
+        raise provider_errors.DisallowedHost(
             f"{exc.host} resolves to an address that is not allowed",
             endpoint=endpoint,
             counts_against_budget=False,
@@ -488,7 +487,7 @@ class Egress:
                 if response.status_code in REDIRECT_STATUSES and location:
                     hops += 1
                     if hops > MAX_REDIRECTS:
-                        raise providers.ProviderUnavailable(
+                        raise provider_errors.ProviderUnavailable(
                             f"more than {MAX_REDIRECTS} redirects from {origin.host}",
                             endpoint=endpoint,
                             status=response.status_code,
@@ -497,7 +496,7 @@ class Egress:
                     try:
                         current = current.join(location)
                     except httpx.InvalidURL:
-                        raise providers.ProviderUnavailable(
+                        raise provider_errors.ProviderUnavailable(
                             f"{origin.host} redirected to an unreadable location",
                             endpoint=endpoint,
                             status=response.status_code,
@@ -516,21 +515,21 @@ def _parse(url: str, endpoint: Endpoint) -> httpx.URL:
     try:
         return httpx.URL(url)
     except httpx.InvalidURL:
-        raise providers.DisallowedHost(
+        raise provider_errors.DisallowedHost(
             "not a readable URL", endpoint=endpoint, counts_against_budget=False
         ) from None
 
 
 def _check_url(url: httpx.URL, policy: HostPolicy, endpoint: Endpoint) -> Origin:
     if url.scheme not in ("http", "https") or not url.host:
-        raise providers.DisallowedHost(
+        raise provider_errors.DisallowedHost(
             "only http(s) URLs with a host are fetched",
             endpoint=endpoint,
             counts_against_budget=False,
         )
     origin = Origin.of(url)
     if not policy.url_allowed(origin):
-        raise providers.DisallowedHost(
+        raise provider_errors.DisallowedHost(
             f"host {origin.host} port {origin.port} is not on the allowlist",
             endpoint=endpoint,
             counts_against_budget=False,
@@ -576,7 +575,7 @@ def guarded_client(
 ) -> httpx.Client:
     """A plain httpx client whose connections pass the address guard of ``policy``: no
     redirects followed, no proxies or cookies from anywhere. For requests other than the
-    provider's (callbacks); a refused address raises :data:`RefusedAddress`."""
+    provider's (callbacks); a refused address raises :class:`RefusedAddress`."""
     return httpx.Client(
         transport=_GuardedTransport(policy, resolver or system_resolver, max_connections),
         follow_redirects=False,

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ingest import callbacks, media_rows, metrics
 from ingest.attempt_errors import AttemptFailed, short
-from ingest.db import session_scope
+from ingest.db import engine_of, row_count, session_scope
 from ingest.in_flight import DATABASE_UNREACHABLE, Attempt, WorkItem
 from ingest.media_fetch import Verified
 from ingest.media_rules import over_send_limit
@@ -48,7 +48,7 @@ class FinishingWrites:
         self._one_statement = one_statement
         # For the few finishing writes that are two statements (the record and its callback
         # event): a real transaction on every backend.
-        self._transactional = sessions.kw["bind"]
+        self._transactional = engine_of(sessions)
         # Built once: a Retrying keeps its per-call state thread-local, so every thread shares
         # it, and a finishing write (every item) builds nothing.
         self._retries = tenacity.Retrying(
@@ -135,7 +135,7 @@ class FinishingWrites:
                         disconnected_at=now,
                     )
                 )
-                if getattr(flipped, "rowcount", 0) == 1:
+                if row_count(flipped) == 1:
                     metrics.INSTANCE_DISCONNECTS.labels(
                         work.credentials.provider.value, reason
                     ).inc()

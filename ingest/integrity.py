@@ -7,6 +7,7 @@ never sits in memory and nothing reaches the object store before it was checked.
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import tempfile
 from dataclasses import dataclass
@@ -40,10 +41,10 @@ class HashingSpool:
 
     def __init__(self, *, cap: int, memory_bytes: int = SPOOL_MEMORY_BYTES) -> None:
         self.cap = cap
-        # Closed by close()/__exit__: the spool outlives this call by design.
-        self._file: tempfile.SpooledTemporaryFile[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115
-            max_size=memory_bytes, prefix="ingest-dl-"
-        )
+        # In memory up to memory_bytes, then a named file on disk: a store that uploads by
+        # path (S3's managed transfer) sends it as it is, without copying it first.
+        self._memory_bytes = memory_bytes
+        self._file: BinaryIO = io.BytesIO()
         self._hash = hashlib.sha256()
         self._head = bytearray()
         self.size = 0
@@ -60,8 +61,17 @@ class HashingSpool:
         if len(self._head) < HEAD_BYTES:
             self._head += chunk[: HEAD_BYTES - len(self._head)]
         self._hash.update(chunk)
+        if isinstance(self._file, io.BytesIO) and self.size + len(chunk) > self._memory_bytes:
+            self._roll_to_disk()
         self._file.write(chunk)
         self.size += len(chunk)
+
+    def _roll_to_disk(self) -> None:
+        assert isinstance(self._file, io.BytesIO)
+        # Closed by close()/__exit__ (and then deleted): the spool outlives this call.
+        disk = tempfile.NamedTemporaryFile(prefix="ingest-dl-")  # noqa: SIM115
+        disk.write(self._file.getbuffer())
+        self._file = cast(BinaryIO, disk)
 
     @property
     def sha256(self) -> str:
@@ -72,10 +82,11 @@ class HashingSpool:
         return bytes(self._head)
 
     def reader(self) -> BinaryIO:
-        """The spooled body from its first byte (for ``Storage.put``)."""
+        """The spooled body from its first byte (for ``Storage.put``); past the memory
+        threshold a file whose ``name`` is its path."""
         self._file.flush()
         self._file.seek(0)
-        return cast(BinaryIO, self._file)
+        return self._file
 
     def close(self) -> None:
         self._file.close()

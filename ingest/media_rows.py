@@ -61,6 +61,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import BindParameter
 
+from ingest.db import row_count
 from ingest.events import ProviderFault
 from ingest.models import Instance, MediaItem, MediaState
 from ingest.queues import DownloadJob
@@ -356,7 +357,7 @@ def renew_lease(
         _RENEW_LEASE,
         {"p_id": item_id, "p_owner": owner, "p_lease_until": lease_until, "p_now": now},
     )
-    return _count(renewed) == 1
+    return row_count(renewed) == 1
 
 
 def hand_back(connection: Connection, item_id: int, owner: str, now: datetime) -> None:
@@ -397,7 +398,7 @@ def finish_stored(
             "p_now": now,
         },
     )
-    return _count(recorded) == 1
+    return row_count(recorded) == 1
 
 
 def finish_not_stored(
@@ -432,7 +433,7 @@ def finish_not_stored(
         .values(**values)
         .execution_options(synchronize_session=False)
     )
-    return _count(written) == 1
+    return row_count(written) == 1
 
 
 # --- the reconciler's transitions ----------------------------------------------------------
@@ -497,7 +498,7 @@ def release_lapsed(executor: Executor, now: datetime) -> int:
         )
         .execution_options(synchronize_session=False)
     )
-    return _count(released)
+    return row_count(released)
 
 
 def purge_urls(executor: Executor, now: datetime) -> int:
@@ -515,7 +516,7 @@ def purge_urls(executor: Executor, now: datetime) -> int:
         .values(download_url=None)
         .execution_options(synchronize_session=False)
     )
-    return _count(purged)
+    return row_count(purged)
 
 
 # --- wake-ups ----------------------------------------------------------------------------
@@ -599,7 +600,7 @@ def redrive(
         )
         .execution_options(synchronize_session=False)
     )
-    return _count(redriven)
+    return row_count(redriven)
 
 
 def purge(executor: Executor, item_ids: Sequence[int], *, removed_by: str, now: datetime) -> int:
@@ -616,7 +617,7 @@ def purge(executor: Executor, item_ids: Sequence[int], *, removed_by: str, now: 
         )
         .execution_options(synchronize_session=False)
     )
-    return _count(purged)
+    return row_count(purged)
 
 
 def erase(executor: Executor, item_id: int, *, by: str, now: datetime) -> bool:
@@ -641,14 +642,10 @@ def erase(executor: Executor, item_id: int, *, by: str, now: datetime) -> bool:
         )
         .execution_options(synchronize_session=False)
     )
-    return _count(erased) == 1
+    return row_count(erased) == 1
 
 
 def delete_with_instance(executor: Executor, instance_id: int) -> None:
     """The instance is being removed: its rows go with it (the caller has deleted their
     callback events, which refer to them)."""
     executor.execute(delete(MediaItem).where(MediaItem.instance_id == instance_id))
-
-
-def _count(result: object) -> int:
-    return int(getattr(result, "rowcount", 0) or 0)

@@ -60,23 +60,10 @@ from ingest.settings import Settings
 from ingest.storage import Storage, StorageError
 from ingest.storage_breaker import StorageBreaker
 
-__all__ = [
-    "Abandoned",
-    "AttemptFailed",
-    "AttemptResult",
-    "LeaseLost",
-    "Pipeline",
-    "WorkItem",
-    "new_lease_owner",
-]
-
 log = logging.getLogger(__name__)
 
 ClientFactory = Callable[[Credentials], ProviderClient]
 Clock = Callable[[], datetime]
-# The name an attempt's bookkeeping had when it lived here; tests build one by it.
-_Attempt = Attempt
-
 SKIPPED = "skipped"
 # Why an attempt that had claimed its row ended as skipped: another worker owns the row now.
 LEASE_LOST = "lease_lost"

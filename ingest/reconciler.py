@@ -34,7 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest import callbacks, media_rows, metrics
-from ingest.db import DATABASE_DOWN, session_scope
+from ingest.db import DATABASE_DOWN, row_count, session_scope
 from ingest.intake import wake_timeout
 from ingest.media_rows import ACTIVE_STATES, forget_enqueued
 from ingest.media_rules import queue_for
@@ -100,7 +100,7 @@ def take_turn(
             .values(owner=owner[:100], until=now + period)
             .execution_options(synchronize_session=False)
         )
-        if _count(taken) == 1:
+        if row_count(taken) == 1:
             return True
         if session.get(MaintenanceTurn, name) is not None:
             return False
@@ -331,7 +331,3 @@ def _forget_enqueued(sessions: sessionmaker[Session], jobs: list[DownloadJob]) -
         # Best effort, as in the webhook: the pass already did its work, and the rows are
         # found again once their wake-up is one lease old.
         log.warning("reconcile: could not clear enqueued_at of %d unsent wake-up(s)", len(jobs))
-
-
-def _count(result: object) -> int:
-    return int(getattr(result, "rowcount", 0) or 0)

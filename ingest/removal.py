@@ -23,7 +23,7 @@ deleted only when no other row that may still need it refers to it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ingest import media_rows
 from ingest.db import session_scope
 from ingest.media_rules import object_key
-from ingest.models import Instance, MediaItem, MediaState
+from ingest.models import REMOVED_STATES, Instance, MediaItem, MediaState
 from ingest.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -73,16 +73,20 @@ def _keys_of(item: MediaItem, instance_name: str) -> set[str]:
     return keys
 
 
-def _referenced_elsewhere(session: Session, key: str, item_id: int) -> bool:
-    return (
-        session.execute(
-            select(MediaItem.id)
-            .where(MediaItem.storage_key == key)
-            .where(MediaItem.id != item_id)
+def _keys_held_elsewhere(
+    session: Session, keys: Collection[str], item_ids: Collection[int]
+) -> set[str]:
+    """Which of ``keys`` a row other than ``item_ids`` may still need (one query)."""
+    if not keys:
+        return set()
+    return set(
+        session.scalars(
+            select(MediaItem.storage_key)
+            .where(MediaItem.storage_key.in_(sorted(keys)))
+            .where(MediaItem.id.not_in(sorted(item_ids)))
             .where(MediaItem.state.in_(_KEY_HOLDERS))
-            .limit(1)
-        ).first()
-        is not None
+            .distinct()
+        )
     )
 
 
@@ -90,7 +94,7 @@ def _delete_unshared(
     sessions: sessionmaker[Session], storage: Storage, keys: set[str], item_id: int
 ) -> int:
     with session_scope(sessions) as session:
-        unshared = sorted(k for k in keys if not _referenced_elsewhere(session, k, item_id))
+        unshared = sorted(keys - _keys_held_elsewhere(session, keys, [item_id]))
     for key in unshared:
         storage.delete(key)  # StorageError propagates: the caller must know
     return len(unshared)
@@ -198,11 +202,16 @@ def _purge_rows(
 ) -> int:
     """Delete the objects of these stored rows, then mark purged the rows whose object went.
     Returns how many rows were marked."""
+    with session_scope(sessions) as session:
+        # One query for the batch: rows of the batch may share a key, rows outside it keep it.
+        kept = _keys_held_elsewhere(
+            session, {key for _, key in rows if key}, [item_id for item_id, _ in rows]
+        )
     gone: list[int] = []
     for item_id, key in rows:
         try:
-            if key:
-                _delete_unshared(sessions, storage, {key}, item_id)
+            if key and key not in kept:
+                storage.delete(key)
         except StorageError as exc:
             log.warning("retention: deleting item=%s failed (%s)", item_id, exc)
             continue
@@ -222,9 +231,9 @@ def delete_if_removed(
         state = session.execute(
             select(MediaItem.state).where(MediaItem.id == item_id)
         ).scalar_one_or_none()
-        if state not in (MediaState.ERASED, MediaState.PURGED):
+        if state not in REMOVED_STATES:
             return False
-        if _referenced_elsewhere(session, key, item_id):
+        if _keys_held_elsewhere(session, [key], [item_id]):
             return False
     storage.delete(key)
     log.warning("item=%s was %s during its upload; the copy was deleted", item_id, state)

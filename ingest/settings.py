@@ -264,9 +264,9 @@ class Settings(BaseSettings):
         # kombu hands what follows ``sqla+`` to SQLAlchemy's create_engine.
         return _with_psycopg(value, "sqla+postgresql")
 
-    @field_validator("media_hosts", mode="before")
+    @field_validator("media_hosts", "callback_private_addresses", mode="before")
     @classmethod
-    def _parse_hosts(cls, value: Any) -> Any:
+    def _parse_host_lists(cls, value: Any) -> Any:
         return _split_csv(value)
 
     @field_validator("media_hosts")
@@ -275,11 +275,6 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("must name at least one host")
         return [format_media_host(*split_media_host(entry)) for entry in value]
-
-    @field_validator("callback_private_addresses", mode="before")
-    @classmethod
-    def _parse_addresses(cls, value: Any) -> Any:
-        return _split_csv(value)
 
     @field_validator("callback_private_addresses")
     @classmethod

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import mimetypes
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import BinaryIO
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
@@ -256,16 +256,10 @@ def erase_media(instance: str | None = None) -> Response:
     services: Services = current_app.extensions["ingest"]
     token = _token()
     try:
-        archive.require_parameters(instance, request.args.get("messageId"))
-        try:
-            with services.sessions() as session:
-                instance_id, message_id, who = archive.authorize_erasure(
-                    session, token, instance, request.args.get("messageId")
-                )
-        except archive.TokenNotFound:
-            failures: AuthFailureLimiter = current_app.extensions[AUTH_FAILURES]
-            failures.fail(request.remote_addr)
-            raise
+        with _token_checked(token), services.sessions() as session:
+            instance_id, message_id, who = archive.authorize_erasure(
+                session, token, instance, request.args.get("messageId")
+            )
         erasure = removal.erase(
             services.sessions,
             services.storage,
@@ -329,12 +323,19 @@ def _find(services: Services, instance: str | None) -> MediaRecord:
     message_id = request.args.get("messageId")
     # Parameter errors come first and need no database.
     archive.require_parameters(instance, message_id)
+    with _token_checked(token), services.sessions() as session:
+        # Lookups only read: on SQLite this asks db.py for a deferred BEGIN, so readers
+        # do not queue behind each other for the write lock (see _read_only).
+        session.connection(execution_options=_read_only(services))
+        return archive.find_record(session, token, instance, message_id)
+
+
+@contextmanager
+def _token_checked(token: str | None) -> Iterator[None]:
+    """Around a lookup of ``token``: an unknown token counts as a failed authentication, and
+    an unreachable database is the 503 every archive route answers."""
     try:
-        with services.sessions() as session:
-            # Lookups only read: on SQLite this asks db.py for a deferred BEGIN, so readers
-            # do not queue behind each other for the write lock (see _read_only).
-            session.connection(execution_options=_read_only(services))
-            return archive.find_record(session, token, instance, message_id)
+        yield
     except archive.TokenNotFound:
         # Known to this process once, revoked since: a failure like any other, and the
         # next request with it is gated and looked up again.

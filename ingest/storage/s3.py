@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -99,6 +100,23 @@ def _content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(clean, safe='')}"
 
 
+@contextmanager
+def _verified_file(stream: BinaryIO, reader: VerifyingReader) -> Iterator[str]:
+    """A path to the verified bytes. A stream that is a file on disk read from its start (the
+    pipeline's spool) is verified in place and sent as it is; any other stream is verified
+    into a temporary file first."""
+    name = getattr(stream, "name", None)
+    if isinstance(name, str) and os.path.isfile(name) and stream.tell() == 0:
+        while reader.read(COPY_CHUNK):
+            pass
+        yield name
+        return
+    with tempfile.NamedTemporaryFile(prefix="ingest-s3-") as spool:
+        shutil.copyfileobj(reader, spool, COPY_CHUNK)
+        spool.flush()
+        yield spool.name
+
+
 class S3Storage:
     """Objects in one bucket under an optional prefix, through any S3 API.
 
@@ -182,13 +200,11 @@ class S3Storage:
                     **extra,
                 )
             else:
-                with tempfile.NamedTemporaryFile(prefix="ingest-s3-") as spool:
-                    shutil.copyfileobj(reader, spool, COPY_CHUNK)
-                    spool.flush()
-                    # By name: the transfer then reads each part from disk as it sends it;
-                    # given a file object, it would read every part into memory first.
+                # By name: the transfer then reads each part from disk as it sends it; given
+                # a file object, it would read every part into memory first.
+                with _verified_file(stream, reader) as path:
                     self.client.upload_file(
-                        spool.name,
+                        path,
                         self.bucket,
                         full,
                         ExtraArgs={**extra, **self._checksum_args(size, sha256)},

@@ -19,8 +19,8 @@ from ingest.egress import (
     Egress,
     HostPolicy,
     Origin,
+    RefusedAddress,
     _GuardedBackend,
-    _RefusedAddress,
 )
 from ingest.providers import DisallowedHost, ProviderUnavailable, TooLarge
 from ingest.settings import Settings
@@ -173,10 +173,10 @@ def test_the_port_is_checked_again_where_the_socket_opens() -> None:
         listener.listen(1)
         port = listener.getsockname()[1]
         backend = _GuardedBackend(HostPolicy.from_hosts(["127.0.0.1"]), lambda h, p: [h])
-        with pytest.raises(_RefusedAddress):
+        with pytest.raises(RefusedAddress):
             backend.connect_tcp("127.0.0.1", port, timeout=2)
         named = _GuardedBackend(HostPolicy.from_hosts(["media.example"]), lambda h, p: [h])
-        with pytest.raises(_RefusedAddress):
+        with pytest.raises(RefusedAddress):
             named.connect_tcp("media.example", port, timeout=2)
         listed = _GuardedBackend(
             HostPolicy.from_hosts([f"127.0.0.1:{port}"]), lambda h, p: ["127.0.0.1"]

@@ -374,12 +374,13 @@ def test_a_worker_that_lost_its_lease_cannot_record_its_result(env: Env) -> None
     assert stale is not None
     env.clock.advance(env.settings.lease_seconds + 1)
     assert env.pipeline.run(item_id).outcome == "stored"  # the new owner finishes
-    from ingest.pipeline import AttemptFailed, _Attempt
+    from ingest.attempt_errors import AttemptFailed
+    from ingest.in_flight import Attempt
     from ingest.retry_policy import Outcome
 
     # The old owner's late failure changes nothing.
     env.pipeline._finish_unstored(
-        _Attempt(stale, env.provider.client(stale.credentials)),
+        Attempt(stale, env.provider.client(stale.credentials)),
         AttemptFailed(Outcome.PROVIDER_REJECTED, "late"),
     )
     assert env.row(item_id).state == MediaState.STORED

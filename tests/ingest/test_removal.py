@@ -169,6 +169,31 @@ def test_retention_is_per_instance(archive: Archive) -> None:
     assert archive.row(theirs).state == MediaState.STORED
 
 
+def test_rows_of_one_batch_sharing_an_object_are_purged_with_it(archive: Archive) -> None:
+    # Two messages carried the same media id: one object, two rows, both past retention.
+    first = archive.stored(days_old=10, media_id="7070")
+    key = archive.row(first).storage_key
+    assert key is not None
+    with archive.sessions.begin() as session:
+        instance = session.get(Instance, archive.instance_id)
+        assert instance is not None
+        second = make_media_item(
+            session,
+            instance,
+            media_id="7070",
+            state=MediaState.STORED,
+            storage_key=key,
+            received_at=utcnow() - timedelta(days=10),
+        ).id
+    _retain(archive, 7)
+
+    report = removal.purge_past_retention(archive.sessions, archive.storage, utcnow())
+
+    assert report.purged == 2
+    assert {archive.row(first).state, archive.row(second).state} == {MediaState.PURGED}
+    assert not archive.has_object(key)
+
+
 def test_a_failed_delete_leaves_the_row_stored_for_the_next_pass(archive: Archive) -> None:
     item = archive.stored(days_old=10)
     _retain(archive, 7)

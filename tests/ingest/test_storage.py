@@ -715,3 +715,38 @@ def test_storage_from_settings_on_the_moto_server(s3_settings: Any) -> None:
 def test_moto_server_fixture_environment(aws_credentials: dict[str, str]) -> None:
     assert os.environ["AWS_ACCESS_KEY_ID"] == aws_credentials["AWS_ACCESS_KEY_ID"]
     assert os.environ["AWS_DEFAULT_REGION"] == "us-east-1"
+
+
+def test_s3_sends_the_pipelines_spool_file_as_it_is(
+    moto_server: MotoServer, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spool past its memory threshold is a named file: verified in place and uploaded by
+    its path, with no second copy written; a spool whose bytes differ is not sent."""
+    from ingest.integrity import HashingSpool
+    from ingest.storage import s3 as s3_module
+
+    storage = S3Storage(s3_bucket, endpoint_url=moto_server.endpoint_url)
+    data = random.Random(12).randbytes(3 * MiB)
+
+    named_file = s3_module.tempfile.NamedTemporaryFile
+
+    def no_upload_copy(*args: Any, **kwargs: Any) -> Any:
+        # The spool itself is a named temporary file too; only the upload's copy is refused.
+        if kwargs.get("prefix") == "ingest-s3-":
+            raise AssertionError("a named spool file was copied before its upload")
+        return named_file(*args, **kwargs)
+
+    monkeypatch.setattr(s3_module.tempfile, "NamedTemporaryFile", no_upload_copy)
+    with HashingSpool(cap=len(data)) as spool:
+        spool.write(data)
+        source = spool.reader()
+        assert isinstance(source.name, str)
+        storage.put("spooled", source, size=len(data), sha256=sha(data), content_type="x/y")
+    assert read(storage, "spooled") == data
+
+    with HashingSpool(cap=len(data)) as spool, pytest.raises(StorageIntegrityError):
+        spool.write(data)
+        storage.put(
+            "wrong", spool.reader(), size=len(data), sha256=sha(b"other"), content_type="x/y"
+        )
+    assert "wrong" not in object_keys(storage)
