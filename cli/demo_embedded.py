@@ -14,8 +14,7 @@ from pathlib import Path
 from cli.demo_checks import DemoError, find_sandbox, media_hosts_setting
 from ingest import migrate
 from ingest.settings import Settings, load_settings
-from sandbox import processes
-from sandbox.processes import ManagedProcess, ProcessError
+from sandbox.processes import ProcessError, ProcessGroup
 
 # --- the embedded service ----------------------------------------------------------------
 
@@ -24,40 +23,22 @@ from sandbox.processes import ManagedProcess, ProcessError
 def embedded_service(env: dict[str, str], var_dir: Path) -> Iterator[str]:
     """web + worker + beat on the embedded defaults under ``var_dir``; yields the base URL."""
     try:
-        executable = processes.ingest_executable()
+        group = ProcessGroup(log_dir=var_dir, env={**env, "INGEST_VAR_DIR": str(var_dir)})
     except ProcessError:
         raise DemoError(
             "cannot find the `ingest` executable to start the embedded service"
         ) from None
-    child_env = processes.child_environment({**env, "INGEST_VAR_DIR": str(var_dir)})
-    children: list[ManagedProcess] = []
-
-    def start(name: str, *args: str) -> ManagedProcess:
-        log_path = var_dir / f"{name}.log"
-        child = processes.start_process(name, [executable, *args], log_path, child_env)
-        children.append(child)
-        return child
-
-    def wait(child: ManagedProcess, ready: Callable[[], bool], what: str) -> None:
-        try:
-            processes.wait_for(child, ready, what)
-        except ProcessError:
-            raise DemoError(
-                f"embedded {child.name} not {what}; its log ends:\n{child.tail(30)}"
-            ) from None
-
-    base_url = f"http://127.0.0.1:{processes.free_port()}"
     try:
-        web = start("web", "web", "--port", base_url.rsplit(":", 1)[1], "--workers", "2")
-        worker = start("worker", "worker", "--concurrency", "8")
-        beat = start("beat", "beat")
-        wait(web, processes.http_answers(base_url + "/healthz"), "answering")
-        wait(worker, processes.log_contains(worker, processes.WORKER_READY_MARKER), "ready")
-        wait(beat, processes.log_contains(beat, processes.BEAT_READY_MARKER), "up")
-        yield base_url
+        try:
+            web = group.web()
+            group.worker(concurrency=8)
+            group.beat()
+        except ProcessError as exc:
+            raise DemoError(f"the embedded service did not start: {exc}") from None
+        assert web.base_url is not None  # set by group.web()
+        yield web.base_url
     finally:
-        for child in reversed(children):
-            child.stop()
+        group.stop_all()
 
 
 @contextmanager

@@ -28,6 +28,9 @@ Two backends with the same rules: :class:`RedisErrorBudget` (a sorted set per ke
 and updated by one Lua script, so the check and the reservation are atomic across processes)
 and :class:`SqlErrorBudget` (rows in ``error_budget_events``, serialised per key by an
 advisory lock on PostgreSQL and by SQLite's single writer).
+
+Why one module of this size: the two backends sit beside the rules they both implement
+(reserve, confirm, release, the in-flight time-to-live), so each can be read against them.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ id (:func:`is_media_id`); a media URL that is not in the CDN's attachment form
 (:func:`is_attachment_url`) is dropped, counted, and the worker resolves the media id instead.
 A body naming more than ``max_items`` phone number ids or media items is
 :class:`TooManyItems`, raised as soon as the count passes, before anything else is read.
+
+Why one module of this size: one wire format, one pure parser. Most of its length is the
+strict check of each field the service depends on, each of which a provider can get wrong.
 """
 
 from __future__ import annotations

@@ -35,6 +35,10 @@ that makes a row ``stored``, ``failed`` or ``expired`` returns what it changed, 
 announces it (``ingest.callbacks.announce``) in that same transaction, the outbox. The
 attempt's statements are built once at import and take bound parameters, run on Core
 connections (``ingest.db.one_statement_engine``): a claim or a record per item builds nothing.
+
+Why one module of this size: the row's transitions are read together or not at all. Split,
+the guards and the states they protect would again sit in different files, which is what this
+module replaced (``tests/test_media_row_writes.py`` keeps every write here).
 """
 
 from __future__ import annotations

@@ -46,9 +46,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-# Module import: ingest.egress raises this module's errors, and each side only looks the other
-# up at call time, so either may be imported first.
-from ingest import egress
+from ingest.egress import Egress, EgressResponse
+from ingest.egress_guard import Credential, CredentialScope, Origin
 from ingest.events import CDN_ATTACHMENT_PATH, is_attachment_url, is_media_id, unescape_slashes
 from ingest.media_rules import normalize_sha256
 from ingest.models import Provider
@@ -139,15 +138,15 @@ def rewrite_for_d360(url: str, d360_url: str) -> str:
     return urlunsplit((base.scheme, base.netloc, path, parts.query, ""))
 
 
-def _origin(url: str) -> egress.Origin:
-    return egress.Origin.of(url)
+def _origin(url: str) -> Origin:
+    return Origin.of(url)
 
 
 def _path_of(base_url: str) -> str:
     return urlsplit(base_url).path.rstrip("/")
 
 
-def _raise_unless_ok(response: egress.EgressResponse, endpoint: Endpoint) -> None:
+def _raise_unless_ok(response: EgressResponse, endpoint: Endpoint) -> None:
     if response.status_code != 200:
         retry_after = _retry_after(response.headers.get("retry-after"))
         raise _status_error(response.status_code, endpoint, response.host, retry_after)
@@ -241,11 +240,11 @@ class _HttpClient:
         self,
         credentials: Credentials,
         settings: Settings,
-        egress_client: egress.Egress,
+        egress_client: Egress,
         header: str,
         value: str,
         lookup_base: str,
-        cdn: frozenset[tuple[egress.Origin, str]],
+        cdn: frozenset[tuple[Origin, str]],
     ) -> None:
         self.credentials = credentials
         self._settings = settings
@@ -254,11 +253,11 @@ class _HttpClient:
         self._value = value
         self._lookup_base = lookup_base
         self._cdn = cdn
-        self._cdn_credential = egress.Credential(
+        self._cdn_credential = Credential(
             header,
             value,
             frozenset(
-                egress.CredentialScope(origin, base + CDN_ATTACHMENT_PATH, MEDIA_ID_PARAM)
+                CredentialScope(origin, base + CDN_ATTACHMENT_PATH, MEDIA_ID_PARAM)
                 for origin, base in cdn
             ),
         )
@@ -277,11 +276,11 @@ class _HttpClient:
             )
         url = f"{self._lookup_base}/{media_id}"
         # Scoped to this one lookup: the API origin's other paths never see the credential.
-        credential = egress.Credential(
+        credential = Credential(
             self._header,
             self._value,
             # The path as httpx will send it, so the scope compares like with like.
-            frozenset({egress.CredentialScope(_origin(url), httpx.URL(url).raw_path.decode())}),
+            frozenset({CredentialScope(_origin(url), httpx.URL(url).raw_path.decode())}),
         )
         with self._egress.get(url, endpoint="lookup", credential=credential) as response:
             _raise_unless_ok(response, "lookup")
@@ -353,9 +352,7 @@ class CloudApiClient(_HttpClient):
     the token anyway).
     """
 
-    def __init__(
-        self, credentials: Credentials, settings: Settings, egress_client: egress.Egress
-    ) -> None:
+    def __init__(self, credentials: Credentials, settings: Settings, egress_client: Egress) -> None:
         cdn = frozenset(
             {(_origin(f"https://{LOOKASIDE_HOST}"), ""), (_origin(settings.graph_url), "")}
         )
@@ -375,9 +372,7 @@ class D360Client(_HttpClient):
     (``lookaside.fbsbx.com/whatsapp_business/attachments/`` becomes
     ``<d360 base>/whatsapp_business/attachments/``)."""
 
-    def __init__(
-        self, credentials: Credentials, settings: Settings, egress_client: egress.Egress
-    ) -> None:
+    def __init__(self, credentials: Credentials, settings: Settings, egress_client: Egress) -> None:
         cdn = frozenset({(_origin(settings.d360_url), _path_of(settings.d360_url))})
         super().__init__(
             credentials,
@@ -393,9 +388,7 @@ class D360Client(_HttpClient):
         return rewrite_for_d360(url, self._settings.d360_url)
 
 
-def client_for(
-    credentials: Credentials, settings: Settings, egress: egress.Egress
-) -> ProviderClient:
+def client_for(credentials: Credentials, settings: Settings, egress: Egress) -> ProviderClient:
     """The client for an instance's provider; cheap to build (the egress pool is shared)."""
     if credentials.provider is Provider.D360:
         return D360Client(credentials, settings, egress)

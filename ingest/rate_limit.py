@@ -38,6 +38,9 @@ not the database: the API asks :meth:`AuthFailureLimiter.refusal` (a read, nothi
 before it looks a token up, and counts a failure only when the token turns out not to exist.
 Its keys name the client address (an IPv6 address by its /64, the smallest network one
 subscriber is given), never a token.
+
+Why one module of this size: both storages implement one rule (the moving window) and the
+authentication-failure limit shares them; the SQL window's locking is explained once, here.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ Every process (web, worker, beat, CLI) calls :func:`load_settings` at start-up. 
 or an ``INGEST_*`` name that is no setting (a typo), stops the process with one line naming
 the variable (:class:`ConfigError`), never a stack trace on the first request. Tests build
 :class:`Settings` explicitly instead.
+
+Why one module of this size: every variable an operator can set is here, each beside its
+default, bounds and the check that refuses a bad value; one place to read the whole
+configuration surface.
 """
 
 from __future__ import annotations

@@ -213,6 +213,7 @@ class ProcessGroup:
     log_dir: Path
     env: dict[str, str] = field(default_factory=dict)
     processes: list[ManagedProcess] = field(default_factory=list)
+    executable: str = field(default_factory=ingest_executable)
 
     def start(
         self, name: str, argv: list[str], *, env: Mapping[str, str] | None = None
@@ -230,7 +231,7 @@ class ProcessGroup:
         return serve_on_free_port(
             lambda port: self.start(
                 "web",
-                [INGEST, "web", "--port", str(port), "--workers", str(workers)],
+                [self.executable, "web", "--port", str(port), "--workers", str(workers)],
                 env=env,
             ),
             "/healthz",
@@ -264,7 +265,14 @@ class ProcessGroup:
     ) -> ManagedProcess:
         """``ingest worker``, returned once every one of its Celery processes is ready."""
         count = processes or min(os.cpu_count() or 1, concurrency)
-        argv = [INGEST, "worker", "--concurrency", str(concurrency), "--processes", str(count)]
+        argv = [
+            self.executable,
+            "worker",
+            "--concurrency",
+            str(concurrency),
+            "--processes",
+            str(count),
+        ]
         if queues:
             argv += ["--queues", queues]
         # The readiness marker is an INFO line, one per Celery process.
@@ -274,7 +282,7 @@ class ProcessGroup:
 
     def beat(self, *, env: Mapping[str, str] | None = None) -> ManagedProcess:
         process = self.start(
-            "beat", [INGEST, "beat"], env={"INGEST_LOG_LEVEL": "INFO", **(env or {})}
+            "beat", [self.executable, "beat"], env={"INGEST_LOG_LEVEL": "INFO", **(env or {})}
         )
         wait_for(process, log_contains(process, BEAT_READY_MARKER), "started")
         return process
@@ -284,7 +292,7 @@ class ProcessGroup:
     ) -> subprocess.CompletedProcess[str]:
         """Run one ``ingest`` command to completion (registry, db upgrade...)."""
         result = subprocess.run(  # noqa: S603 - our own CLI
-            [INGEST, *args],
+            [self.executable, *args],
             env=child_environment({**self.env, **(env or {})}),
             capture_output=True,
             text=True,

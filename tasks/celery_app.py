@@ -27,9 +27,9 @@ RETENTION_INTERVAL = timedelta(hours=1)
 
 
 # Celery logs two INFO lines per task ("received", "succeeded"); the pipeline already logs
-# one line per attempt saying more (item, instance, outcome, state, duration). At hundreds of
-# items a second the two duplicates were about 3% of the worker's CPU. Failures still show
-# (a task that raises is logged at ERROR), and at DEBUG Celery's own lines come back.
+# one line per attempt saying more (item, instance, outcome, state, duration), and at hundreds
+# of items a second the duplicates cost measurable CPU (docs/PERFORMANCE.md). Failures still
+# show (a task that raises is logged at ERROR), and at DEBUG Celery's own lines come back.
 DUPLICATE_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
 
 

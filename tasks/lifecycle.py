@@ -1,7 +1,7 @@
 """How a worker process ends when its consumer dies: soon, and with a non-zero status.
 
 Celery 5.7 handles an exception its consumer cannot recover from ("Unrecoverable error",
-e.g. the broker-outage ``AttributeError`` of issue 12, see tasks.redis_transport) with a
+e.g. the broker-outage ``AttributeError``, see tasks.redis_transport) with a
 *warm* stop, ``WorkController.stop(exitcode=1)``:
 
 - the threads pool's stop (``ThreadPoolExecutor.shutdown``) waits for every task in flight,

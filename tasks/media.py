@@ -8,7 +8,7 @@ may install their own with :func:`install_runtime`.
 
 At start the worker also starts its reconciler thread (ingest.reconciler.ReconcilerLoop: the
 pass never waits behind downloads, and does not depend on beat), its callback thread
-(ingest.callbacks.CallbackLoop: downstream events, one sender per process) and its heartbeat
+(ingest.callback_delivery.CallbackLoop: downstream events, one sender per process) and its heartbeat
 (tasks.heartbeat). On SIGTERM it stops taking tasks and lets transfers finish for at most
 ``worker_shutdown_seconds``; then it hands the rest back (their rows claimable at once by
 another worker) and exits, so a supervisor's grace period is never turned into a SIGKILL.
@@ -27,7 +27,7 @@ from celery import Celery, Task, shared_task
 from celery.signals import worker_init, worker_shutdown, worker_shutting_down
 
 from ingest import logs
-from ingest.callbacks import CallbackLoop, CallbackSender
+from ingest.callback_delivery import CallbackLoop, CallbackSender
 from ingest.egress import Egress
 from ingest.pipeline import Pipeline, new_lease_owner
 from ingest.providers import Credentials, ProviderClient, client_for

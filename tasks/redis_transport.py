@@ -1,5 +1,5 @@
 """kombu's Redis transport, with one client per channel for its acknowledgement bookkeeping,
-and channels that outlive their connection without breaking the worker (issue 12).
+and channels that outlive their connection without breaking the worker (docs/RELIABILITY.md).
 
 One client per channel
 ----------------------
@@ -7,7 +7,8 @@ With ``task_acks_late`` every delivered message costs two bookkeeping round trip
 as unacked on delivery, removed on ack). For each of them kombu's ``Channel.conn_or_acquire``
 builds a brand-new ``redis.Redis`` object on the channel's pool and drops it afterwards;
 redis-py's constructor fills a table of about a hundred response callbacks, and in the
-worker benchmark those throwaway clients were about 5% of the worker's CPU per item.
+worker benchmark those throwaway clients were a visible share of the worker's CPU per item
+(docs/PERFORMANCE.md).
 
 A Redis client is a thin, thread-safe handle on its connection pool (pipelines are still
 created per use), so one per channel serves every caller. It is rebuilt whenever the channel
@@ -17,13 +18,13 @@ commands, same delivery guarantees. ``tasks.celery_app`` selects this transport 
 
 Broker outages: a channel outlives its connection
 -------------------------------------------------
-Fault injection (issue 12) killed Redis under a worker with downloads in flight; every worker
-process logged ``Connection to broker lost``, ``Restoring N unacknowledged message(s)`` and
-then died with ``Unrecoverable error: AttributeError("'NoneType' object has no attribute
-'hostname'")``. Reproduced with kombu's own transport too (tests/tasks/test_broker_outage.py),
-on kombu 5.7.0 with Celery 5.7.0. The sequence, when the loss is handled while a BRPOP is
-outstanding on the task channel (the usual case: prefetch is rarely full) and messages are
-unacked:
+Fault injection (docs/RELIABILITY.md) killed Redis under a worker with downloads in flight;
+every worker process logged ``Connection to broker lost``, ``Restoring N unacknowledged
+message(s)`` and then died with ``Unrecoverable error: AttributeError("'NoneType' object has
+no attribute 'hostname'")``. Reproduced with kombu's own transport too
+(tests/tasks/test_broker_outage.py), on kombu 5.7.0 with Celery 5.7.0. The sequence, when
+the loss is handled while a BRPOP is outstanding on the task channel (the usual case:
+prefetch is rarely full) and messages are unacked:
 
 1. Celery's ``Consumer.on_connection_error_after_connected`` calls ``connection.collect()``.
    kombu closes the default (task) channel first; its ``Channel.close`` starts by reading the

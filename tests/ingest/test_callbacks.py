@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from ingest import accounts, callbacks, metrics, reconciler
-from ingest.callbacks import CallbackSender, EventState, configure, deliver_due, new_secret
+from ingest.callback_delivery import CallbackSender, deliver_due
+from ingest.callbacks import EventState, configure, new_secret
 from ingest.db import session_scope
 from ingest.events import MediaEvent, ProviderFault
 from ingest.intake import RoutedEvent, is_one_insert, record_events

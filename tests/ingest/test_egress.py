@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from ingest.egress import (
+from ingest.egress import Egress
+from ingest.egress_guard import (
     Credential,
     CredentialScope,
-    Egress,
     HostPolicy,
     Origin,
     RefusedAddress,
