@@ -47,8 +47,11 @@ demo: $(STAMP)
 	PATH="$(BIN):$$PATH" $(BIN)/ingest demo --events $(or $(EVENTS),200)
 
 ## The whole suite. Real PostgreSQL/Redis when INGEST_TEST_*_URL are set (see .ci/run).
+## With a coverage report of the code the suite runs in its own process (pyproject.toml's
+## [tool.coverage]); below COVERAGE_FLOOR percent it fails. A subset: run pytest directly.
+COVERAGE_FLOOR ?= 94
 test: $(STAMP)
-	PATH="$(BIN):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
+	PATH="$(BIN):$$PATH" $(BIN)/pytest --cov --cov-report=term --cov-fail-under=$(COVERAGE_FLOOR) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

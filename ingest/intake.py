@@ -1,9 +1,9 @@
 """Accepting a webhook: who may post it, and recording its media rows durably.
 
 The receiver calls, in order: :func:`authenticate` (per instance the body is routed to), then
-:func:`record_events` inside one transaction, commits, and only then schedules the returned
-jobs. A repeated delivery of the same ``(instance, message id)`` inserts nothing and schedules
-nothing.
+:func:`record_events` inside one transaction, and commits. It publishes nothing: a new row has
+no wake-up yet, and the relay in the workers (``ingest.wake_relay``) publishes one once the
+row is committed. A repeated delivery of the same ``(instance, message id)`` inserts nothing.
 """
 
 from __future__ import annotations
@@ -24,10 +24,8 @@ from ingest import callbacks, media_rows
 from ingest.accounts import hash_secret, secret_matches
 from ingest.events import MediaEvent
 from ingest.media_rows import INSERT_CHUNK
-from ingest.media_rows import forget_enqueued as forget_enqueued
-from ingest.media_rules import over_send_limit, queue_for
-from ingest.models import Instance, MediaType
-from ingest.queues import DownloadJob
+from ingest.media_rules import over_send_limit
+from ingest.models import Instance
 from ingest.secrets import SecretBox, environment_secret_box
 from ingest.settings import Settings
 
@@ -239,12 +237,13 @@ class RoutedEvent:
 
 @dataclass(frozen=True)
 class Recorded:
-    """What one webhook added: rows created (new), and the wake-ups to send after commit."""
+    """What one webhook added: rows created (new, of which failed), and rows it named again
+    whose wake-up was old and is sent again (rewoken)."""
 
     media: int
     new: int
     failed: int
-    jobs: tuple[DownloadJob, ...]
+    rewoken: int = 0
 
 
 def record_events(
@@ -260,7 +259,7 @@ def record_events(
     bare Core connection (the receiver's choice: it has no ORM objects to track). Uses the dialect's
     ``INSERT .. ON CONFLICT DO NOTHING .. RETURNING``, so concurrent deliveries of one message
     race safely in the database and exactly one of them learns the row is new. Provider error
-    events become ``failed`` rows and get no job; they are announced to their instance's
+    events become ``failed`` rows; they are announced to their instance's
     callback URL (ingest.callbacks) in the same transaction.
     """
     unique: dict[tuple[int, str], RoutedEvent] = {}
@@ -268,55 +267,37 @@ def record_events(
         unique.setdefault((routed.instance_id, routed.event.message_id), routed)
     rows = [_row(routed, settings, received_at) for routed in unique.values()]
 
-    jobs: list[DownloadJob] = []
     new = failed = 0
     inserted: set[tuple[int, str]] = set()
     failed_ids: list[int] = []
     for item_id, instance_id, message_id in media_rows.record(session, rows):
         new += 1
         inserted.add((instance_id, message_id))
-        routed = unique[(instance_id, message_id)]
-        if routed.event.fault is not None:
+        if unique[(instance_id, message_id)].event.fault is not None:
             failed += 1
             failed_ids.append(item_id)
-            continue
-        queue = queue_for(
-            routed.event.media_type, routed.event.file_size, settings.large_media_bytes
-        )
-        jobs.append(DownloadJob(media_item_id=item_id, queue=queue))
     if failed_ids:
         callbacks.announce(session, failed_ids, received_at)
     repeated = [
         key for key, routed in unique.items() if key not in inserted and routed.event.fault is None
     ]
+    rewoken = 0
     if repeated:
-        jobs += _rewake_repeated(session, repeated, settings, received_at)
-    jobs.sort(key=lambda job: job.media_item_id)
-    return Recorded(media=len(events), new=new, failed=failed, jobs=tuple(jobs))
+        # A provider redelivers when we did not answer, which may mean the process that
+        # committed the rows died first; a wake-up that old is presumed lost.
+        rewoken = media_rows.wake_redelivered(
+            session,
+            repeated,
+            now=received_at,
+            stale_before=received_at - wake_timeout(settings),
+        )
+    return Recorded(media=len(events), new=new, failed=failed, rewoken=rewoken)
 
 
 def wake_timeout(settings: Settings) -> timedelta:
     """How old a pending row's wake-up may grow before it is presumed lost when nothing
     else explains the wait (its queue is empty, or the provider redelivered the webhook)."""
     return timedelta(seconds=settings.reconcile_interval_seconds)
-
-
-def _rewake_repeated(
-    session: Session | Connection,
-    keys: Sequence[tuple[int, str]],
-    settings: Settings,
-    received_at: datetime,
-) -> list[DownloadJob]:
-    """Wake rows that a redelivered webhook names, when they are still pending and due and
-    their wake-up is old: a provider redelivers when we did not answer, which may mean the
-    process that committed the rows died before it could wake anyone."""
-    woken = media_rows.wake_redelivered(
-        session, keys, now=received_at, stale_before=received_at - wake_timeout(settings)
-    )
-    return [
-        DownloadJob(item_id, queue_for(MediaType(kind), size, settings.large_media_bytes))
-        for item_id, kind, size in woken
-    ]
 
 
 def is_one_insert(events: Sequence[RoutedEvent]) -> bool:

@@ -20,9 +20,9 @@ A row is created ``pending`` (or ``failed`` at once, for a provider error event)
     any but erased ----- erase --------------------> erased        a right-to-erasure request
     any ---------------- delete_with_instance -----> (no row)      the instance is removed
 
-Within a state: :func:`wake`, :func:`wake_redelivered` and :func:`forget_enqueued` set or
-clear ``enqueued_at`` (the last wake-up sent) of pending rows; :func:`purge_urls` drops signed
-URLs once used or stale.
+Within a state: :func:`take_unwoken`, :func:`wake`, :func:`wake_redelivered` and
+:func:`forget_enqueued` set or clear ``enqueued_at`` (the last wake-up sent) of pending
+rows; :func:`purge_urls` drops signed URLs once used or stale.
 
 Each transition is one guarded statement, so one that no longer applies (another worker took
 the row, an operator erased it) changes nothing, and its count or returned ids say so. The
@@ -154,13 +154,13 @@ def arrival(fault: ProviderFault | None, received_at: datetime) -> dict[str, Any
             "url_deadline": None,
             "enqueued_at": None,
         }
-    # Optimistic: the wake-up is sent right after the commit. If it cannot be,
-    # forget_enqueued() clears this so the reconciler does not wait for it.
+    # No wake-up yet: the relay in the workers publishes one once the row is committed
+    # (take_unwoken), and the reconciler would if no relay ran.
     return {
         "state": MediaState.PENDING.value,
         "failure_reason": None,
         "last_error": None,
-        "enqueued_at": received_at,
+        "enqueued_at": None,
     }
 
 
@@ -536,32 +536,58 @@ def wake(executor: Executor, item_ids: Sequence[int], now: datetime) -> None:
     )
 
 
+def take_unwoken(executor: Executor, now: datetime, limit: int) -> list[AnyRow]:
+    """Stamp a wake-up on at most ``limit`` pending, due rows that never had one (committed by
+    the receiver, or whose wake-up could not be sent), oldest first; returns their
+    ``(id, media_type, declared_size)``. On PostgreSQL, rows another relay is taking are
+    skipped, not waited for (``SKIP LOCKED``); SQLite has a single writer anyway."""
+    chosen = (
+        select(MediaItem.id)
+        .where(MediaItem.state == MediaState.PENDING, MediaItem.enqueued_at.is_(None))
+        .where(MediaItem.next_attempt_at <= now)
+        .order_by(MediaItem.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list(
+        executor.execute(
+            update(MediaItem)
+            .where(MediaItem.id.in_(chosen.scalar_subquery()))
+            .where(MediaItem.state == MediaState.PENDING, MediaItem.enqueued_at.is_(None))
+            .values(enqueued_at=now)
+            .returning(MediaItem.id, MediaItem.media_type, MediaItem.declared_size)
+            .execution_options(synchronize_session=False)
+        ).all()
+    )
+
+
 def wake_redelivered(
     executor: Executor,
     keys: Sequence[tuple[int, str]],
     *,
     now: datetime,
     stale_before: datetime,
-) -> list[AnyRow]:
-    """Of the rows these ``(instance id, message id)`` name, stamp a wake-up on those still
-    pending and due whose last wake-up is older than ``stale_before`` (or none); returns their
-    ``(id, media_type, declared_size)``."""
-    woken: list[AnyRow] = []
+) -> int:
+    """Of the rows these ``(instance id, message id)`` name, clear the wake-up of those still
+    pending and due whose last wake-up is older than ``stale_before``, so that the relay
+    sends a new one; returns how many."""
+    woken = 0
     for start in range(0, len(keys), INSERT_CHUNK):
-        woken += executor.execute(
-            update(MediaItem)
-            .where(
-                tuple_(MediaItem.instance_id, MediaItem.message_id).in_(
-                    keys[start : start + INSERT_CHUNK]
+        woken += row_count(
+            executor.execute(
+                update(MediaItem)
+                .where(
+                    tuple_(MediaItem.instance_id, MediaItem.message_id).in_(
+                        keys[start : start + INSERT_CHUNK]
+                    )
                 )
+                .where(MediaItem.state == MediaState.PENDING)
+                .where(MediaItem.next_attempt_at <= now)
+                .where(MediaItem.enqueued_at < stale_before)
+                .values(enqueued_at=None)
+                .execution_options(synchronize_session=False)
             )
-            .where(MediaItem.state == MediaState.PENDING)
-            .where(MediaItem.next_attempt_at <= now)
-            .where(MediaItem.enqueued_at.is_(None) | (MediaItem.enqueued_at < stale_before))
-            .values(enqueued_at=now)
-            .returning(MediaItem.id, MediaItem.media_type, MediaItem.declared_size)
-            .execution_options(synchronize_session=False)
-        ).all()
+        )
     return woken
 
 

@@ -23,6 +23,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -174,6 +175,10 @@ class ApiToken(Base):
     )
 
 
+# Pending rows whose wake-up was never published: what the relay takes (ingest.wake_relay).
+UNWOKEN_ROWS = "state = 'pending' AND enqueued_at IS NULL"
+
+
 class MediaItem(Base):
     """One inbound media message and everything known about archiving it."""
 
@@ -243,6 +248,14 @@ class MediaItem(Base):
         ),
         # The retention pass: stored rows by age.
         Index("ix_media_items_state_received", "state", "received_at"),
+        # The wake-up relay: rows committed by the receiver and not yet published
+        # (ingest.wake_relay), a handful of entries whatever the backlog.
+        Index(
+            "ix_media_items_unwoken",
+            "id",
+            postgresql_where=text(UNWOKEN_ROWS),
+            sqlite_where=text(UNWOKEN_ROWS),
+        ),
     )
 
 

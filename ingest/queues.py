@@ -1,4 +1,4 @@
-"""How the webhook hands work to the download workers, without knowing about Celery.
+"""How the relay and the reconciler hand work to the download workers, without knowing Celery.
 
 SQL is the source of truth; a scheduled job is only a wake-up call. Losing one is harmless:
 the reconciler finds the row again.
@@ -6,6 +6,7 @@ the reconciler finds the row again.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,6 +22,30 @@ MEDIA_QUEUES = (SMALL_MEDIA, LARGE_MEDIA)
 class DownloadJob:
     media_item_id: int
     queue: str
+
+
+@dataclass(frozen=True)
+class WakeUp:
+    """One message: rows of one queue, taken by one worker thread in turn."""
+
+    queue: str
+    media_item_ids: tuple[int, ...]
+
+
+def wake_ups(jobs: Sequence[DownloadJob], most: int, spread: int) -> list[WakeUp]:
+    """Group ``jobs`` into messages of at most ``most`` rows of one queue each, and into at
+    least ``spread`` messages per queue while there are rows enough: a message's rows run
+    one after another, so a backlog must still reach every worker thread."""
+    by_queue: dict[str, list[int]] = {}
+    for job in jobs:
+        by_queue.setdefault(job.queue, []).append(job.media_item_id)
+    messages = []
+    for queue, ids in by_queue.items():
+        size = max(1, min(most, math.ceil(len(ids) / max(spread, 1))))
+        messages += [
+            WakeUp(queue, tuple(ids[start : start + size])) for start in range(0, len(ids), size)
+        ]
+    return messages
 
 
 class SchedulerUnavailable(Exception):

@@ -207,6 +207,15 @@ class Settings(BaseSettings):
     # Touched every few seconds while the worker's consumer runs (`ingest worker-alive`).
     # Default: <var_dir>/worker.heartbeat.
     worker_heartbeat_file: Path | None = None
+    # The wake-up relay (ingest.wake_relay) in each worker process. Without PostgreSQL's
+    # notifications it looks for new rows this often (the embedded SQLite default); with
+    # them, this often regardless, in case a notification was missed.
+    relay_poll_seconds: float = Field(default=0.05, gt=0)
+    relay_fallback_seconds: float = Field(default=1.0, gt=0)
+    # Rows named by one wake-up message at most: one message, one claim's worth of Celery
+    # overhead, for several rows. A backlog is still spread over at least
+    # worker_concurrency messages, so every thread gets work.
+    wake_batch: int = Field(default=16, gt=0)
     # Consecutive object-store failures that pause claiming, and how often it is probed then.
     storage_breaker_failures: int = Field(default=5, gt=0)
     storage_breaker_reset_seconds: float = Field(default=30.0, gt=0)

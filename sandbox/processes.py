@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,22 +88,30 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def stop_groups(popens: Sequence[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM the process groups of ``popens`` all at once, then SIGKILL whatever is left
+    after one grace period: stopping several takes the longest of them, not the sum. Each
+    must lead a session of its own (see :func:`start_process`)."""
+    running = [popen for popen in popens if popen.poll() is None]
+    for popen in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+    for popen in running:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for popen in popens:
+        # Children (gunicorn workers, celery pool) share the group: reap anything left.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(popen.pid, signal.SIGKILL)
+        if popen.poll() is None:
+            popen.wait(timeout=STOP_TIMEOUT_SECONDS)
+
+
 def stop_group(popen: subprocess.Popen[bytes]) -> None:
     """SIGTERM the process group of ``popen``, then SIGKILL whatever is left after a grace
-    period. ``popen`` must lead a session of its own (see :func:`start_process`)."""
-    if popen.poll() is None:
-        try:
-            os.killpg(popen.pid, signal.SIGTERM)
-            popen.wait(timeout=STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            pass
-        except ProcessLookupError:
-            return
-    # Children (gunicorn workers, celery pool) share the group: reap anything left.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(popen.pid, signal.SIGKILL)
-    if popen.poll() is None:
-        popen.wait(timeout=STOP_TIMEOUT_SECONDS)
+    period."""
+    stop_groups([popen])
 
 
 @dataclass
@@ -306,10 +314,9 @@ class ProcessGroup:
         return result
 
     def stop_all(self) -> None:
-        # Reverse order: web first would leave beat publishing to a broker nobody reads,
-        # which is harmless; workers last so they may finish what they hold.
-        for process in reversed(self.processes):
-            process.stop()
+        # All at once: each process stops on its own terms (workers finish or hand back what
+        # they hold), and nothing here depends on another being up while it stops.
+        stop_groups([process.popen for process in self.processes])
 
     def report(self) -> str:
         return "\n".join(

@@ -19,7 +19,11 @@ from ingest.queues import ALL_QUEUES, SMALL_MEDIA
 from ingest.settings import Settings
 from tasks import lifecycle, redis_transport
 
+# One row per message: what the receiver published before the relay. Still consumed, so
+# messages left in a queue across an upgrade run.
 DOWNLOAD_TASK = "ingest.download_media"
+# Several rows per message (the relay and the reconciler publish these).
+DOWNLOAD_BATCH_TASK = "ingest.download_batch"
 RECONCILE_TASK = "ingest.reconcile"
 RETENTION_TASK = "ingest.purge_retention"
 # Retention is counted in days: an hour late is no matter, and a pass over nothing is cheap.

@@ -6,10 +6,11 @@ A worker process builds its long-lived parts once, lazily and thread-safely, fro
 HTTP pool, shared by every thread), one error budget and one Pipeline. Tests and embedders
 may install their own with :func:`install_runtime`.
 
-At start the worker also starts its reconciler thread (ingest.reconciler.ReconcilerLoop: the
+At start the worker also starts its wake-up relay (ingest.wake_relay.RelayLoop: publishes the
+rows the receiver committed), its reconciler thread (ingest.reconciler.ReconcilerLoop: the
 pass never waits behind downloads, and does not depend on beat), its callback thread
-(ingest.callback_delivery.CallbackLoop: downstream events, one sender per process) and its heartbeat
-(tasks.heartbeat). On SIGTERM it stops taking tasks and lets transfers finish for at most
+(ingest.callback_delivery.CallbackLoop: downstream events, one sender per process) and its
+heartbeat (tasks.heartbeat). On SIGTERM it stops taking tasks and lets transfers finish for at most
 ``worker_shutdown_seconds``; then it hands the rest back (their rows claimable at once by
 another worker) and exits, so a supervisor's grace period is never turned into a SIGKILL.
 """
@@ -35,8 +36,14 @@ from ingest.queues import DownloadScheduler
 from ingest.reconciler import ReconcileReport, ReconcilerLoop, reconcile_if_its_turn
 from ingest.services import Services
 from ingest.settings import Settings
+from ingest.wake_relay import RelayLoop
 from tasks import lifecycle
-from tasks.celery_app import DOWNLOAD_TASK, RECONCILE_TASK, quiet_duplicate_task_lines
+from tasks.celery_app import (
+    DOWNLOAD_BATCH_TASK,
+    DOWNLOAD_TASK,
+    RECONCILE_TASK,
+    quiet_duplicate_task_lines,
+)
 from tasks.dispatch import CeleryScheduler
 from tasks.heartbeat import HeartbeatWriter
 
@@ -61,6 +68,7 @@ class WorkerRuntime:
     heartbeat: HeartbeatWriter | None = None
     callback_sender: CallbackSender | None = None
     callback_loop: CallbackLoop | None = None
+    relay: RelayLoop | None = None
 
     def reconcile(self) -> ReconcileReport | None:
         """One reconciler pass, if no other process ran one in this interval."""
@@ -74,6 +82,8 @@ class WorkerRuntime:
     def start_background(self) -> None:
         """The threads of a worker process (not of tests that call tasks directly)."""
         settings = self.services.settings
+        self.relay = RelayLoop(self.services.sessions, self.scheduler, settings)
+        self.relay.start()
         self.reconciler = ReconcilerLoop(self.reconcile, settings.reconcile_interval_seconds)
         self.reconciler.start()
         if self.callback_sender is None:
@@ -89,6 +99,8 @@ class WorkerRuntime:
     def close(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stop()
+        if self.relay is not None:
+            self.relay.stop()
         if self.reconciler is not None:
             self.reconciler.stop()
         if self.callback_loop is not None:
@@ -140,7 +152,10 @@ def runtime(app: Celery) -> WorkerRuntime:
         with _lock:
             if _runtime is None:
                 settings: Settings = app.conf.ingest_settings
-                _runtime = build_runtime(settings, scheduler=CeleryScheduler(app))
+                scheduler = CeleryScheduler(
+                    app, wake_batch=settings.wake_batch, spread=settings.worker_concurrency
+                )
+                _runtime = build_runtime(settings, scheduler=scheduler)
     return _runtime
 
 
@@ -214,6 +229,18 @@ def download_media(self: Task, media_item_id: int) -> str:
     """Claim the row, try once, record the outcome. Repeats and duplicates are harmless."""
     with logs.task_context(self.request.id, int(media_item_id)):
         return runtime(self.app).pipeline.run(int(media_item_id)).outcome
+
+
+@shared_task(name=DOWNLOAD_BATCH_TASK, bind=True)
+def download_batch(self: Task, media_item_ids: list[int]) -> list[str]:
+    """Each row in turn, as :func:`download_media` would. A stopping worker skips the rest
+    (they stay pending; the reconciler wakes them for another worker)."""
+    pipeline = runtime(self.app).pipeline
+    outcomes = []
+    for item_id in media_item_ids:
+        with logs.task_context(self.request.id, int(item_id)):
+            outcomes.append(pipeline.run(int(item_id)).outcome)
+    return outcomes
 
 
 @shared_task(name=RECONCILE_TASK, bind=True)

@@ -1,8 +1,8 @@
-"""The webhook receiver: verify, parse, record (one transaction), commit, wake workers, 200.
+"""The webhook receiver: verify, parse, record (one transaction), commit, 200.
 
-The acknowledgement makes no outbound HTTP call: only SQL and, best effort, the broker. A 2xx
-means the rows are committed; the database down is a 503 so the provider retries; the broker
-down after the commit is still a 200 (the reconciler finds the pending rows).
+The acknowledgement makes no outbound call but SQL: a 2xx means the rows are committed, and
+the database down is a 503 so the provider retries. The broker is not on this path at all:
+the relay in the workers publishes the committed rows' wake-ups (``ingest.wake_relay``).
 
 Bounds: a body over ``webhook_max_bytes`` is 413 however it is framed (``Content-Length`` or
 chunked), before anything else; one naming more than ``webhook_max_items`` distinct phone
@@ -38,13 +38,11 @@ from ingest.intake import (
     Recorded,
     RoutedEvent,
     authenticate,
-    forget_enqueued,
     is_one_insert,
     record_events,
     verify_token_matches,
 )
 from ingest.models import Instance, utcnow
-from ingest.queues import DownloadScheduler, SchedulerUnavailable
 from ingest.secrets import secret_box
 from ingest.services import Services
 from webhook.errors import database_error_kind, error_response
@@ -75,7 +73,6 @@ class RequestSummary:
     media: int = 0
     new: int = 0
     ignored: int = 0
-    enqueued: bool = False
 
 
 # --- verification handshake --------------------------------------------------------------
@@ -133,20 +130,18 @@ def receive(instance: str | None = None) -> Response:
         metrics.WEBHOOK_REQUESTS.labels(status=str(status)).inc()
         # One line per request; names and counts only (never a URL, token or secret).
         log.info(
-            "webhook status=%d instance=%s media=%d new=%d ignored=%d enqueued=%s latency_ms=%.1f",
+            "webhook status=%d instance=%s media=%d new=%d ignored=%d latency_ms=%.1f",
             status,
             outcome.instance,
             outcome.media,
             outcome.new,
             outcome.ignored,
-            "yes" if outcome.enqueued else "no",
             (time.perf_counter() - started) * 1000,
         )
 
 
 def _receive(instance_name: str | None, outcome: RequestSummary) -> Response:
     services: Services = current_app.extensions["ingest"]
-    scheduler: DownloadScheduler = current_app.extensions["ingest.scheduler"]
     settings = services.settings
     raw = _read_body(settings.webhook_max_bytes)
     received_at = utcnow()
@@ -187,7 +182,6 @@ def _receive(instance_name: str | None, outcome: RequestSummary) -> Response:
     outcome.new = recorded.new
     metrics.WEBHOOK_MEDIA.labels(result="new").inc(recorded.new)
     metrics.WEBHOOK_MEDIA.labels(result="repeated").inc(recorded.media - recorded.new)
-    _wake_workers(services, scheduler, recorded, outcome)
     return _accepted(recorded)
 
 
@@ -333,33 +327,6 @@ def _parse(raw: bytes, max_items: int) -> ParsedWebhook:
         raise Rejected(413, str(exc)) from None
     except PayloadError as exc:
         raise Rejected(400, str(exc)) from None
-
-
-def _wake_workers(
-    services: Services, scheduler: DownloadScheduler, recorded: Recorded, outcome: RequestSummary
-) -> None:
-    if not recorded.jobs:
-        return
-    try:
-        scheduler.schedule(recorded.jobs)
-        outcome.enqueued = True
-    except SchedulerUnavailable as exc:
-        # The rows are committed and pending: the reconciler will wake a worker for them.
-        log.warning(
-            "webhook: broker unavailable (%s); %d row(s) left for the reconciler",
-            exc,
-            len(recorded.jobs),
-        )
-        _forget_enqueued(services, recorded)
-
-
-def _forget_enqueued(services: Services, recorded: Recorded) -> None:
-    try:
-        with services.sessions.begin() as session:
-            forget_enqueued(session, recorded.jobs)
-    except DATABASE_DOWN:
-        # Best effort only: the reconciler still finds the rows once their wake-up is old.
-        log.warning("webhook: could not clear enqueued_at after a broker failure")
 
 
 def _accepted(recorded: Recorded) -> Response:

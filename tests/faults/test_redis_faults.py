@@ -131,10 +131,10 @@ def test_a_redelivered_webhook_rewakes_its_pending_row_whose_wake_up_was_lost(
     )
     number = stack.add_number()
     media = stack.add_media(number, 20)
-    # First delivery: the rows are committed, but their wake-ups never reach a worker (a web
-    # process whose broker is unreachable; the same state as one killed between its commit
-    # and its publish). Then time passes: the rows have been due, and their wake-up lost,
-    # for longer than one reconciler interval when the provider redelivers.
+    # First delivery: the rows are committed, and their wake-ups stamped but never sent (a
+    # relay killed between its stamp and its publish). Then time passes: the rows have been
+    # due, and their wake-up lost, for longer than one reconciler interval when the provider
+    # redelivers.
     lost = {"INGEST_BROKER_URL": "redis://127.0.0.1:9/0"}
     cut_off = stack.group.web(env=lost, workers=1)
     first = stack.post(number, media, web=cut_off.base_url)

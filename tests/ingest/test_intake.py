@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from ingest import accounts
+from ingest import accounts, media_rows
 from ingest.events import MediaEvent, ProviderFault
 from ingest.intake import (
     INSERT_CHUNK,
@@ -18,14 +18,12 @@ from ingest.intake import (
     InstanceRoute,
     RoutedEvent,
     authenticate,
-    forget_enqueued,
     record_events,
     sign,
     signature_valid,
     verify_token_matches,
 )
 from ingest.models import Instance, MediaItem, MediaState, MediaType
-from ingest.queues import LARGE_MEDIA, SMALL_MEDIA
 from ingest.settings import Settings
 from tests.factories import TEST_SECRET_KEY, box_for_session, make_instance
 
@@ -151,7 +149,7 @@ def stored(session: Session) -> list[MediaItem]:
     return list(session.scalars(select(MediaItem).order_by(MediaItem.id)))
 
 
-def test_record_inserts_pending_rows_and_returns_their_jobs(
+def test_record_inserts_pending_rows_that_wait_for_the_relay(
     session: Session, settings: Settings, instance: Instance
 ) -> None:
     events = [
@@ -162,15 +160,11 @@ def test_record_inserts_pending_rows_and_returns_their_jobs(
     session.commit()
     rows = stored(session)
     assert (recorded.media, recorded.new, recorded.failed) == (2, 2, 0)
-    assert [(job.media_item_id, job.queue) for job in recorded.jobs] == [
-        (rows[0].id, SMALL_MEDIA),
-        (rows[1].id, LARGE_MEDIA),
-    ]
     first, second = rows
     assert first.state == MediaState.PENDING
     assert first.received_at == NOW
     assert first.next_attempt_at == NOW
-    assert first.enqueued_at == NOW
+    assert first.enqueued_at is None  # no wake-up yet: the relay publishes it
     assert first.url_deadline == NOW + timedelta(minutes=5)
     assert first.expires_at == NOW + timedelta(seconds=settings.media_retention_seconds)
     assert first.download_url == "https://lookaside.fbsbx.com/x"
@@ -199,14 +193,11 @@ def test_record_on_a_core_connection_commits_with_it(
         )
     rows = stored(session)
     assert (recorded.media, recorded.new) == (2, 1)
-    assert [job.media_item_id for job in recorded.jobs] == [rows[0].id]
-    assert (again.new, again.jobs) == (0, ())
+    assert (again.new, again.rewoken) == (0, 0)
     assert [(row.message_id, row.state) for row in rows] == [("c1", MediaState.PENDING)]
 
 
-def test_repeats_insert_nothing_and_schedule_nothing(
-    session: Session, settings: Settings, instance: Instance
-) -> None:
+def test_repeats_insert_nothing(session: Session, settings: Settings, instance: Instance) -> None:
     other = make_instance(session)
     session.commit()
     record_events(
@@ -225,8 +216,7 @@ def test_repeats_insert_nothing_and_schedule_nothing(
         received_at=NOW,
     )
     session.commit()
-    assert (again.media, again.new) == (4, 2)
-    assert len(again.jobs) == 2
+    assert (again.media, again.new, again.rewoken) == (4, 2, 0)
     assert sorted((row.instance_id, row.message_id) for row in stored(session)) == sorted(
         [(instance.id, "w1"), (instance.id, "w2"), (other.id, "w1")]
     )
@@ -235,11 +225,14 @@ def test_repeats_insert_nothing_and_schedule_nothing(
 def test_a_redelivery_wakes_a_pending_row_whose_wake_up_is_old(
     session: Session, settings: Settings, instance: Instance
 ) -> None:
-    """The process that committed the row may have died before waking anyone: the
-    provider's redelivery wakes it, once its wake-up is older than the wake timeout."""
-    first = record_events(
+    """The wake-up may have been lost (a relay died between stamp and publish): the
+    provider's redelivery clears it for the relay again, once it is older than the wake
+    timeout."""
+    record_events(
         session, [RoutedEvent(instance.id, image("r1"))], settings=settings, received_at=NOW
     )
+    session.commit()
+    assert len(media_rows.take_unwoken(session, NOW, 10)) == 1  # the relay's stamp
     session.commit()
     soon = NOW + timedelta(seconds=settings.reconcile_interval_seconds / 2)
     early = record_events(
@@ -257,14 +250,10 @@ def test_a_redelivery_wakes_a_pending_row_whose_wake_up_is_old(
     session.commit()
 
     (row,) = stored(session)
-    assert early.jobs == ()  # its wake-up is recent: nothing to do
-    assert (
-        [job.media_item_id for job in late.jobs]
-        == [row.id]
-        == [job.media_item_id for job in first.jobs]
-    )
-    assert (late.new, again.jobs) == (0, ())  # stamped: the next redelivery waits again
-    assert row.enqueued_at == late_at
+    assert early.rewoken == 0  # its wake-up is recent: nothing to do
+    assert (late.new, late.rewoken) == (0, 1)
+    assert again.rewoken == 0  # already waiting for the relay
+    assert row.enqueued_at is None
 
 
 def test_a_redelivery_leaves_rows_that_are_not_pending_and_due_alone(
@@ -277,6 +266,7 @@ def test_a_redelivery_leaves_rows_that_are_not_pending_and_due_alone(
         received_at=NOW,
     )
     session.commit()
+    media_rows.take_unwoken(session, NOW, 10)
     done, later = stored(session)
     done.state = MediaState.STORED
     later.next_attempt_at = NOW + timedelta(hours=1)
@@ -288,7 +278,7 @@ def test_a_redelivery_leaves_rows_that_are_not_pending_and_due_alone(
         settings=settings,
         received_at=late_at,
     )
-    assert again.jobs == ()
+    assert again.rewoken == 0
 
 
 @pytest.mark.parametrize(
@@ -320,7 +310,7 @@ def test_url_and_media_id_windows_start_when_the_message_was_sent(
     assert row.expires_at == issued + timedelta(seconds=settings.media_retention_seconds)
 
 
-def test_provider_faults_become_failed_rows_without_jobs(
+def test_provider_faults_become_failed_rows(
     session: Session, settings: Settings, instance: Instance
 ) -> None:
     fault = ProviderFault(code=131052, title="Media file too large")
@@ -332,7 +322,7 @@ def test_provider_faults_become_failed_rows_without_jobs(
     )
     session.commit()
     (row,) = stored(session)
-    assert (recorded.new, recorded.failed, recorded.jobs) == (1, 1, ())
+    assert (recorded.new, recorded.failed) == (1, 1)
     assert row.state == MediaState.FAILED
     assert row.failure_reason == "too_large"
     assert row.last_error == "131052: Media file too large"
@@ -340,7 +330,7 @@ def test_provider_faults_become_failed_rows_without_jobs(
     assert row.enqueued_at is None
 
 
-def test_stated_size_picks_the_queue_and_the_send_limit_flag(
+def test_stated_size_sets_the_send_limit_flag(
     session: Session, settings: Settings, instance: Instance
 ) -> None:
     big = settings.large_media_bytes
@@ -358,11 +348,8 @@ def test_stated_size_picks_the_queue_and_the_send_limit_flag(
         received_at=NOW,
     )
     session.commit()
+    assert recorded.new == 3
     rows = {row.message_id: row for row in stored(session)}
-    queues = {job.media_item_id: job.queue for job in recorded.jobs}
-    assert queues[rows["small"].id] == SMALL_MEDIA
-    assert queues[rows["big"].id] == LARGE_MEDIA
-    assert queues[rows["doc"].id] == SMALL_MEDIA  # a stated size beats the type's default
     assert rows["big"].over_send_limit is True  # over the 5 MB image sending limit
     assert rows["small"].over_send_limit is False
     assert rows["big"].declared_size == big + 1
@@ -376,28 +363,7 @@ def test_large_batches_are_chunked_and_all_recorded(
     recorded = record_events(session, events, settings=settings, received_at=NOW)
     session.commit()
     assert recorded.new == count
-    assert len({job.media_item_id for job in recorded.jobs}) == count
     assert len(stored(session)) == count
-
-
-def test_forget_enqueued_clears_only_pending_rows(
-    session: Session, settings: Settings, instance: Instance
-) -> None:
-    recorded = record_events(
-        session,
-        [RoutedEvent(instance.id, image("w1")), RoutedEvent(instance.id, image("w2"))],
-        settings=settings,
-        received_at=NOW,
-    )
-    session.commit()
-    first, second = stored(session)
-    second.state = MediaState.DOWNLOADING
-    session.commit()
-    forget_enqueued(session, recorded.jobs)
-    session.commit()
-    first, second = stored(session)
-    assert first.enqueued_at is None
-    assert second.enqueued_at == NOW
 
 
 # --- instance directory ----------------------------------------------------------------

@@ -28,6 +28,12 @@ from ingest.rate_limit import (
 from tests.factories import make_instance
 
 
+def unreachable_redis(tmp_path: Path) -> redis.Redis:
+    """A client built the way the service builds its own (``from_url``: no retry with
+    backoff), on a socket nothing listens on: every command fails at once."""
+    return redis.Redis.from_url(f"unix://{tmp_path / 'no-redis.sock'}")
+
+
 def clear(redis_client: Any, prefix: str) -> None:
     for key in redis_client.keys(f"{prefix}:*"):
         redis_client.delete(key)
@@ -73,7 +79,7 @@ def test_limiter_counts_per_token_and_shares_through_redis(
 def test_limiter_fails_open_with_a_warning_when_redis_is_down(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    down = redis.Redis(unix_socket_path=str(tmp_path / "no-redis.sock"))
+    down = unreachable_redis(tmp_path)
     limiter = RateLimiter(RedisWindow(down, prefix="p"), "1/minute")
     with caplog.at_level(logging.WARNING, logger="ingest.rate_limit"):
         decisions = [limiter.hit("secret-hash") for _ in range(3)]
@@ -219,7 +225,7 @@ def test_limiter_window_moves_hit_by_hit_in_redis(
 
 
 def test_a_failing_counter_still_says_when_the_window_resets(clock: Clock, tmp_path: Path) -> None:
-    down = redis.Redis(unix_socket_path=str(tmp_path / "no-redis.sock"))
+    down = unreachable_redis(tmp_path)
     decision = RateLimiter(RedisWindow(down, prefix="p"), "1/minute").hit("h")
     down.close()
     assert decision.allowed
@@ -422,7 +428,7 @@ def test_failures_are_limited_per_client_and_overall_in_redis(
 def test_failure_limits_fail_open_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    down = redis.Redis(unix_socket_path=str(tmp_path / "no-redis.sock"))
+    down = unreachable_redis(tmp_path)
     failures = AuthFailureLimiter(RedisWindow(down, prefix="p"), "1/minute", "1/minute")
     with caplog.at_level(logging.WARNING, logger="ingest.rate_limit"):
         assert failures.refusal("192.0.2.1") is None

@@ -1,4 +1,5 @@
-"""The webhook's publisher: jobs reach the named queue as JSON task messages, fast failure."""
+"""The wake-up publisher (the relay's and the reconciler's): rows reach their queue as JSON task
+messages, several rows to a message, and a broker outage fails fast."""
 
 import base64
 import contextlib
@@ -20,8 +21,8 @@ from ingest.models import MediaItem, utcnow
 from ingest.queues import LARGE_MEDIA, SMALL_MEDIA, DownloadJob, SchedulerUnavailable
 from ingest.reconciler import reconcile
 from ingest.settings import Settings
-from tasks.celery_app import DOWNLOAD_TASK, make_celery
-from tasks.dispatch import CeleryScheduler, download_message
+from tasks.celery_app import DOWNLOAD_BATCH_TASK, make_celery
+from tasks.dispatch import CeleryScheduler
 from tests.conftest import skip_or_fail, unique_key_prefix
 from tests.factories import make_instance, make_media_item
 
@@ -46,9 +47,9 @@ def test_jobs_are_published_by_task_name_to_their_queue(make_settings: Any) -> N
     try:
         small = [json.loads(m) for m in client.lrange(f"{prefix}:{SMALL_MEDIA}", 0, -1)]
         large = [json.loads(m) for m in client.lrange(f"{prefix}:{LARGE_MEDIA}", 0, -1)]
-        assert [m["headers"]["task"] for m in small + large] == [DOWNLOAD_TASK] * 2
+        assert [m["headers"]["task"] for m in small + large] == [DOWNLOAD_BATCH_TASK] * 2
         bodies = [json.loads(base64.b64decode(m["body"])) for m in small + large]
-        assert [body[0] for body in bodies] == [[7], [8]]
+        assert [body[0] for body in bodies] == [[[7]], [[8]]]
         assert all(m["content-type"] == "application/json" for m in small + large)
     finally:
         for key in client.scan_iter(f"{prefix}:*"):
@@ -110,34 +111,34 @@ def test_a_broker_that_is_down_cannot_count_its_queues(make_settings: Any) -> No
 )
 def test_an_unreachable_broker_is_reported_not_retried(make_settings: Any, broker_url: str) -> None:
     scheduler = CeleryScheduler.from_settings(make_settings(broker_url=broker_url))
-    # The request path publishes with one connection attempt: kombu's retry loop is off.
+    # One connection attempt: kombu's retry loop is off (the relay tries again next pass).
     assert scheduler.app.conf.broker_transport_options["max_retries"] == 0
     with pytest.raises(SchedulerUnavailable):
         scheduler.schedule([DownloadJob(1, SMALL_MEDIA)])
 
 
-class _FailingProducer:
+def break_the_pooled_connection(
+    scheduler: CeleryScheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A pooled producer whose connection broke under it: the client library's own error."""
+    import redis
 
-    def __init__(self, error: Exception) -> None:
-        self.error = error
+    @contextlib.contextmanager
+    def pooled_producer(producer: Any = None) -> Iterator[None]:
+        yield None
 
-    def publish(self, *args: Any, **kwargs: Any) -> None:
-        raise self.error
+    def send_task(*args: Any, **kwargs: Any) -> None:
+        raise redis.exceptions.ConnectionError("Connection closed by server.")
+
+    monkeypatch.setattr(scheduler.app, "producer_or_acquire", pooled_producer)
+    monkeypatch.setattr(scheduler.app, "send_task", send_task)
 
 
 def test_a_broken_pooled_redis_connection_is_reported_as_unavailable(
     make_settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import redis
-
     scheduler = CeleryScheduler.from_settings(make_settings(broker_url="redis://127.0.0.1:1/0"))
-
-    @contextlib.contextmanager
-    def broken_producer() -> Iterator[_FailingProducer]:
-        yield _FailingProducer(redis.exceptions.ConnectionError("Connection closed by server."))
-
-    monkeypatch.setattr(scheduler.app, "producer_or_acquire", broken_producer)
+    break_the_pooled_connection(scheduler, monkeypatch)
     with pytest.raises(SchedulerUnavailable, match="ConnectionError"):
         scheduler.schedule([DownloadJob(1, SMALL_MEDIA)])
 
@@ -148,17 +149,10 @@ def test_a_reconcile_pass_survives_a_broken_pooled_connection(
     settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import redis
-
     with sessions.begin() as session:
         item_id = make_media_item(session, make_instance(session), enqueued_at=None).id
     scheduler = CeleryScheduler.from_settings(make_settings(broker_url="redis://127.0.0.1:1/0"))
-
-    @contextlib.contextmanager
-    def broken_producer() -> Iterator[_FailingProducer]:
-        yield _FailingProducer(redis.exceptions.ConnectionError("Connection closed by server."))
-
-    monkeypatch.setattr(scheduler.app, "producer_or_acquire", broken_producer)
+    break_the_pooled_connection(scheduler, monkeypatch)
     report = reconcile(sessions, scheduler, settings, now=utcnow() + timedelta(seconds=1))
     assert report.publish_failed and report.woken == 0
     with sessions() as session:
@@ -241,19 +235,29 @@ def test_an_empty_batch_touches_no_broker(make_settings: Any) -> None:
     scheduler.schedule([])
 
 
-def test_the_prebuilt_message_has_the_fields_send_task_writes(make_settings: Any) -> None:
-    scheduler = CeleryScheduler.from_settings(make_settings())
-    reference = scheduler.app.amqp.as_task_v2(
-        "id-1", DOWNLOAD_TASK, args=[42], kwargs={}, ignore_result=True
+def test_a_backlog_goes_several_rows_to_a_message_spread_over_the_threads(
+    make_settings: Any,
+) -> None:
+    import redis
+
+    url = _redis_broker()
+    prefix = unique_key_prefix()
+    settings = make_settings(
+        broker_url=url, broker_prefix=prefix, wake_batch=4, worker_concurrency=8
     )
-    task_id, body, headers = download_message(DownloadJob(42, SMALL_MEDIA), "1@host")
-    assert set(headers) == set(reference.headers)
-    assert headers["task"] == DOWNLOAD_TASK
-    assert headers["id"] == headers["root_id"] == task_id
-    assert headers["ignore_result"] is True
-    assert headers["argsrepr"] == "[42]"
-    args, kwargs, embed = reference.body
-    assert body == [list(args), kwargs, embed]
+    scheduler = CeleryScheduler.from_settings(settings)
+    # 40 rows over 8 threads would be 5 a message; the batch caps them at 4.
+    scheduler.schedule([DownloadJob(i, SMALL_MEDIA) for i in range(1, 41)])
+    client = redis.Redis.from_url(url)
+    try:
+        messages = [json.loads(m) for m in client.lrange(f"{prefix}:{SMALL_MEDIA}", 0, -1)]
+        rows = [json.loads(base64.b64decode(m["body"]))[0][0] for m in messages]
+        assert [len(ids) for ids in rows] == [4] * 10
+        assert sorted(i for ids in rows for i in ids) == list(range(1, 41))
+    finally:
+        for key in client.scan_iter(f"{prefix}:*"):
+            client.delete(key)
+        client.close()
 
 
 def test_a_celery_worker_runs_the_published_message(make_settings: Any) -> None:
@@ -274,9 +278,9 @@ def test_a_celery_worker_runs_the_published_message(make_settings: Any) -> None:
             assert type(channel) is kombu_redis.Channel
             message = channel.basic_get(SMALL_MEDIA)
             assert message is not None
-            request = Request(message, app=worker_app, task=worker_app.tasks[DOWNLOAD_TASK])
-            assert request.task_name == DOWNLOAD_TASK
-            assert request.args == [7]
+            request = Request(message, app=worker_app, task=worker_app.tasks[DOWNLOAD_BATCH_TASK])
+            assert request.task_name == DOWNLOAD_BATCH_TASK
+            assert request.args == [[7]]
             assert request.kwargs == {}
         finally:
             client = channel.client

@@ -19,7 +19,13 @@ from ingest.queues import LARGE_MEDIA, SMALL_MEDIA, DownloadScheduler, Recording
 from ingest.services import Services
 from ingest.settings import Settings
 from tasks import media
-from tasks.celery_app import DOWNLOAD_TASK, DUPLICATE_TASK_LOGGERS, RECONCILE_TASK, make_celery
+from tasks.celery_app import (
+    DOWNLOAD_BATCH_TASK,
+    DOWNLOAD_TASK,
+    DUPLICATE_TASK_LOGGERS,
+    RECONCILE_TASK,
+    make_celery,
+)
 from tasks.dispatch import CeleryScheduler
 from tests.factories import make_instance, make_media_item
 from tests.ingest.test_pipeline import FakeProvider, jpeg
@@ -32,7 +38,9 @@ def _no_runtime() -> Iterator[None]:
     media.install_runtime(previous)
 
 
-def install(services: Services, provider: FakeProvider, scheduler: DownloadScheduler) -> None:
+def install(
+    services: Services, provider: FakeProvider, scheduler: DownloadScheduler
+) -> media.WorkerRuntime:
     pipeline = Pipeline(
         settings=services.settings,
         sessions=services.sessions,
@@ -41,7 +49,9 @@ def install(services: Services, provider: FakeProvider, scheduler: DownloadSched
         clients=provider.client,
         rng=random.Random(0),
     )
-    media.install_runtime(media.WorkerRuntime(services, pipeline, scheduler))
+    runtime = media.WorkerRuntime(services, pipeline, scheduler)
+    media.install_runtime(runtime)
+    return runtime
 
 
 def add_item(sessions: sessionmaker[Session], **values: Any) -> int:
@@ -54,6 +64,7 @@ def test_tasks_are_registered_under_the_names_the_app_publishes(make_settings: A
     app = make_celery(make_settings())
     app.loader.import_default_modules()
     assert app.tasks[DOWNLOAD_TASK].name == DOWNLOAD_TASK
+    assert app.tasks[DOWNLOAD_BATCH_TASK].name == DOWNLOAD_BATCH_TASK
     assert app.tasks[RECONCILE_TASK].name == RECONCILE_TASK
 
 
@@ -74,6 +85,27 @@ def test_download_task_runs_one_attempt_through_the_core(services: Services) -> 
         assert row.storage_key is not None
     with services.storage.open(row.storage_key) as stored:
         assert stored.read() == body
+
+
+def test_a_batch_runs_each_row_in_turn_and_skips_the_rest_once_stopping(
+    services: Services,
+) -> None:
+    provider = FakeProvider()
+    ids = []
+    for name in ("b1", "b2", "b3"):
+        provider.add(name, jpeg())
+        ids.append(
+            add_item(services.sessions, media_id=name, download_url=FakeProvider.webhook_url(name))
+        )
+    runtime = install(services, provider, RecordingScheduler())
+
+    assert media.download_batch(ids[:2]) == ["stored", "stored"]
+    assert media.download_batch(ids[:2]) == ["skipped", "skipped"]  # a redelivery is harmless
+    runtime.pipeline.abandon_all()  # the worker is stopping
+    assert media.download_batch(ids[2:]) == ["skipped"]
+    with services.sessions() as session:
+        row = session.get(MediaItem, ids[2])
+        assert row is not None and row.state == MediaState.PENDING  # left for another worker
 
 
 def drain(app: Celery, queue: str) -> list[Any]:
@@ -104,10 +136,10 @@ def test_reconcile_task_publishes_wake_ups_to_the_right_queues(
 
     assert report["woken"] == 2
     published = {queue: drain(app, queue) for queue in (SMALL_MEDIA, LARGE_MEDIA)}
-    assert [m.headers["task"] for m in published[SMALL_MEDIA]] == [DOWNLOAD_TASK]
-    assert [m.headers["task"] for m in published[LARGE_MEDIA]] == [DOWNLOAD_TASK]
-    assert published[SMALL_MEDIA][0].decode()[0] == [small]
-    assert published[LARGE_MEDIA][0].decode()[0] == [large]
+    assert [m.headers["task"] for m in published[SMALL_MEDIA]] == [DOWNLOAD_BATCH_TASK]
+    assert [m.headers["task"] for m in published[LARGE_MEDIA]] == [DOWNLOAD_BATCH_TASK]
+    assert published[SMALL_MEDIA][0].decode()[0] == [[small]]
+    assert published[LARGE_MEDIA][0].decode()[0] == [[large]]
     # The message carries the row id only: no URL, no secret.
     for message in published[SMALL_MEDIA] + published[LARGE_MEDIA]:
         raw = message.body

@@ -22,8 +22,9 @@ from sqlalchemy.exc import DataError
 
 from ingest.intake import SIGNATURE_HEADER, sign
 from ingest.models import Instance, MediaState
-from ingest.queues import LARGE_MEDIA, SMALL_MEDIA, DownloadJob, SchedulerUnavailable
+from ingest.queues import RecordingScheduler, SchedulerUnavailable
 from ingest.services import Services
+from ingest.wake_relay import relay_pass
 from tests.webhook.conftest import (
     TestInstance,
     change,
@@ -231,7 +232,9 @@ def test_multi_entry_payload_records_each_media_message_once(
         (second.id, "document"),
         (second.id, "audio"),
     }
-    assert sorted(job.media_item_id for job in scheduler.jobs) == [row.id for row in stored]
+    # Committed for the relay: the receiver publishes nothing itself.
+    assert [row.enqueued_at for row in stored] == [None] * 4
+    assert scheduler.jobs == []
 
     again = post(body)
     assert again.get_json() == {
@@ -241,7 +244,6 @@ def test_multi_entry_payload_records_each_media_message_once(
         "new": 0,
     }
     assert len(rows()) == 4
-    assert len(scheduler.jobs) == 4  # nothing re-scheduled for a repeated delivery
 
 
 @pytest.mark.parametrize("kind", ["image", "video", "audio", "document", "sticker"])
@@ -272,9 +274,8 @@ def test_every_media_type_is_recorded_pending_with_its_fields(
     issued = min(row.message_timestamp, row.received_at)
     assert row.url_deadline == issued + timedelta(minutes=5)
     assert row.expires_at == issued + timedelta(days=7)
-    assert row.enqueued_at == row.received_at
-    expected_queue = LARGE_MEDIA if kind in ("video", "document") else SMALL_MEDIA
-    assert scheduler.jobs == [DownloadJob(row.id, expected_queue)]
+    assert row.enqueued_at is None  # the relay in the workers wakes it
+    assert scheduler.jobs == []
 
 
 def test_provider_error_events_become_failed_rows_without_jobs(
@@ -684,7 +685,7 @@ class _FailingScheduler:
         raise SchedulerUnavailable("ConnectionRefusedError")
 
 
-def test_broker_down_after_commit_still_200_and_row_stays_pending(
+def test_the_receiver_never_touches_the_broker(
     services: Services, instance: TestInstance, rows: Any
 ) -> None:
     failing = _FailingScheduler()
@@ -698,10 +699,10 @@ def test_broker_down_after_commit_still_200_and_row_stays_pending(
     )
     assert response.status_code == 200
     assert response.get_json()["new"] == 1
-    assert failing.calls == 1
+    assert failing.calls == 0
     (row,) = rows()
     assert row.state == MediaState.PENDING
-    assert row.enqueued_at is None  # the reconciler must not wait for a wake-up never sent
+    assert row.enqueued_at is None  # waiting for the relay
 
 
 def _closed_port() -> int:
@@ -834,7 +835,7 @@ def test_database_refusing_writes_gives_503_and_logs_no_row_values(
 
 
 def test_same_payload_posted_50_times_concurrently_yields_one_row_per_message(
-    app: Any, instance: TestInstance, rows: Any, scheduler: Any
+    app: Any, instance: TestInstance, rows: Any, services: Services
 ) -> None:
     messages = [media_message(kind) for kind in ("image", "document", "audio")]
     body = encode(envelope(change(instance.phone_number_id, messages)))
@@ -862,7 +863,10 @@ def test_same_payload_posted_50_times_concurrently_yields_one_row_per_message(
     assert sum(new for _, new in results) == 3
     stored = rows()
     assert sorted(row.message_id for row in stored) == sorted(m["id"] for m in messages)
-    assert sorted(job.media_item_id for job in scheduler.jobs) == [row.id for row in stored]
+    # One wake-up per row, from the relay.
+    relayed = RecordingScheduler()
+    relay_pass(services.sessions, relayed, services.settings)
+    assert sorted(job.media_item_id for job in relayed.jobs) == [row.id for row in stored]
 
 
 # --- logs ----------------------------------------------------------------------------------
