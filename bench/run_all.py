@@ -215,7 +215,8 @@ def write_report(results: dict[str, dict[str, Any]], tiny: bool) -> str:
         "# Performance",
         "",
         "Written by `make bench` (`python -m bench.run_all`); do not edit by hand. Each figure "
-        "is measured beside its baseline in the same run on the same machine.",
+        "is measured beside its baseline in the same run on the same machine. What they mean "
+        "for the throughput goals, and what was tried: `docs/THROUGHPUT.md`.",
         "",
         f"Machine: {machine}. Date: {date}."
         + (" **Tiny mode: smoke figures only, not performance.**" if tiny else ""),

@@ -1,5 +1,7 @@
 """A pass run about once per interval from a daemon thread of a worker process.
 
+(:class:`BackgroundThread` is the thread itself, which the wake-up relay shares.)
+
 What the reconciler and the callback sender share: their own thread means a pass never waits
 behind downloads (all download threads blocked on a stalled store, say); a random first delay
 spreads processes started together over the interval, and a little jitter keeps them apart;
@@ -17,11 +19,11 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 
-class PeriodicThread:
-    def __init__(self, name: str, run_pass: Callable[[], object], interval_seconds: float) -> None:
+class BackgroundThread:
+    """A daemon thread of a worker process that runs :meth:`_loop` until :meth:`stop`."""
+
+    def __init__(self, name: str) -> None:
         self.name = name
-        self._run_pass = run_pass
-        self._interval = interval_seconds
         self.stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
@@ -32,6 +34,16 @@ class PeriodicThread:
         self.stopping.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class PeriodicThread(BackgroundThread):
+    def __init__(self, name: str, run_pass: Callable[[], object], interval_seconds: float) -> None:
+        super().__init__(name)
+        self._run_pass = run_pass
+        self._interval = interval_seconds
 
     def _loop(self) -> None:
         delay = random.uniform(0, self._interval)

@@ -42,6 +42,7 @@ from ingest.db import (
 )
 from ingest.media_rules import queue_for
 from ingest.models import MediaItem, MediaState, MediaType, utcnow
+from ingest.periodic import BackgroundThread
 from ingest.queues import DownloadJob, DownloadScheduler, SchedulerUnavailable
 from ingest.settings import Settings
 
@@ -170,7 +171,7 @@ class Notifications:
                 connection.close()
 
 
-class RelayLoop:
+class RelayLoop(BackgroundThread):
     """The relay thread of one worker process."""
 
     def __init__(
@@ -179,21 +180,15 @@ class RelayLoop:
         scheduler: DownloadScheduler,
         settings: Settings,
     ) -> None:
+        super().__init__("wake-relay")
         self._sessions = sessions
         self._scheduler = scheduler
         self._settings = settings
         engine = engine_of(sessions)
         self._notifications = Notifications(engine) if engine.dialect.name == "postgresql" else None
-        self.stopping = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="wake-relay", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        self.stopping.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        super().stop(timeout)
         if self._notifications is not None:
             self._notifications.close()
 
