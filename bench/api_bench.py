@@ -358,7 +358,7 @@ def fetch_large(port: int, path: str, token: str, verify_sha: str | None) -> tup
 def run(plan: Plan, database_server: str | None, redis_url: str | None) -> dict[str, Any]:
     """PostgreSQL and Redis (the production shape) when given, else the embedded defaults."""
     from ingest import migrate
-    from sandbox.processes import ProcessGroup
+    from sandbox.processes import QUICK_STOP_SECONDS, ProcessGroup
     from sandbox.stacks import create_postgres_database
 
     with ExitStack() as stack:
@@ -390,7 +390,7 @@ def run(plan: Plan, database_server: str | None, redis_url: str | None) -> dict[
             env["INGEST_REDIS_PREFIX"] = f"api-bench-{os.getpid()}-{time.time_ns()}"
         (workdir / "metrics").mkdir()
         group = ProcessGroup(log_dir=workdir / "logs")
-        stack.callback(group.stop_all)
+        stack.callback(group.stop_all, QUICK_STOP_SECONDS)
 
         # 1. Large document: throughput and worker RSS, beside the in-process baseline.
         web, port = gunicorn(

@@ -215,7 +215,7 @@ def _latency_row(
 
 def run(plan: Plan, database_server: str, redis_url: str, tiny: bool) -> dict[str, Any]:
     from ingest.secrets import generate_key
-    from sandbox.processes import ProcessGroup
+    from sandbox.processes import QUICK_STOP_SECONDS, ProcessGroup
     from sandbox.stacks import RedisKeyspace, create_postgres_database
 
     with ExitStack() as stack:
@@ -239,7 +239,7 @@ def run(plan: Plan, database_server: str, redis_url: str, tiny: bool) -> dict[st
         }
         (workdir / "metrics").mkdir()
         group = ProcessGroup(log_dir=workdir / "logs")
-        stack.callback(group.stop_all)
+        stack.callback(group.stop_all, QUICK_STOP_SECONDS)
 
         # Side by side in one run: the baseline first, then the receiver, same generator.
         bare, bare_port = gunicorn(

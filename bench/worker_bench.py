@@ -61,6 +61,7 @@ from ingest.settings import Settings
 from sandbox.client import SandboxControl
 from sandbox.payloads import varied_message, webhook_body
 from sandbox.processes import (
+    QUICK_STOP_SECONDS,
     WORKER_READY_MARKER,
     ManagedProcess,
     ProcessGroup,
@@ -470,7 +471,7 @@ def bare_celery(
         client.close()
     finally:
         for process in processes:
-            process.stop()
+            process.stop(QUICK_STOP_SECONDS)
     return {
         "items": plan.items,
         "done": copied,
@@ -607,7 +608,7 @@ def run(plan: Plan, tiny: bool) -> dict[str, Any]:
         # The CDN runs in its own process: inside this one it would share the GIL with the
         # baseline's threads and slow the baseline down (by about a fifth, measured).
         cdn_group = ProcessGroup(log_dir=root / "logs", env={})
-        stack.callback(cdn_group.stop_all)
+        stack.callback(cdn_group.stop_all, QUICK_STOP_SECONDS)
         cdn = cdn_group.sandbox(latency_ms=plan.cdn_latency_ms)
         sandbox_root = cdn.base_url
         assert sandbox_root is not None
@@ -624,7 +625,7 @@ def run(plan: Plan, tiny: bool) -> dict[str, Any]:
         control.add_number(reg.phone_number_id, reg.api_key)
 
         group = ProcessGroup(log_dir=root / "logs", env=env.env)
-        stack.callback(group.stop_all)
+        stack.callback(group.stop_all, QUICK_STOP_SECONDS)
         web = group.web(workers=2)
         assert web.base_url is not None
         poster = Poster(web.base_url, reg)
@@ -634,7 +635,7 @@ def run(plan: Plan, tiny: bool) -> dict[str, Any]:
         worker: ManagedProcess | None = None
         for _ in range(plan.rounds):
             if worker is not None:
-                worker.stop()
+                worker.stop(QUICK_STOP_SECONDS)
                 _truncate_media(settings)
             base = baseline(control, reg.phone_number_id, reg.api_key, plan, env, helpers)
             bare = (

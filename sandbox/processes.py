@@ -28,6 +28,10 @@ import httpx
 INGEST = str(Path(sys.executable).parent / "ingest")
 READY_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 10.0
+# When the run is over (a test's teardown, a benchmark's round): a second to exit on SIGTERM,
+# then SIGKILL. A worker's graceful stop waits for its broker poll and its threads, seconds
+# that nobody needs once the results are in.
+QUICK_STOP_SECONDS = 1.0
 LOG_TAIL_LINES = 60
 # Markers Celery prints once a process is serving; waiting on them is cheaper than a probe
 # task and needs no result backend (results are disabled by design).
@@ -88,15 +92,17 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def stop_groups(popens: Sequence[subprocess.Popen[bytes]]) -> None:
+def stop_groups(
+    popens: Sequence[subprocess.Popen[bytes]], grace: float = STOP_TIMEOUT_SECONDS
+) -> None:
     """SIGTERM the process groups of ``popens`` all at once, then SIGKILL whatever is left
-    after one grace period: stopping several takes the longest of them, not the sum. Each
+    after ``grace`` seconds: stopping several takes the longest of them, not the sum. Each
     must lead a session of its own (see :func:`start_process`)."""
     running = [popen for popen in popens if popen.poll() is None]
     for popen in running:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(popen.pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+    deadline = time.monotonic() + grace
     for popen in running:
         with contextlib.suppress(subprocess.TimeoutExpired):
             popen.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -108,10 +114,9 @@ def stop_groups(popens: Sequence[subprocess.Popen[bytes]]) -> None:
             popen.wait(timeout=STOP_TIMEOUT_SECONDS)
 
 
-def stop_group(popen: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group of ``popen``, then SIGKILL whatever is left after a grace
-    period."""
-    stop_groups([popen])
+def stop_group(popen: subprocess.Popen[bytes], grace: float = STOP_TIMEOUT_SECONDS) -> None:
+    """SIGTERM the process group of ``popen``, then SIGKILL whatever is left after ``grace``."""
+    stop_groups([popen], grace)
 
 
 @dataclass
@@ -146,9 +151,9 @@ class ManagedProcess:
             os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait(timeout=STOP_TIMEOUT_SECONDS)
 
-    def stop(self) -> None:
-        """SIGTERM the process group, then SIGKILL whatever is left after a grace period."""
-        stop_group(self.popen)
+    def stop(self, grace: float = STOP_TIMEOUT_SECONDS) -> None:
+        """SIGTERM the process group, then SIGKILL whatever is left after ``grace``."""
+        stop_group(self.popen, grace)
 
 
 def start_process(
@@ -313,10 +318,10 @@ class ProcessGroup:
             )
         return result
 
-    def stop_all(self) -> None:
+    def stop_all(self, grace: float = STOP_TIMEOUT_SECONDS) -> None:
         # All at once: each process stops on its own terms (workers finish or hand back what
         # they hold), and nothing here depends on another being up while it stops.
-        stop_groups([process.popen for process in self.processes])
+        stop_groups([process.popen for process in self.processes], grace)
 
     def report(self) -> str:
         return "\n".join(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.processes import ProcessGroup
+from sandbox.processes import QUICK_STOP_SECONDS, ProcessGroup
 from sandbox.stacks import StackEnv, embedded_stack_env, service_stack_env
 
 # --- fixtures --------------------------------------------------------------------------
@@ -34,7 +34,7 @@ def stack_processes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
     try:
         yield group
     finally:
-        group.stop_all()
+        group.stop_all(QUICK_STOP_SECONDS)
         call_report = getattr(request.node, "_processes_report_call", None)
         if call_report is not None and call_report.failed and group.processes:
             sys.stderr.write("\n" + group.report() + "\n")
