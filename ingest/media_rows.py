@@ -275,7 +275,7 @@ _RENEW_LEASE = (
 )
 
 # A stopping worker hands the row back as it was before the claim: due now, the attempt given
-# back (no provider call finished), the wake-up forgotten so the reconciler re-publishes it.
+# back (no provider call finished), the wake-up forgotten so a relay re-publishes it at once.
 _HAND_BACK = (
     update(MediaItem)
     .where(_ATTEMPT_OWNS_ROW)
@@ -592,8 +592,8 @@ def wake_redelivered(
 
 
 def forget_enqueued(executor: Executor, jobs: Sequence[DownloadJob]) -> None:
-    """The wake-ups were not sent: mark the rows as never enqueued, so the reconciler picks
-    them up on its next pass rather than waiting for a wake-up that never left."""
+    """The wake-ups were not sent: mark the rows as never enqueued, so a relay's next pass
+    (or the reconciler's) sends them rather than waiting for a wake-up that never left."""
     if not jobs:
         return
     executor.execute(

@@ -218,8 +218,9 @@ class MediaItem(Base):
     # Attempts that ended with the lease running out (worker lost): capped, see reconciler.
     lease_losses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    # When a wake-up was last published; the reconciler re-publishes only rows whose last
-    # wake-up is old, so a backlog does not fill the queue with duplicates.
+    # When a wake-up was last published; empty until the relay publishes one. The reconciler
+    # re-publishes only rows whose last wake-up is old, so a backlog does not fill the queue
+    # with duplicates.
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     lease_owner: Mapped[str | None] = mapped_column(String(100), nullable=True)

@@ -92,15 +92,19 @@ def relay_pass(
             return woken
 
 
-def any_unwoken(sessions: sessionmaker[Session]) -> bool:
-    """Is there a row to relay? A read (no write lock on SQLite), on the relay's index."""
+def any_unwoken(sessions: sessionmaker[Session], now: datetime | None = None) -> bool:
+    """Is there a row to relay (what :func:`relay_pass` would take)? A read, which takes no
+    write lock on SQLite, on the relay's index."""
+    due_by = now or utcnow()
     with session_scope(sessions) as session:
         session.connection(execution_options={READ_ONLY_OPTION: True})
         return bool(
             session.scalar(
                 select(
                     exists().where(
-                        MediaItem.state == MediaState.PENDING, MediaItem.enqueued_at.is_(None)
+                        MediaItem.state == MediaState.PENDING,
+                        MediaItem.enqueued_at.is_(None),
+                        MediaItem.next_attempt_at <= due_by,
                     )
                 )
             )

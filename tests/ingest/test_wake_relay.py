@@ -115,6 +115,7 @@ def test_rows_not_pending_or_not_due_are_not_relayed(
     scheduler = RecordingScheduler()
     assert relay_pass(sessions, scheduler, settings) == 1
     assert [job.media_item_id for job in scheduler.take()] == [due]
+    assert not any_unwoken(sessions)  # nothing worth a pass (and a write lock) until later
 
 
 def test_a_refusing_broker_leaves_the_rows_for_the_next_pass(
