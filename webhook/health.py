@@ -2,8 +2,8 @@
 
 Readiness means "this process can do its job", nothing more. A web process needs its
 database: without it a webhook cannot be recorded (the receiver answers 503 so the provider
-retries) and the archive cannot be read. It does not need the broker (the row is committed
-and the reconciler wakes it later), Redis (the rate limit lets requests through, the error
+retries) and the archive cannot be read. It does not need the broker (it never publishes:
+the relay in the workers does), Redis (the rate limit lets requests through, the error
 budget is the workers') or the object store for webhooks: taking every web process out of a
 load balancer during a broker blip would fail the provider's deliveries that would otherwise
 succeed. Those are checked, reported in the body and in ``ingest_dependency_up``, and never
