@@ -55,8 +55,11 @@ CHANNEL = "ingest_media_new"
 # Rows stamped per statement; a pass repeats until fewer come back.
 TAKE_LIMIT = 500
 # Under load a notification arrives with every commit: after a pass the relay lets this
-# long go by, so the next pass takes the rows of many commits at once.
-MIN_GAP_SECONDS = 0.005
+# long go by, so the next pass takes the rows of many commits at once. Every pass costs an
+# UPDATE in each worker process: with a gap of a few milliseconds a steady stream of webhooks
+# got about one pass per row, and the machine's CPU went to passes instead of downloads
+# (docs/THROUGHPUT.md). It adds at most this much to a row's wait when traffic is light.
+MIN_GAP_SECONDS = 0.05
 # A lost LISTEN connection is opened again after this long (meanwhile the relay polls).
 RECONNECT_SECONDS = 1.0
 # How soon a relay waiting for a notification notices that it is stopping.
