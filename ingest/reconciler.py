@@ -34,9 +34,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest import callbacks, media_rows, metrics
-from ingest.db import DATABASE_DOWN, row_count, session_scope
+from ingest.db import row_count, session_scope
 from ingest.intake import wake_timeout
-from ingest.media_rows import ACTIVE_STATES, forget_enqueued
+from ingest.media_rows import ACTIVE_STATES
 from ingest.media_rules import queue_for
 from ingest.models import (
     CallbackEvent,
@@ -50,6 +50,7 @@ from ingest.periodic import PeriodicThread
 from ingest.queues import MEDIA_QUEUES, DownloadJob, DownloadScheduler, SchedulerUnavailable
 from ingest.retry_policy import FAILURE_REASONS
 from ingest.settings import Settings
+from ingest.wake_relay import forget_unsent
 
 log = logging.getLogger(__name__)
 
@@ -304,12 +305,12 @@ def wake_due(
         scheduler.schedule(jobs)
     except SchedulerUnavailable as exc:
         log.warning("reconcile: broker unavailable (%s); %d wake-up(s) not sent", exc, len(jobs))
-        _forget_enqueued(sessions, jobs)
+        forget_unsent(sessions, jobs, "reconcile")
         return [], True
     except Exception:
         # Not an outage but a bug, so it stays loud; still, the stamps just written must not
         # make these rows wait a whole lease for wake-ups that never left.
-        _forget_enqueued(sessions, jobs)
+        forget_unsent(sessions, jobs, "reconcile")
         raise
     return jobs, False
 
@@ -321,13 +322,3 @@ def _queue_depths(scheduler: DownloadScheduler) -> dict[str, int] | None:
         return scheduler.queue_depths(MEDIA_QUEUES)
     except SchedulerUnavailable:
         return None
-
-
-def _forget_enqueued(sessions: sessionmaker[Session], jobs: list[DownloadJob]) -> None:
-    try:
-        with session_scope(sessions) as session:
-            forget_enqueued(session, jobs)
-    except DATABASE_DOWN:
-        # Best effort, as in the webhook: the pass already did its work, and the rows are
-        # found again once their wake-up is one lease old.
-        log.warning("reconcile: could not clear enqueued_at of %d unsent wake-up(s)", len(jobs))

@@ -88,7 +88,7 @@ def relay_pass(
         try:
             scheduler.schedule(jobs)
         except BaseException:
-            _unstamp(sessions, jobs)
+            forget_unsent(sessions, jobs, "relay")
             raise
         woken += len(jobs)
         if len(rows) < TAKE_LIMIT:
@@ -114,12 +114,15 @@ def any_unwoken(sessions: sessionmaker[Session], now: datetime | None = None) ->
         )
 
 
-def _unstamp(sessions: sessionmaker[Session], jobs: list[DownloadJob]) -> None:
+def forget_unsent(sessions: sessionmaker[Session], jobs: list[DownloadJob], who: str) -> None:
+    """Clear the stamps of wake-ups that were not sent, so the next pass sends them rather
+    than waiting a lease for them. Best effort (the relay's and the reconciler's): with the
+    database down too, the reconciler finds the rows once their stamp is a lease old."""
     try:
         with session_scope(sessions) as session:
             media_rows.forget_enqueued(session, jobs)
-    except Exception:  # noqa: BLE001 - best effort: the reconciler finds them a lease later
-        log.warning("relay: could not clear enqueued_at of %d unsent wake-up(s)", len(jobs))
+    except DATABASE_DOWN:
+        log.warning("%s: could not clear enqueued_at of %d unsent wake-up(s)", who, len(jobs))
 
 
 class Notifications:

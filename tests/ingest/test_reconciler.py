@@ -200,8 +200,6 @@ def test_a_database_failure_while_undoing_the_wake_up_stamp_does_not_crash_the_p
 ) -> None:
     from sqlalchemy.exc import OperationalError
 
-    from ingest import reconciler
-
     class DownScheduler(RecordingScheduler):
         def schedule(self, jobs: Any) -> None:
             raise SchedulerUnavailable("ConnectionError")
@@ -210,7 +208,8 @@ def test_a_database_failure_while_undoing_the_wake_up_stamp_does_not_crash_the_p
         raise OperationalError("UPDATE media_items", {}, Exception("server closed the connection"))
 
     rows.add(enqueued_at=None)
-    monkeypatch.setattr(reconciler, "forget_enqueued", database_down)
+    # The undo is the one the relay shares (ingest.wake_relay.forget_unsent).
+    monkeypatch.setattr("ingest.media_rows.forget_enqueued", database_down)
     report = reconcile(sessions, DownScheduler(), settings, now=utcnow())
     assert report.publish_failed and report.woken == 0
 
