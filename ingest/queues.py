@@ -33,15 +33,18 @@ class WakeUp:
 
 
 def wake_ups(jobs: Sequence[DownloadJob], most: int, spread: int) -> list[WakeUp]:
-    """Group ``jobs`` into messages of at most ``most`` rows of one queue each, and into at
-    least ``spread`` messages per queue while there are rows enough: a message's rows run
-    one after another, so a backlog must still reach every worker thread."""
+    """Group ``jobs`` into messages of at most ``most`` rows of one queue each. A message's
+    rows run one after another on one thread, so rows are grouped only once a queue has
+    more than ``most * spread`` of them (a backlog that keeps every thread busy anyway), and
+    then into at least ``spread`` messages; fewer go one to a message, so a burst reaches
+    every thread of every worker process, however many processes there are."""
     by_queue: dict[str, list[int]] = {}
     for job in jobs:
         by_queue.setdefault(job.queue, []).append(job.media_item_id)
     messages = []
     for queue, ids in by_queue.items():
-        size = max(1, min(most, math.ceil(len(ids) / max(spread, 1))))
+        spread = max(spread, 1)
+        size = 1 if len(ids) <= most * spread else min(most, math.ceil(len(ids) / spread))
         messages += [
             WakeUp(queue, tuple(ids[start : start + size])) for start in range(0, len(ids), size)
         ]

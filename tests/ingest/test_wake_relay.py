@@ -173,12 +173,13 @@ def test_concurrent_relays_split_the_rows_and_wake_each_once(
 
 def test_wake_ups_group_rows_by_queue_and_spread_a_backlog() -> None:
     jobs = [DownloadJob(i, SMALL_MEDIA) for i in range(1, 41)] + [DownloadJob(99, LARGE_MEDIA)]
-    messages = wake_ups(jobs, most=16, spread=8)
+    messages = wake_ups(jobs, most=4, spread=8)
     small = [m for m in messages if m.queue == SMALL_MEDIA]
-    assert [len(m.media_item_ids) for m in small] == [5] * 8  # 40 rows over 8 threads
+    assert [len(m.media_item_ids) for m in small] == [4] * 10  # past 4 x 8: grouped, capped
+    # A burst no larger than the threads could take at once goes one row to a message.
+    assert {len(m.media_item_ids) for m in wake_ups(jobs[:40], most=16, spread=8)} == {1}
     assert [m for m in messages if m.queue == LARGE_MEDIA] == [WakeUp(LARGE_MEDIA, (99,))]
     assert sorted(i for m in small for i in m.media_item_ids) == list(range(1, 41))
-    # A large backlog is capped per message, a single row goes alone.
     assert {len(m.media_item_ids) for m in wake_ups(jobs[:40], most=4, spread=2)} == {4}
     assert wake_ups(jobs[:1], most=16, spread=8) == [WakeUp(SMALL_MEDIA, (1,))]
 
