@@ -212,10 +212,12 @@ class RelayLoop(BackgroundThread):
         return False
 
     def _loop(self) -> None:
+        # The first pass runs at once: rows committed while no worker ran announced
+        # themselves to nobody, and would otherwise wait for the fallback interval.
+        announced = True
+        if self._notifications is not None:
+            self._notifications.listening()  # before that pass, so no later row is missed
         while not self.stopping.is_set():
-            announced = self._wait()
-            if self.stopping.is_set():
-                return
             try:
                 if announced or any_unwoken(self._sessions):
                     relay_pass(self._sessions, self._scheduler, self._settings)
@@ -229,3 +231,4 @@ class RelayLoop(BackgroundThread):
                 log.exception("relay pass failed; trying again")
                 self.stopping.wait(RECONNECT_SECONDS)
             self.stopping.wait(MIN_GAP_SECONDS)
+            announced = self._wait()

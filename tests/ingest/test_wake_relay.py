@@ -220,6 +220,25 @@ def test_the_relay_thread_publishes_committed_rows_promptly(
     assert not any_unwoken(sessions)
 
 
+def test_rows_committed_before_the_relay_started_are_published_at_its_start(
+    sessions: sessionmaker[Session], make_settings: Any, database_url: str
+) -> None:
+    """Their notifications went to nobody, and the fallback and poll passes are 30 s away:
+    only a first pass at start explains a prompt wake-up (a restarted worker's backlog)."""
+    settings = make_settings(
+        database_url=database_url, relay_fallback_seconds=30.0, relay_poll_seconds=30.0
+    )
+    receive(sessions, event("w1"), event("w2"), settings=settings)
+    scheduler = RecordingScheduler()
+    loop = RelayLoop(sessions, scheduler, settings)
+    loop.start()
+    try:
+        waited = wait_until(lambda: len(scheduler.jobs) == 2, timeout=10.0)
+        assert waited < 5.0
+    finally:
+        loop.stop()
+
+
 def test_the_relay_thread_outlives_a_refusing_broker(
     sessions: sessionmaker[Session], make_settings: Any, database_url: str
 ) -> None:
