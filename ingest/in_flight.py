@@ -6,9 +6,11 @@ lease has passed it renews the lease with an ``UPDATE`` guarded by the lease own
 that matches no row means another worker owns the row: :class:`LeaseLost`), and it renews the
 budget slot of the call in flight the same way, so a slow but live transfer keeps both.
 
-:meth:`InFlight.abandon_all` (a worker's bounded shutdown) stops every transfer at its next
-chunk (:class:`Abandoned`) and hands its row, lease and budget slot back at once, so another
-worker can take it.
+The rows of one wake-up are claimed together and then run one after another: those not
+started yet are *queued* here (:meth:`InFlight.queueing`), each with its lease running since
+the claim. :meth:`InFlight.abandon_all` (a worker's bounded shutdown) stops every transfer at
+its next chunk (:class:`Abandoned`) and hands its row, lease and budget slot back at once, and
+hands the queued rows back with them, so another worker can take them.
 """
 
 from __future__ import annotations
@@ -120,14 +122,39 @@ class InFlight:
         # Attempts in flight in this process, for a bounded shutdown (abandon_all).
         self.stopping = threading.Event()
         self._active: dict[int, Attempt] = {}
+        # Rows claimed and not started, with the time.monotonic() of their claim.
+        self._queued: dict[int, tuple[WorkItem, float]] = {}
         self._active_lock = threading.Lock()
 
     @contextmanager
-    def tracking(self, work: WorkItem, client: ProviderClient) -> Iterator[Attempt]:
-        """The attempt on a row just claimed, known to :meth:`abandon_all` while it runs."""
-        attempt = Attempt(work, client, renew_at=self.monotonic() + self._renew_every)
+    def queueing(self, works: list[WorkItem]) -> Iterator[None]:
+        """Rows just claimed together, known to :meth:`abandon_all` until each starts."""
+        claimed_at = self.monotonic()
         with self._active_lock:
-            self._active[work.id] = attempt
+            for work in works:
+                self._queued[work.id] = (work, claimed_at)
+        try:
+            yield
+        finally:
+            with self._active_lock:
+                for work in works:
+                    self._queued.pop(work.id, None)
+
+    @contextmanager
+    def tracking(self, work: WorkItem, client: ProviderClient) -> Iterator[Attempt]:
+        """The attempt on a row claimed by this process, known to :meth:`abandon_all` while it
+        runs. Raises :class:`Abandoned` when the worker is stopping (the row was handed back,
+        or is handed back here)."""
+        with self._active_lock:
+            _, claimed_at = self._queued.pop(work.id, (work, self.monotonic()))
+            stopping = self.stopping.is_set()
+            if not stopping:
+                # Its lease runs from the claim, not from the start of the attempt.
+                attempt = Attempt(work, client, renew_at=claimed_at + self._renew_every)
+                self._active[work.id] = attempt
+        if stopping:
+            self.hand_back([work])
+            raise Abandoned
         try:
             yield attempt
         finally:
@@ -197,15 +224,23 @@ class InFlight:
         self.stopping.set()
         with self._active_lock:
             attempts = list(self._active.values())
+            queued = [work for work, _ in self._queued.values()]
+            self._queued.clear()
         for attempt in attempts:
             if attempt.reservation is not None:
                 try:
                     self.budget.release(attempt.reservation)
                 except BudgetUnavailable as exc:
                     log.warning("shutdown: could not release a budget slot (%s)", exc)
-            self.hand_back(attempt.work)
-        return len(attempts)
+        self.hand_back([attempt.work for attempt in attempts] + queued)
+        return len(attempts) + len(queued)
 
-    def hand_back(self, work: WorkItem) -> None:
+    def hand_back(self, works: list[WorkItem]) -> None:
+        """Give the rows back as they were before their claim (those still held)."""
+        by_owner: dict[str, list[int]] = {}
+        for work in works:
+            by_owner.setdefault(work.owner, []).append(work.id)
+        now = self.clock()
         with self._one_statement.begin() as connection:
-            media_rows.hand_back(connection, work.id, work.owner, self.clock())
+            for owner, item_ids in by_owner.items():
+                media_rows.hand_back(connection, item_ids, owner, now)

@@ -205,6 +205,7 @@ def _insert_statement(dialect_name: str) -> Any:
 
 # What an attempt reads from its row, returned by the claiming UPDATE itself.
 _CLAIM_COLUMNS = (
+    MediaItem.id,
     MediaItem.attempts,
     MediaItem.instance_id,
     MediaItem.message_id,
@@ -223,9 +224,11 @@ _CLAIM_COLUMNS = (
 # Only a row that is due and holds no live lease can be claimed. Taking over a row still in
 # ``downloading`` means its last lease ran out: that counts as a lease loss, and the row whose
 # losses would reach max_lease_losses is left to the reconciler to fail as worker_lost.
+# The rows of one wake-up are claimed together: one statement (and, on PostgreSQL, one round
+# trip) for up to settings.wake_batch rows instead of one each.
 _CLAIM = (
     update(MediaItem)
-    .where(MediaItem.id == bindparam("p_id"))
+    .where(MediaItem.id.in_(bindparam("p_ids", expanding=True)))
     .where(MediaItem.state.in_(ACTIVE_STATES))
     .where(MediaItem.next_attempt_at <= bindparam("p_now"))
     .where(_unleased(bindparam("p_now")))
@@ -263,7 +266,9 @@ _INSTANCE_COLUMNS = (
 _CLAIM_WITH_INSTANCE = _CLAIM.where(MediaItem.instance_id == Instance.id).returning(
     *_INSTANCE_COLUMNS
 )
-_INSTANCE_FOR_ATTEMPT = select(*_INSTANCE_COLUMNS).where(Instance.id == bindparam("p_instance_id"))
+_INSTANCES_FOR_ATTEMPTS = select(Instance.id, *_INSTANCE_COLUMNS).where(
+    Instance.id.in_(bindparam("p_instance_ids", expanding=True))
+)
 
 _ATTEMPT_OWNS_ROW = _owned(bindparam("p_id"), bindparam("p_owner"))
 
@@ -278,7 +283,9 @@ _RENEW_LEASE = (
 # back (no provider call finished), the wake-up forgotten so a relay re-publishes it at once.
 _HAND_BACK = (
     update(MediaItem)
-    .where(_ATTEMPT_OWNS_ROW)
+    .where(MediaItem.id.in_(bindparam("p_ids", expanding=True)))
+    .where(MediaItem.lease_owner == bindparam("p_owner"))
+    .where(MediaItem.state == MediaState.DOWNLOADING)
     .values(
         state=MediaState.PENDING,
         attempts=MediaItem.attempts - 1,
@@ -324,33 +331,38 @@ _RECORD_STORED = (
 
 def claim(
     connection: Connection,
-    item_id: int,
+    item_ids: Sequence[int],
     *,
     owner: str,
     now: datetime,
     lease_until: datetime,
     max_lease_losses: int,
-) -> tuple[AnyRow, AnyRow] | None:
-    """Lease the row to ``owner``; returns its columns (``_CLAIM_COLUMNS``) and its
-    instance's (``instance_*``), or None when it is not due, leased, finished, or at its
-    lease-loss limit (the reconciler gives that one up)."""
+) -> list[tuple[AnyRow, AnyRow]]:
+    """Lease the rows to ``owner``; returns, for each row claimed, its columns
+    (``_CLAIM_COLUMNS``) and its instance's (``instance_*``). A row that is not due, leased,
+    finished, or at its lease-loss limit (the reconciler gives that one up) is left out."""
+    if not item_ids:
+        return []
     joined = connection.dialect.name == "postgresql"
-    item = connection.execute(
+    items = connection.execute(
         _CLAIM_WITH_INSTANCE if joined else _CLAIM,
         {
-            "p_id": item_id,
+            "p_ids": list(item_ids),
             "p_now": now,
             "p_max_lease_losses": max_lease_losses,
             "p_owner": owner,
             "p_lease_until": lease_until,
         },
-    ).one_or_none()
-    if item is None:
-        return None
-    if joined:
-        return item, item
-    instance = connection.execute(_INSTANCE_FOR_ATTEMPT, {"p_instance_id": item.instance_id})
-    return item, instance.one()
+    ).all()
+    if joined or not items:
+        return [(item, item) for item in items]
+    instances = {
+        instance.id: instance
+        for instance in connection.execute(
+            _INSTANCES_FOR_ATTEMPTS, {"p_instance_ids": sorted({i.instance_id for i in items})}
+        )
+    }
+    return [(item, instances[item.instance_id]) for item in items]
 
 
 def renew_lease(
@@ -364,8 +376,10 @@ def renew_lease(
     return row_count(renewed) == 1
 
 
-def hand_back(connection: Connection, item_id: int, owner: str, now: datetime) -> None:
-    connection.execute(_HAND_BACK, {"p_id": item_id, "p_owner": owner, "p_now": now})
+def hand_back(connection: Connection, item_ids: Sequence[int], owner: str, now: datetime) -> None:
+    """Give the rows back as they were before ``owner`` claimed them (those it still holds)."""
+    if item_ids:
+        connection.execute(_HAND_BACK, {"p_ids": list(item_ids), "p_owner": owner, "p_now": now})
 
 
 def defer_unclaimed(

@@ -35,9 +35,11 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -54,7 +56,7 @@ from ingest.models import MediaState, MediaType, Provider, utcnow
 from ingest.providers import Credentials, ProviderClient
 from ingest.removal import delete_if_removed
 from ingest.retry_policy import Decision, Outcome, decide
-from ingest.secrets import SecretKeyError, secret_box
+from ingest.secrets import SecretBox, SecretKeyError, secret_box
 from ingest.services import Services
 from ingest.settings import Settings
 from ingest.storage import Storage, StorageError
@@ -139,20 +141,46 @@ class Pipeline:
     # --- the attempt ---------------------------------------------------------------------
 
     def run(self, item_id: int) -> AttemptResult:
-        started = time.monotonic()
+        return self.run_many([item_id])[0]
+
+    def run_many(
+        self,
+        item_ids: Sequence[int],
+        row_context: Callable[[int], AbstractContextManager[object]] = nullcontext,
+    ) -> list[AttemptResult]:
+        """The rows of one wake-up: claimed together in one statement, then tried one after
+        another (``row_context`` wraps each, for its log lines). A stopping worker hands the
+        rows it has not started back (:meth:`InFlight.abandon_all`)."""
         if self.in_flight.stopping.is_set():
-            # The message is acknowledged unrun; the row is still pending and due, and the
-            # reconciler wakes it for another worker.
-            return AttemptResult(item_id, SKIPPED, None, ABANDONED)
+            # The message is acknowledged unrun; the rows are still pending and due, and the
+            # reconciler wakes them for another worker.
+            return [AttemptResult(item_id, SKIPPED, None, ABANDONED) for item_id in item_ids]
         if not self.storage_available():
-            return self._defer_unclaimed(item_id)
-        work = self.claim(item_id)
-        if work is None:
-            metrics.DOWNLOADS.labels(SKIPPED, "").inc()
-            log.info("download item=%s outcome=skipped (not due, leased or finished)", item_id)
-            return AttemptResult(item_id, SKIPPED, None)
-        with self.in_flight.tracking(work, self.clients(work.credentials)) as attempt:
-            result = self._attempt(attempt)
+            return [self._defer_unclaimed(item_id) for item_id in item_ids]
+        claimed = {work.id: work for work in self.claim_many(item_ids)}
+        results = []
+        with self.in_flight.queueing(list(claimed.values())):
+            for item_id in item_ids:
+                with row_context(item_id):
+                    work = claimed.get(item_id)
+                    if work is None:
+                        metrics.DOWNLOADS.labels(SKIPPED, "").inc()
+                        log.info(
+                            "download item=%s outcome=skipped (not due, leased or finished)",
+                            item_id,
+                        )
+                        results.append(AttemptResult(item_id, SKIPPED, None))
+                        continue
+                    results.append(self._run_claimed(work))
+        return results
+
+    def _run_claimed(self, work: WorkItem) -> AttemptResult:
+        started = time.monotonic()
+        try:
+            with self.in_flight.tracking(work, self.clients(work.credentials)) as attempt:
+                result = self._attempt(attempt)
+        except Abandoned:
+            result = AttemptResult(work.id, SKIPPED, None, ABANDONED)
         result = replace(result, seconds=time.monotonic() - started)
         self._record(work, result)
         return result
@@ -173,7 +201,7 @@ class Pipeline:
             log.warning("download item=%s %s", work.id, lost)
             return AttemptResult(work.id, SKIPPED, None, LEASE_LOST)
         except Abandoned:
-            self.in_flight.hand_back(work)
+            self.in_flight.hand_back([work])
             return AttemptResult(work.id, SKIPPED, None, ABANDONED)
 
     # --- faults: the object store, a stopping worker -------------------------------------
@@ -202,7 +230,12 @@ class Pipeline:
         return self.in_flight.abandon_all()
 
     def claim(self, item_id: int) -> WorkItem | None:
-        """Take the row with a lease, or return None if it is not ours to work on now.
+        """Take the row with a lease, or return None if it is not ours to work on now."""
+        claimed = self.claim_many([item_id])
+        return claimed[0] if claimed else None
+
+    def claim_many(self, item_ids: Sequence[int]) -> list[WorkItem]:
+        """Take the rows that are ours to work on now, with a lease, in one statement.
 
         A row stuck in ``downloading`` whose lease ran out ``max_lease_losses`` times is left
         for the reconciler to fail as ``worker_lost`` rather than crash another worker.
@@ -210,30 +243,32 @@ class Pipeline:
         now = self.clock()
         owner = new_lease_owner()
         # Before claiming: without a usable key (INGEST_SECRET_KEY unset on a server
-        # database) no row is claimed only to fail; the row stays due for a fixed worker.
+        # database) no row is claimed only to fail; the rows stay due for a fixed worker.
         box = secret_box(self.settings)
         # Core execution of statements built once: the ORM's bulk-update path and a fresh
         # cache key per call were a large share of the worker's CPU per item.
         with self._one_statement.begin() as connection:
             claimed = media_rows.claim(
                 connection,
-                item_id,
+                item_ids,
                 owner=owner,
                 now=now,
                 lease_until=now + timedelta(seconds=self.settings.lease_seconds),
                 max_lease_losses=self.settings.max_lease_losses,
             )
-        if claimed is None:
-            return None
-        item, instance = claimed
         try:
-            api_key = box.decrypt(instance.instance_api_key_encrypted)
+            return [self._work_item(item, instance, owner, box, now) for item, instance in claimed]
         except SecretKeyError:
-            # Encrypted with a key this process lacks: no fault of the row's. Hand it back as
-            # it was (attempt given back) for when the keys are fixed, and say so loudly.
+            # Encrypted with a key this process lacks: no fault of the rows'. Hand them back
+            # as they were (attempt given back) for when the keys are fixed, and say so loudly.
             with self._one_statement.begin() as connection:
-                media_rows.hand_back(connection, item_id, owner, now)
+                media_rows.hand_back(connection, [item.id for item, _ in claimed], owner, now)
             raise
+
+    def _work_item(
+        self, item: Any, instance: Any, owner: str, box: SecretBox, now: datetime
+    ) -> WorkItem:
+        api_key = box.decrypt(instance.instance_api_key_encrypted)
         # The URL's five minutes started when it was issued (ingest.intake.issued_at: the
         # receipt, or the message's time for a late redelivery), which its deadline records.
         issued = item.received_at if item.url_deadline is None else item.url_deadline - URL_LIFETIME
@@ -241,7 +276,7 @@ class Pipeline:
             seconds=self.settings.url_fresh_seconds
         )
         return WorkItem(
-            id=item_id,
+            id=item.id,
             owner=owner,
             attempts=item.attempts,
             instance_id=item.instance_id,

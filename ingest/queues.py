@@ -34,17 +34,20 @@ class WakeUp:
 
 def wake_ups(jobs: Sequence[DownloadJob], most: int, spread: int) -> list[WakeUp]:
     """Group ``jobs`` into messages of at most ``most`` rows of one queue each. A message's
-    rows run one after another on one thread, so rows are grouped only once a queue has
-    more than ``most * spread`` of them (a backlog that keeps every thread busy anyway), and
-    then into at least ``spread`` messages; fewer go one to a message, so a burst reaches
-    every thread of every worker process, however many processes there are."""
+    rows are claimed together and run one after another on one thread, so rows are grouped
+    only once a queue has more than ``most * spread`` of them (a backlog that keeps every
+    thread busy anyway), and then into at least ``spread`` messages; fewer go one to a
+    message, so a burst reaches every thread of every worker process, however many processes
+    there are. Large media always go one to a message: a row claimed behind a transfer of
+    minutes would spend its lease waiting."""
     by_queue: dict[str, list[int]] = {}
     for job in jobs:
         by_queue.setdefault(job.queue, []).append(job.media_item_id)
     messages = []
     for queue, ids in by_queue.items():
         spread = max(spread, 1)
-        size = 1 if len(ids) <= most * spread else min(most, math.ceil(len(ids) / spread))
+        grouped = queue != LARGE_MEDIA and len(ids) > most * spread
+        size = min(most, math.ceil(len(ids) / spread)) if grouped else 1
         messages += [
             WakeUp(queue, tuple(ids[start : start + size])) for start in range(0, len(ids), size)
         ]

@@ -233,14 +233,13 @@ def download_media(self: Task, media_item_id: int) -> str:
 
 @shared_task(name=DOWNLOAD_BATCH_TASK, bind=True)
 def download_batch(self: Task, media_item_ids: list[int]) -> list[str]:
-    """Each row in turn, as :func:`download_media` would. A stopping worker skips the rest
-    (they stay pending; the reconciler wakes them for another worker)."""
-    pipeline = runtime(self.app).pipeline
-    outcomes = []
-    for item_id in media_item_ids:
-        with logs.task_context(self.request.id, int(item_id)):
-            outcomes.append(pipeline.run(int(item_id)).outcome)
-    return outcomes
+    """The rows claimed together, then tried in turn, as :func:`download_media` would. A
+    stopping worker hands back the rows it has not started (another worker takes them)."""
+    results = runtime(self.app).pipeline.run_many(
+        [int(item_id) for item_id in media_item_ids],
+        row_context=functools.partial(logs.task_context, self.request.id),
+    )
+    return [result.outcome for result in results]
 
 
 @shared_task(name=RECONCILE_TASK, bind=True)

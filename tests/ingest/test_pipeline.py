@@ -672,13 +672,12 @@ def test_an_instance_already_disconnected_is_not_disconnected_again(
             .values(connected=False, disconnected_reason="operator", disconnected_at=utcnow())
         )
     # Claimed as connected (the row was read before the operator's change).
-    real_claim = env.pipeline.claim
+    real_claim = env.pipeline.claim_many
 
     def claim_as_connected(*args: Any, **kwargs: Any) -> Any:
-        work = real_claim(*args, **kwargs)
-        return None if work is None else replace(work, connected=True)
+        return [replace(work, connected=True) for work in real_claim(*args, **kwargs)]
 
-    env.pipeline.claim = claim_as_connected  # type: ignore[method-assign]
+    env.pipeline.claim_many = claim_as_connected  # type: ignore[method-assign]
     counted = _disconnects_counted("cloud", "instance_unauthorized")
     with caplog.at_level(logging.WARNING, logger="ingest.pipeline"):
         assert env.pipeline.run(item_id).outcome == "instance_unauthorized"
@@ -883,6 +882,90 @@ def test_abandoning_hands_the_row_lease_and_budget_slot_back_at_once(env: Env) -
     assert env.storage.keys() == []
     # A stopping worker takes nothing new.
     assert env.pipeline.run(env.item("other")).reason == "abandoned"
+
+
+def test_the_rows_of_one_wake_up_are_claimed_in_one_statement_and_each_stored(
+    env: Env,
+) -> None:
+    items = [env.item(f"b{n}") for n in range(4)]
+    for n in range(4):
+        env.provider.add(f"b{n}", jpeg(seed=n))
+
+    with media_updates(env) as updates:
+        results = env.pipeline.run_many(items)
+
+    assert [r.outcome for r in results] == ["stored"] * 4
+    assert [r.item_id for r in results] == items
+    claims = [s for s in updates if "SET state" in s and "attempts" in s.split("WHERE")[0]]
+    assert len(claims) == 1  # and one finishing write per row
+    assert all(stored_bytes(env, item) == jpeg(seed=n) for n, item in enumerate(items))
+
+
+def test_rows_of_a_wake_up_not_ours_to_take_are_skipped_and_the_others_run(env: Env) -> None:
+    env.provider.add("due", jpeg())
+    due = env.item("due")
+    later = env.item("later", next_attempt_at=env.clock() + timedelta(hours=1))
+    leased = env.item(
+        "leased",
+        state=MediaState.DOWNLOADING,
+        lease_owner="another-worker",
+        lease_until=env.clock() + timedelta(minutes=5),
+    )
+
+    results = env.pipeline.run_many([later, due, leased])
+
+    assert [(r.item_id, r.outcome) for r in results] == [
+        (later, "skipped"),
+        (due, "stored"),
+        (leased, "skipped"),
+    ]
+    assert env.row(leased).lease_owner == "another-worker"
+    assert env.row(later).attempts == 0
+
+
+def test_a_stopping_worker_hands_back_the_rows_it_claimed_but_had_not_started(
+    env: Env,
+) -> None:
+    env.provider.add("first", jpeg(4 * CHUNK))
+    items = [env.item("first"), env.item("second"), env.item("third")]
+
+    def stop_mid_transfer(index: int) -> None:
+        if index == 1:
+            assert env.pipeline.abandon_all() == 3  # one in flight, two queued
+
+    env.provider.on_chunk = stop_mid_transfer
+    results = env.pipeline.run_many(items)
+
+    assert [(r.outcome, r.reason) for r in results] == [("skipped", "abandoned")] * 3
+    for item_id in items:
+        row = env.row(item_id)
+        assert (row.state, row.lease_owner, row.attempts, row.enqueued_at) == (
+            "pending",
+            None,
+            0,
+            None,
+        )
+    assert env.provider.count("download") == 1
+    assert env.storage.keys() == []
+
+
+def test_a_queued_row_renews_its_lease_a_third_of_a_lease_after_its_claim(env: Env) -> None:
+    """The lease of a row waiting behind another runs from the claim: one that waited two
+    thirds of its lease renews it at once when it starts, not a third of a lease later."""
+    interval = env.settings.lease_seconds / 3
+    item_id = env.item("queued")
+    [work] = env.pipeline.claim_many([item_id])
+    claimed_until = env.row(item_id).lease_until
+    in_flight = env.pipeline.in_flight
+
+    with in_flight.queueing([work]):
+        env.clock.advance(interval * 2)
+        with in_flight.tracking(work, env.provider.client(work.credentials)) as attempt:
+            in_flight.keep_lease(attempt, "starting")
+
+    renewed_until = env.row(item_id).lease_until
+    assert claimed_until is not None and renewed_until is not None
+    assert renewed_until - claimed_until == timedelta(seconds=interval * 2)
 
 
 def test_a_long_download_keeps_its_budget_slot_past_the_in_flight_bound(env: Env) -> None:

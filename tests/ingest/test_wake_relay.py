@@ -182,6 +182,9 @@ def test_wake_ups_group_rows_by_queue_and_spread_a_backlog() -> None:
     assert sorted(i for m in small for i in m.media_item_ids) == list(range(1, 41))
     assert {len(m.media_item_ids) for m in wake_ups(jobs[:40], most=4, spread=2)} == {4}
     assert wake_ups(jobs[:1], most=16, spread=8) == [WakeUp(SMALL_MEDIA, (1,))]
+    # Large media never wait behind each other's transfers with a lease running.
+    large = [DownloadJob(i, LARGE_MEDIA) for i in range(1, 41)]
+    assert {len(m.media_item_ids) for m in wake_ups(large, most=4, spread=2)} == {1}
 
 
 # --- the thread ------------------------------------------------------------------------------
