@@ -143,18 +143,15 @@ class InFlight:
     @contextmanager
     def tracking(self, work: WorkItem, client: ProviderClient) -> Iterator[Attempt]:
         """The attempt on a row claimed by this process, known to :meth:`abandon_all` while it
-        runs. Raises :class:`Abandoned` when the worker is stopping (the row was handed back,
-        or is handed back here)."""
+        runs. Raises :class:`Abandoned` at once when the worker is stopping: the row is the
+        caller's to hand back, like one abandoned mid-transfer."""
         with self._active_lock:
+            if self.stopping.is_set():
+                raise Abandoned
             _, claimed_at = self._queued.pop(work.id, (work, self.monotonic()))
-            stopping = self.stopping.is_set()
-            if not stopping:
-                # Its lease runs from the claim, not from the start of the attempt.
-                attempt = Attempt(work, client, renew_at=claimed_at + self._renew_every)
-                self._active[work.id] = attempt
-        if stopping:
-            self.hand_back([work])
-            raise Abandoned
+            # Its lease runs from the claim, not from the start of the attempt.
+            attempt = Attempt(work, client, renew_at=claimed_at + self._renew_every)
+            self._active[work.id] = attempt
         try:
             yield attempt
         finally:

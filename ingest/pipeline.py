@@ -180,6 +180,9 @@ class Pipeline:
             with self.in_flight.tracking(work, self.clients(work.credentials)) as attempt:
                 result = self._attempt(attempt)
         except Abandoned:
+            # Stopped mid-transfer, or before it started. abandon_all may have handed the row
+            # back already; a second hand-back matches nothing.
+            self.in_flight.hand_back([work])
             result = AttemptResult(work.id, SKIPPED, None, ABANDONED)
         result = replace(result, seconds=time.monotonic() - started)
         self._record(work, result)
@@ -200,9 +203,6 @@ class Pipeline:
             # its attempt, and counting this one as stored or retried would count it twice.
             log.warning("download item=%s %s", work.id, lost)
             return AttemptResult(work.id, SKIPPED, None, LEASE_LOST)
-        except Abandoned:
-            self.in_flight.hand_back([work])
-            return AttemptResult(work.id, SKIPPED, None, ABANDONED)
 
     # --- faults: the object store, a stopping worker -------------------------------------
 

@@ -43,9 +43,9 @@ def wake_ups(jobs: Sequence[DownloadJob], most: int, spread: int) -> list[WakeUp
     by_queue: dict[str, list[int]] = {}
     for job in jobs:
         by_queue.setdefault(job.queue, []).append(job.media_item_id)
+    spread = max(spread, 1)
     messages = []
     for queue, ids in by_queue.items():
-        spread = max(spread, 1)
         grouped = queue != LARGE_MEDIA and len(ids) > most * spread
         size = min(most, math.ceil(len(ids) / spread)) if grouped else 1
         messages += [

@@ -46,6 +46,20 @@ def _put(breaker: StorageBreaker, storage: ScriptedStorage, key: str) -> Any:
     )
 
 
+def _fail(
+    breaker: StorageBreaker,
+    storage: ScriptedStorage,
+    error: Exception,
+    times: int,
+    raised: type[Exception] = AttemptFailed,
+) -> None:
+    """``times`` uploads failing with ``error``, each raising ``raised`` with its message."""
+    storage.failing = error
+    for n in range(times):
+        with pytest.raises(raised, match=str(error)):
+            _put(breaker, storage, f"failing-{n}")
+
+
 @pytest.fixture
 def breaker(make_settings: Any) -> StorageBreaker:
     settings: Settings = make_settings(
@@ -81,11 +95,7 @@ def test_failures_in_a_row_open_it_and_then_no_upload_is_tried(
     breaker: StorageBreaker,
 ) -> None:
     storage = ScriptedStorage()
-    storage.failing = StorageError("503 Slow Down")
-    for n in range(3):
-        with pytest.raises(AttemptFailed) as failed:
-            _put(breaker, storage, f"k{n}")
-        assert "503 Slow Down" in str(failed.value)
+    _fail(breaker, storage, StorageError("503 Slow Down"), times=3)
 
     with pytest.raises(AttemptFailed, match="upload not attempted"):
         _put(breaker, storage, "k3")
@@ -95,16 +105,10 @@ def test_failures_in_a_row_open_it_and_then_no_upload_is_tried(
 
 def test_a_success_between_failures_starts_the_count_again(breaker: StorageBreaker) -> None:
     storage = ScriptedStorage()
-    for n in range(2):
-        storage.failing = StorageError("timeout")
-        with pytest.raises(AttemptFailed):
-            _put(breaker, storage, f"bad{n}")
+    _fail(breaker, storage, StorageError("timeout"), times=2)
     storage.failing = None
     assert _put(breaker, storage, "good").key == "good"
-    for n in range(2):
-        storage.failing = StorageError("timeout")
-        with pytest.raises(AttemptFailed):
-            _put(breaker, storage, f"bad-again{n}")
+    _fail(breaker, storage, StorageError("timeout"), times=2)
 
     storage.failing = None
     assert breaker.available(storage)
@@ -113,10 +117,7 @@ def test_a_success_between_failures_starts_the_count_again(breaker: StorageBreak
 
 def test_integrity_refusals_say_nothing_about_the_store(breaker: StorageBreaker) -> None:
     storage = ScriptedStorage()
-    storage.failing = StorageIntegrityError("sha256 mismatch")
-    for n in range(5):
-        with pytest.raises(AttemptFailed, match="sha256 mismatch"):
-            _put(breaker, storage, f"k{n}")
+    _fail(breaker, storage, StorageIntegrityError("sha256 mismatch"), times=5)
 
     assert storage.puts == 5  # never opened
     assert breaker.available(storage)
@@ -124,10 +125,7 @@ def test_integrity_refusals_say_nothing_about_the_store(breaker: StorageBreaker)
 
 def test_an_unexpected_error_is_counted_and_raised_as_it_is(breaker: StorageBreaker) -> None:
     storage = ScriptedStorage()
-    storage.failing = RuntimeError("bug in a backend")
-    for n in range(3):
-        with pytest.raises(RuntimeError, match="bug in a backend"):
-            _put(breaker, storage, f"k{n}")
+    _fail(breaker, storage, RuntimeError("bug in a backend"), times=3, raised=RuntimeError)
 
     with pytest.raises(AttemptFailed, match="upload not attempted"):
         _put(breaker, storage, "k3")
