@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from celery import Celery
 from kombu.exceptions import KombuError, OperationalError
 
-from ingest.queues import DownloadJob, SchedulerUnavailable, wake_ups
+from ingest.queues import DownloadJob, SchedulerUnavailable, grouped_if_busy, wake_ups
 from ingest.settings import Settings
 from tasks.celery_app import DOWNLOAD_BATCH_TASK, make_celery
 
@@ -49,11 +49,11 @@ class CeleryScheduler:
     def schedule(self, jobs: Sequence[DownloadJob]) -> None:
         if not jobs:
             return
-        messages = wake_ups(jobs, self._wake_batch, self._spread)
-        # Resolved before publishing: kombu counts KeyError among Redis connection errors, and
-        # an unknown queue name is a bug to raise, not a broker outage to wait out.
-        for message in messages:
-            self.app.amqp.queues[message.queue]
+        # Resolved before asking or publishing: kombu counts KeyError among Redis connection
+        # errors, and an unknown queue name is a bug to raise, not a broker outage to wait out.
+        for queue in {job.queue for job in jobs}:
+            self.app.amqp.queues[queue]
+        messages = wake_ups(jobs, self._wake_batch, self._spread, self._busy(jobs))
         try:
             with self.app.producer_or_acquire() as producer:
                 for message in messages:
@@ -67,6 +67,15 @@ class CeleryScheduler:
                     )
         except self._publish_errors as exc:
             raise SchedulerUnavailable(type(exc).__name__) from exc
+
+    def _busy(self, jobs: Sequence[DownloadJob]) -> set[str]:
+        """The queues, among those where it decides the grouping, holding waiting messages.
+        One round trip, only for a pass of a few rows (live traffic): a broker that cannot
+        answer cannot take the wake-ups either, and says so here."""
+        undecided = grouped_if_busy(jobs, self._wake_batch, self._spread)
+        if not undecided:
+            return set()
+        return {queue for queue, waiting in self.queue_depths(undecided).items() if waiting}
 
     def queue_depths(self, queues: Sequence[str]) -> dict[str, int]:
         # A declare answers with the queue's message count on every transport (on Redis an

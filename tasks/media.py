@@ -3,7 +3,8 @@ on the core (ingest.pipeline, ingest.reconciler), and the worker process's lifec
 
 A worker process builds its long-lived parts once, lazily and thread-safely, from the app's
 ``ingest_settings``: one Services (SQL engine, storage, Redis), one Egress (the outbound
-HTTP pool, shared by every thread), one error budget and one Pipeline. Tests and embedders
+HTTP pool, shared by every thread), one error budget (its releases sent from a thread of their
+own: ingest.budget_releases) and one Pipeline. Tests and embedders
 may install their own with :func:`install_runtime`.
 
 At start the worker also starts its wake-up relay (ingest.wake_relay.RelayLoop: publishes the
@@ -28,8 +29,10 @@ from celery import Celery, Task, shared_task
 from celery.signals import worker_init, worker_shutdown, worker_shutting_down
 
 from ingest import logs
+from ingest.budget_releases import BackgroundReleases
 from ingest.callback_delivery import CallbackLoop, CallbackSender
 from ingest.egress import Egress
+from ingest.error_budget import budget_for
 from ingest.pipeline import Pipeline, new_lease_owner
 from ingest.providers import Credentials, ProviderClient, client_for
 from ingest.queues import DownloadScheduler
@@ -69,6 +72,7 @@ class WorkerRuntime:
     callback_sender: CallbackSender | None = None
     callback_loop: CallbackLoop | None = None
     relay: RelayLoop | None = None
+    releases: BackgroundReleases | None = None
 
     def reconcile(self) -> ReconcileReport | None:
         """One reconciler pass, if no other process ran one in this interval."""
@@ -109,6 +113,8 @@ class WorkerRuntime:
             self.callback_sender.close()
         if self.egress is not None:
             self.egress.close()
+        if self.releases is not None:
+            self.releases.close()
         self.services.close()
 
 
@@ -138,7 +144,10 @@ def build_runtime(settings: Settings, *, scheduler: DownloadScheduler) -> Worker
     def clients(credentials: Credentials) -> ProviderClient:
         return client_for(credentials, settings, egress)
 
-    return WorkerRuntime(services, Pipeline.for_services(services, clients), scheduler, egress)
+    # The budget's releases leave the download threads (ingest.budget_releases).
+    releases = BackgroundReleases(budget_for(settings, services.sessions, services.redis))
+    pipeline = Pipeline.for_services(services, clients, budget=releases)
+    return WorkerRuntime(services, pipeline, scheduler, egress, releases=releases)
 
 
 _lock = threading.Lock()
@@ -203,6 +212,8 @@ def _bound_the_shutdown(**_: Any) -> None:
 
 def _hand_back_and_exit(current: WorkerRuntime) -> None:
     handed_back = current.pipeline.abandon_all()
+    if current.releases is not None:
+        current.releases.close()  # the abandoned calls' budget slots, before the exit below
     log.warning(
         "worker: shutdown bound of %.0f s reached; %d transfer(s) handed back to other workers",
         current.services.settings.worker_shutdown_seconds,

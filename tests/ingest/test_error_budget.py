@@ -12,10 +12,10 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest.error_budget import (
+    BatchReleasing,
     BudgetExhausted,
     BudgetLimit,
     BudgetUnavailable,
-    ErrorBudget,
     RedisErrorBudget,
     SqlErrorBudget,
     budget_for,
@@ -29,7 +29,7 @@ from ingest.providers import ProviderRejected, ProviderUnavailable
 
 WINDOW = 3600.0
 IN_FLIGHT_TTL = 30.0
-Factory = Callable[[], ErrorBudget]
+Factory = Callable[[], BatchReleasing]
 
 
 class FakeClock:
@@ -84,6 +84,19 @@ class BudgetContract:
         budget.reserve(limit)  # the number resumes by itself
         with pytest.raises(BudgetExhausted):
             budget.reserve(limit)
+
+    def test_many_reservations_are_released_in_one_call(self, make: Factory) -> None:
+        budget = make()
+        media, lookup = BudgetLimit("media:many", 3), BudgetLimit("lookup:many", 1)
+        held = [budget.reserve([media, lookup]), budget.reserve([media]), budget.reserve([media])]
+        with pytest.raises(BudgetExhausted):
+            budget.reserve([media])
+        budget.release_many(held[:2])
+        budget.reserve([media, lookup])  # every key of the first reservation is free again
+        budget.reserve([media])
+        with pytest.raises(BudgetExhausted):  # and only the two released slots
+            budget.reserve([media])
+        budget.release_many([])  # nothing to send is not an error
 
     def test_a_budget_full_of_calls_in_flight_is_retried_soon(
         self, make: Factory, clock: FakeClock

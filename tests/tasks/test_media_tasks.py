@@ -12,6 +12,7 @@ import pytest
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
+from ingest.budget_releases import BackgroundReleases
 from ingest.error_budget import SqlErrorBudget
 from ingest.models import Instance, MediaItem, MediaState
 from ingest.pipeline import Pipeline
@@ -161,7 +162,10 @@ def test_the_runtime_is_built_once_from_the_apps_settings(make_settings: Any) ->
         assert len({id(runtime) for runtime in built}) == 1
         runtime = built[0]
         assert runtime.services.settings is settings
-        assert isinstance(runtime.pipeline.budget, SqlErrorBudget)  # no Redis configured
+        # No Redis configured: the SQL budget, its releases sent from a thread of their own.
+        assert runtime.pipeline.budget is runtime.releases
+        assert isinstance(runtime.releases, BackgroundReleases)
+        assert isinstance(runtime.releases.budget, SqlErrorBudget)
         assert isinstance(runtime.scheduler, CeleryScheduler) and runtime.scheduler.app is app
     finally:
         closing = media.install_runtime(None)
