@@ -550,29 +550,34 @@ def wake(executor: Executor, item_ids: Sequence[int], now: datetime) -> None:
     )
 
 
+# Built once, like the claim: the relay passes every 50 ms under load, and a statement built
+# per pass spent more CPU generating its cache key than PostgreSQL spent running it.
+_TAKE_UNWOKEN = (
+    update(MediaItem)
+    .where(
+        MediaItem.id.in_(
+            select(MediaItem.id)
+            .where(MediaItem.state == MediaState.PENDING, MediaItem.enqueued_at.is_(None))
+            .where(MediaItem.next_attempt_at <= bindparam("p_now"))
+            .order_by(MediaItem.id)
+            .limit(bindparam("p_limit"))
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+    )
+    .where(MediaItem.state == MediaState.PENDING, MediaItem.enqueued_at.is_(None))
+    .values(enqueued_at=bindparam("p_now"))
+    .returning(MediaItem.id, MediaItem.media_type, MediaItem.declared_size)
+    .execution_options(synchronize_session=False)
+)
+
+
 def take_unwoken(executor: Executor, now: datetime, limit: int) -> list[AnyRow]:
     """Stamp a wake-up on at most ``limit`` pending, due rows that never had one (committed by
     the receiver, or whose wake-up could not be sent), oldest first; returns their
     ``(id, media_type, declared_size)``. On PostgreSQL, rows another relay is taking are
     skipped, not waited for (``SKIP LOCKED``); SQLite has a single writer anyway."""
-    chosen = (
-        select(MediaItem.id)
-        .where(MediaItem.state == MediaState.PENDING, MediaItem.enqueued_at.is_(None))
-        .where(MediaItem.next_attempt_at <= now)
-        .order_by(MediaItem.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    return list(
-        executor.execute(
-            update(MediaItem)
-            .where(MediaItem.id.in_(chosen.scalar_subquery()))
-            .where(MediaItem.state == MediaState.PENDING, MediaItem.enqueued_at.is_(None))
-            .values(enqueued_at=now)
-            .returning(MediaItem.id, MediaItem.media_type, MediaItem.declared_size)
-            .execution_options(synchronize_session=False)
-        ).all()
-    )
+    return list(executor.execute(_TAKE_UNWOKEN, {"p_now": now, "p_limit": limit}).all())
 
 
 def wake_redelivered(

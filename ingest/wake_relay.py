@@ -71,10 +71,14 @@ def relay_pass(
     scheduler: DownloadScheduler,
     settings: Settings,
     now: Callable[[], datetime] = utcnow,
+    *,
+    engine: Engine | None = None,
 ) -> int:
     """Publish the wake-ups of every row that has none; returns how many rows were woken.
-    Raises :class:`SchedulerUnavailable` when the broker refuses (the rows are unstamped)."""
-    engine = one_statement_engine(sessions)
+    Raises :class:`SchedulerUnavailable` when the broker refuses (the rows are unstamped).
+    ``engine``: the sessions' :func:`~ingest.db.one_statement_engine`, if the caller keeps one
+    (building it registers event listeners: a loop should not pay that every pass)."""
+    engine = engine or one_statement_engine(sessions)
     woken = 0
     while True:
         with engine.begin() as connection:
@@ -196,6 +200,7 @@ class RelayLoop(BackgroundThread):
         self._settings = settings
         engine = engine_of(sessions)
         self._notifications = Notifications(engine) if engine.dialect.name == "postgresql" else None
+        self._one_statement = one_statement_engine(sessions)
 
     def stop(self, timeout: float = 5.0) -> None:
         super().stop(timeout)
@@ -220,7 +225,12 @@ class RelayLoop(BackgroundThread):
         while not self.stopping.is_set():
             try:
                 if announced or any_unwoken(self._sessions):
-                    relay_pass(self._sessions, self._scheduler, self._settings)
+                    relay_pass(
+                        self._sessions,
+                        self._scheduler,
+                        self._settings,
+                        engine=self._one_statement,
+                    )
             except SchedulerUnavailable as exc:
                 log.warning("relay: broker unavailable (%s); trying again", exc)
                 self.stopping.wait(RECONNECT_SECONDS)

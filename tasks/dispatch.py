@@ -7,6 +7,7 @@ a message (:func:`ingest.queues.wake_ups`), so Celery's cost per message is shar
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from celery import Celery
 from kombu.exceptions import KombuError, OperationalError
@@ -53,10 +54,13 @@ class CeleryScheduler:
         # errors, and an unknown queue name is a bug to raise, not a broker outage to wait out.
         for queue in {job.queue for job in jobs}:
             self.app.amqp.queues[queue]
-        messages = wake_ups(jobs, self._wake_batch, self._spread, self._busy(jobs))
         try:
+            # A pooled connection, for the question and the messages alike: a connection
+            # made per call cost more CPU than the relay's whole pass (kombu looks its
+            # transport up among the installed packages' entry points each time).
             with self.app.producer_or_acquire() as producer:
-                for message in messages:
+                busy = self._busy(jobs, producer.channel)
+                for message in wake_ups(jobs, self._wake_batch, self._spread, busy):
                     self.app.send_task(
                         DOWNLOAD_BATCH_TASK,
                         args=(list(message.media_item_ids),),
@@ -68,27 +72,26 @@ class CeleryScheduler:
         except self._publish_errors as exc:
             raise SchedulerUnavailable(type(exc).__name__) from exc
 
-    def _busy(self, jobs: Sequence[DownloadJob]) -> set[str]:
+    def _busy(self, jobs: Sequence[DownloadJob], channel: Any) -> set[str]:
         """The queues, among those where it decides the grouping, holding waiting messages.
-        One round trip, only for a pass of a few rows (live traffic): a broker that cannot
-        answer cannot take the wake-ups either, and says so here."""
+        One round trip, only for a pass of a few rows (live traffic)."""
         undecided = grouped_if_busy(jobs, self._wake_batch, self._spread)
-        if not undecided:
-            return set()
-        return {queue for queue, waiting in self.queue_depths(undecided).items() if waiting}
+        return {queue for queue, waiting in self._depths(channel, undecided).items() if waiting}
 
     def queue_depths(self, queues: Sequence[str]) -> dict[str, int]:
-        # A declare answers with the queue's message count on every transport (on Redis an
-        # empty queue has no key, so a passive declare would call it missing).
         try:
-            with self.app.connection_for_write() as conn:
-                channel = conn.default_channel
-                return {
-                    name: int(self.app.amqp.queues[name](channel).queue_declare().message_count)
-                    for name in queues
-                }
+            with self.app.pool.acquire(block=True) as conn:
+                return self._depths(conn.default_channel, queues)
         except self._publish_errors as exc:
             raise SchedulerUnavailable(type(exc).__name__) from exc
+
+    def _depths(self, channel: Any, queues: Sequence[str]) -> dict[str, int]:
+        # A declare answers with the queue's message count on every transport (on Redis an
+        # empty queue has no key, so a passive declare would call it missing).
+        return {
+            name: int(self.app.amqp.queues[name](channel).queue_declare().message_count)
+            for name in queues
+        }
 
     def ping(self) -> None:
         with self.app.connection_for_write() as conn:

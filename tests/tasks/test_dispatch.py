@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import threading
+import types
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -160,8 +161,8 @@ def break_the_pooled_connection(
     import redis
 
     @contextlib.contextmanager
-    def pooled_producer(producer: Any = None) -> Iterator[None]:
-        yield None
+    def pooled_producer(producer: Any = None) -> Iterator[Any]:
+        yield types.SimpleNamespace(channel=None)  # one row: no depth is asked
 
     def send_task(*args: Any, **kwargs: Any) -> None:
         raise redis.exceptions.ConnectionError("Connection closed by server.")
