@@ -211,9 +211,9 @@ def _bound_the_shutdown(**_: Any) -> None:
 
 
 def _hand_back_and_exit(current: WorkerRuntime) -> None:
+    # The abandoned calls' budget slots are queued to the releases' thread, which sends
+    # them during the grace below; nothing here may wait on a store that could be down.
     handed_back = current.pipeline.abandon_all()
-    if current.releases is not None:
-        current.releases.close()  # the abandoned calls' budget slots, before the exit below
     log.warning(
         "worker: shutdown bound of %.0f s reached; %d transfer(s) handed back to other workers",
         current.services.settings.worker_shutdown_seconds,
