@@ -7,7 +7,7 @@ the reconciler finds the row again.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,51 +32,26 @@ class WakeUp:
     media_item_ids: tuple[int, ...]
 
 
-def wake_ups(
-    jobs: Sequence[DownloadJob], most: int, spread: int, busy: Collection[str] = ()
-) -> list[WakeUp]:
+def wake_ups(jobs: Sequence[DownloadJob], most: int, spread: int) -> list[WakeUp]:
     """Group ``jobs`` into messages of at most ``most`` rows of one queue each. A message's
     rows are claimed together and run one after another on one thread, so rows are grouped
     only once a queue has more than ``most * spread`` of them (a backlog that keeps every
     thread busy anyway), and then into at least ``spread`` messages; fewer go one to a
     message, so a burst reaches every thread of every worker process, however many processes
-    there are. A queue named in ``busy`` (messages already wait there: every thread has work
-    and the rest is queued) gets its rows ``most`` to a message whatever their number: they
-    would wait behind that work anyway, and under live traffic a message per row was the
-    largest cost the workers could shed (docs/THROUGHPUT.md). Large media always go one to a
-    message: a row claimed behind a transfer of minutes would spend its lease waiting."""
+    there are. Large media always go one to a message: a row claimed behind a transfer of
+    minutes would spend its lease waiting."""
+    by_queue: dict[str, list[int]] = {}
+    for job in jobs:
+        by_queue.setdefault(job.queue, []).append(job.media_item_id)
     spread = max(spread, 1)
     messages = []
-    for queue, ids in _by_queue(jobs).items():
-        if queue == LARGE_MEDIA:
-            size = 1
-        elif queue in busy:
-            size = most
-        elif len(ids) > most * spread:
-            size = min(most, math.ceil(len(ids) / spread))
-        else:
-            size = 1
+    for queue, ids in by_queue.items():
+        grouped = queue != LARGE_MEDIA and len(ids) > most * spread
+        size = min(most, math.ceil(len(ids) / spread)) if grouped else 1
         messages += [
             WakeUp(queue, tuple(ids[start : start + size])) for start in range(0, len(ids), size)
         ]
     return messages
-
-
-def grouped_if_busy(jobs: Sequence[DownloadJob], most: int, spread: int) -> list[str]:
-    """The queues whose rows :func:`wake_ups` sends one to a message unless the queue is busy:
-    the only ones worth asking the broker about before publishing."""
-    return [
-        queue
-        for queue, ids in _by_queue(jobs).items()
-        if queue != LARGE_MEDIA and most > 1 and 1 < len(ids) <= most * max(spread, 1)
-    ]
-
-
-def _by_queue(jobs: Sequence[DownloadJob]) -> dict[str, list[int]]:
-    by_queue: dict[str, list[int]] = {}
-    for job in jobs:
-        by_queue.setdefault(job.queue, []).append(job.media_item_id)
-    return by_queue
 
 
 class SchedulerUnavailable(Exception):

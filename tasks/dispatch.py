@@ -12,7 +12,7 @@ from typing import Any
 from celery import Celery
 from kombu.exceptions import KombuError, OperationalError
 
-from ingest.queues import DownloadJob, SchedulerUnavailable, grouped_if_busy, wake_ups
+from ingest.queues import DownloadJob, SchedulerUnavailable, wake_ups
 from ingest.settings import Settings
 from tasks.celery_app import DOWNLOAD_BATCH_TASK, make_celery
 
@@ -50,17 +50,14 @@ class CeleryScheduler:
     def schedule(self, jobs: Sequence[DownloadJob]) -> None:
         if not jobs:
             return
-        # Resolved before asking or publishing: kombu counts KeyError among Redis connection
-        # errors, and an unknown queue name is a bug to raise, not a broker outage to wait out.
-        for queue in {job.queue for job in jobs}:
-            self.app.amqp.queues[queue]
+        messages = wake_ups(jobs, self._wake_batch, self._spread)
+        # Resolved before publishing: kombu counts KeyError among Redis connection errors, and
+        # an unknown queue name is a bug to raise, not a broker outage to wait out.
+        for message in messages:
+            self.app.amqp.queues[message.queue]
         try:
-            # A pooled connection, for the question and the messages alike: a connection
-            # made per call cost more CPU than the relay's whole pass (kombu looks its
-            # transport up among the installed packages' entry points each time).
             with self.app.producer_or_acquire() as producer:
-                busy = self._busy(jobs, producer.channel)
-                for message in wake_ups(jobs, self._wake_batch, self._spread, busy):
+                for message in messages:
                     self.app.send_task(
                         DOWNLOAD_BATCH_TASK,
                         args=(list(message.media_item_ids),),
@@ -72,13 +69,9 @@ class CeleryScheduler:
         except self._publish_errors as exc:
             raise SchedulerUnavailable(type(exc).__name__) from exc
 
-    def _busy(self, jobs: Sequence[DownloadJob], channel: Any) -> set[str]:
-        """The queues, among those where it decides the grouping, holding waiting messages.
-        One round trip, only for a pass of a few rows (live traffic)."""
-        undecided = grouped_if_busy(jobs, self._wake_batch, self._spread)
-        return {queue for queue, waiting in self._depths(channel, undecided).items() if waiting}
-
     def queue_depths(self, queues: Sequence[str]) -> dict[str, int]:
+        # A pooled connection: one made per call cost more CPU than a relay pass (kombu
+        # looks its transport up among the installed packages' entry points each time).
         try:
             with self.app.pool.acquire(block=True) as conn:
                 return self._depths(conn.default_channel, queues)

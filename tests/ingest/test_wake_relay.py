@@ -26,7 +26,6 @@ from ingest.queues import (
     RecordingScheduler,
     SchedulerUnavailable,
     WakeUp,
-    grouped_if_busy,
     wake_ups,
 )
 from ingest.settings import Settings
@@ -186,18 +185,6 @@ def test_wake_ups_group_rows_by_queue_and_spread_a_backlog() -> None:
     # Large media never wait behind each other's transfers with a lease running.
     large = [DownloadJob(i, LARGE_MEDIA) for i in range(1, 41)]
     assert {len(m.media_item_ids) for m in wake_ups(large, most=4, spread=2)} == {1}
-
-
-def test_rows_for_a_busy_queue_are_grouped_however_few() -> None:
-    jobs = [DownloadJob(i, SMALL_MEDIA) for i in range(1, 6)] + [DownloadJob(9, LARGE_MEDIA)]
-    # Messages already wait in the queue: every thread has work, these rows wait anyway.
-    messages = wake_ups(jobs, most=4, spread=8, busy={SMALL_MEDIA, LARGE_MEDIA})
-    assert [m.media_item_ids for m in messages] == [(1, 2, 3, 4), (5,), (9,)]
-    # Only the queues whose grouping depends on it are worth asking about.
-    assert grouped_if_busy(jobs, most=4, spread=8) == [SMALL_MEDIA]
-    assert grouped_if_busy(jobs[:1], most=4, spread=8) == []  # one row: one message anyway
-    assert grouped_if_busy(jobs * 20, most=4, spread=2) == []  # a backlog: grouped anyway
-    assert grouped_if_busy(jobs, most=1, spread=8) == []  # never grouped
 
 
 # --- the thread ------------------------------------------------------------------------------
