@@ -52,10 +52,7 @@ class BackgroundReleases:
     def release(self, reservation: Reservation) -> None:
         """Queue the release and return at once; never raises for the store."""
         with self._changed:
-            if self._closing:
-                closed = True
-            else:
-                closed = False
+            if not self._closing:
                 self._waiting.append(reservation)
                 if self._thread is None:
                     # Started on first use, in the process that uses it (after any fork).
@@ -64,8 +61,8 @@ class BackgroundReleases:
                     )
                     self._thread.start()
                 self._changed.notify()
-        if closed:
-            self._send([reservation])
+                return
+        self._send([reservation])
 
     def close(self) -> None:
         """Send every release still waiting; later releases are sent on the caller's thread."""

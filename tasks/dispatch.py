@@ -7,7 +7,6 @@ a message (:func:`ingest.queues.wake_ups`), so Celery's cost per message is shar
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from celery import Celery
 from kombu.exceptions import KombuError, OperationalError
@@ -70,21 +69,19 @@ class CeleryScheduler:
             raise SchedulerUnavailable(type(exc).__name__) from exc
 
     def queue_depths(self, queues: Sequence[str]) -> dict[str, int]:
-        # A pooled connection: one made per call cost more CPU than a relay pass (kombu
-        # looks its transport up among the installed packages' entry points each time).
+        # A declare answers with the queue's message count on every transport (on Redis an
+        # empty queue has no key, so a passive declare would call it missing). On a pooled
+        # connection: one made per call cost more CPU than a relay pass (kombu looks its
+        # transport up among the installed packages' entry points each time).
         try:
             with self.app.pool.acquire(block=True) as conn:
-                return self._depths(conn.default_channel, queues)
+                channel = conn.default_channel
+                return {
+                    name: int(self.app.amqp.queues[name](channel).queue_declare().message_count)
+                    for name in queues
+                }
         except self._publish_errors as exc:
             raise SchedulerUnavailable(type(exc).__name__) from exc
-
-    def _depths(self, channel: Any, queues: Sequence[str]) -> dict[str, int]:
-        # A declare answers with the queue's message count on every transport (on Redis an
-        # empty queue has no key, so a passive declare would call it missing).
-        return {
-            name: int(self.app.amqp.queues[name](channel).queue_declare().message_count)
-            for name in queues
-        }
 
     def ping(self) -> None:
         with self.app.connection_for_write() as conn:
