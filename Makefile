@@ -49,9 +49,15 @@ demo: $(STAMP)
 ## The whole suite. Real PostgreSQL/Redis when INGEST_TEST_*_URL are set (see .ci/run).
 ## With a coverage report of the code the suite runs in its own process (pyproject.toml's
 ## [tool.coverage]); below COVERAGE_FLOOR percent it fails. A subset: run pytest directly.
+## Everything but the fault suite runs on TEST_WORKERS processes (pytest-xdist; each has its
+## own PostgreSQL database and Redis key prefix); the fault suite runs after, alone, since
+## its bounds are timings of whole stacks that must not share the cores with other tests.
 COVERAGE_FLOOR ?= 94
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	PATH="$(BIN):$$PATH" $(BIN)/pytest --cov --cov-report=term --cov-fail-under=$(COVERAGE_FLOOR) $(PYTEST_ARGS)
+	PATH="$(BIN):$$PATH" $(BIN)/pytest -n $(TEST_WORKERS) -m "not faults" --cov --cov-report= $(PYTEST_ARGS)
+	PATH="$(BIN):$$PATH" $(BIN)/pytest -m faults --cov --cov-append --cov-report=term \
+		--cov-fail-under=$(COVERAGE_FLOOR) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

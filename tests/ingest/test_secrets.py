@@ -120,7 +120,11 @@ def test_a_server_database_without_a_key_is_refused_in_one_line(
     assert not list(tmp_path.rglob(KEY_FILE_NAME))
 
 
-@pytest.mark.parametrize("bad", ["not-a-key", "c2hvcnQ=", f"{generate_key()},nope"])
+@pytest.mark.parametrize(
+    "bad",
+    ["not-a-key", "c2hvcnQ=", f"{generate_key()},nope"],
+    ids=["not-a-key", "too-short", "two-keys-one-bad"],
+)
 def test_a_malformed_key_names_the_variable_never_the_key(make_settings: Any, bad: str) -> None:
     with pytest.raises(ConfigError) as refused:
         secret_box(make_settings(secret_key=bad))
