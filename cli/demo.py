@@ -47,6 +47,7 @@ from cli.demo_checks import (
     read_probe,
 )
 from cli.demo_embedded import start_embedded
+from cli.demo_http import resend_on_reset
 from cli.demo_summary import Cleanup, cleanup_summary, demo_ok, print_summary, summarise
 from cli.demo_verify import POLL_SECONDS, Sent, Verifier
 from ingest.db import make_engine, make_session_factory
@@ -103,7 +104,7 @@ def post_webhook(
     path, headers = reg.webhook_route(body)
     sent = Sent(media=media, wamid=wamid, sent_at=datetime.now(UTC))
     try:
-        response = http.post(service_url + path, content=body, headers=headers)
+        response = resend_on_reset(http.post, service_url + path, content=body, headers=headers)
         sent.status = response.status_code
         if response.status_code != 200:
             sent.state, sent.reason = "rejected", f"webhook_{response.status_code}"

@@ -15,6 +15,7 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
+from cli.demo_http import resend_on_reset
 from ingest.archive import NO_MEDIA
 from ingest.db import make_engine, make_session_factory
 from ingest.models import TERMINAL_STATES, Instance, MediaItem, MediaState
@@ -147,7 +148,8 @@ def check_shared_database(
     http: httpx.Client, service_url: str, reg: DemoRegistration, settings: Settings
 ) -> None:
     try:
-        response = http.get(
+        response = resend_on_reset(
+            http.get,
             f"{service_url}/api/chat/find-message/{reg.instance}",
             params={"messageId": "wamid.DEMO-NOT-SENT"},
             headers={"token": reg.token},

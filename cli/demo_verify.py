@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from cli.demo_http import resend_on_reset
 from ingest.models import MediaState
 from sandbox.provider import SandboxMedia
 from sandbox.registration import DemoRegistration
@@ -84,7 +85,7 @@ def _get_respecting_limit(
 ) -> httpx.Response:
     """Should the service still limit the demo's token, wait when it says so."""
     for _ in range(10):
-        response = http.get(url, **kwargs)
+        response = resend_on_reset(http.get, url, **kwargs)
         if response.status_code != 429:
             return response
         throttled()
