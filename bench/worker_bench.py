@@ -47,10 +47,12 @@ from typing import Any
 
 import httpx
 import psutil
+import tenacity
 from pydantic import SecretStr
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from cli.demo_http import resend_on_reset
 from cli.demo_summary import percentile
 from cli.service import thread_shares
 from ingest.db import make_engine, make_session_factory
@@ -275,8 +277,12 @@ class Poster:
         self.reg = reg
         self.http = httpx.Client(timeout=30.0)
         self.count = 0
-        # Webhooks sent twice because a connection was reset before any answer.
+        # Webhooks sent again because a connection was reset before any answer.
         self.resent = 0
+        # Once, as before: a second reset in a row is a server problem the run should show.
+        self._resend_on_reset = resend_on_reset.copy(
+            stop=tenacity.stop_after_attempt(2), before_sleep=self._count_resent
+        )
 
     def post(self, media: SandboxMedia) -> str:
         self.count += 1
@@ -286,15 +292,16 @@ class Poster:
         )
         assert self.reg.app_secret is not None
         path, headers = self.reg.webhook_route(body)
-        try:
-            response = self.http.post(f"{self.web_url}{path}", content=body, headers=headers)
-        except (httpx.ReadError, httpx.RemoteProtocolError):
-            # A kept-alive connection the server closed as it was reused: sent again, as a
-            # provider does with a webhook left unanswered (recording is idempotent).
-            self.resent += 1
-            response = self.http.post(f"{self.web_url}{path}", content=body, headers=headers)
+        # A kept-alive connection the server closed as it was reused: sent again, as a
+        # provider does with a webhook left unanswered (recording is idempotent).
+        response = self._resend_on_reset(
+            self.http.post, f"{self.web_url}{path}", content=body, headers=headers
+        )
         response.raise_for_status()
         return wamid
+
+    def _count_resent(self, _attempt: object) -> None:
+        self.resent += 1
 
     def close(self) -> None:
         self.http.close()

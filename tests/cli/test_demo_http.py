@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from cli.demo import post_webhook
 from cli.demo_verify import _get_respecting_limit
 from sandbox.provider import SandboxMedia
 from sandbox.registration import DemoRegistration
+from tests.plugins.servers import close_with_reset
 
 ANSWER = (
     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
@@ -43,13 +43,12 @@ class ResettingServer:
                 conn, _ = self._listener.accept()
             except OSError:
                 return
+            self.requests.append(_read_request(conn))
+            if len(self.requests) <= self.resets:
+                close_with_reset(conn)  # as a server tearing the connection down does
+                continue
             with conn:
-                self.requests.append(_read_request(conn))
-                if len(self.requests) <= self.resets:
-                    # Linger 0: close() sends RST, as a server tearing the connection down does.
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                else:
-                    conn.sendall(ANSWER)
+                conn.sendall(ANSWER)
 
     def close(self) -> None:
         self._listener.close()

@@ -10,7 +10,8 @@ in a temporary directory, and only ever signalled through the objects below.
   fresh migrated database per test cloned from a template (``CREATE DATABASE .. TEMPLATE``);
 - :class:`TcpGate`: a forwarding proxy that can turn into a dead endpoint (every connection
   reset) and back without losing the state of the server behind it (moto keeps its objects
-  in memory: stopping it for real would lose the bucket).
+  in memory: stopping it for real would lose the bucket);
+- :func:`close_with_reset`: close a socket so that its peer sees a reset.
 
 Nothing here imports ``ingest`` at module level.
 """
@@ -332,7 +333,7 @@ class PostgresCluster:
 # --- a gate in front of a TCP server -------------------------------------------------------
 
 
-def _reset(sock: socket.socket) -> None:
+def close_with_reset(sock: socket.socket) -> None:
     """Close with RST (SO_LINGER 0): the peer sees "connection reset", as from a dead host."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -370,7 +371,7 @@ class TcpGate:
         with self._lock:
             connections, self._connections = self._connections, set()
         for sock in connections:
-            _reset(sock)
+            close_with_reset(sock)
 
     def open_gate(self) -> None:
         self._open.set()
@@ -389,13 +390,13 @@ class TcpGate:
             except OSError:
                 return
             if not self._open.is_set():
-                _reset(client)
+                close_with_reset(client)
                 continue
             try:
                 upstream = socket.create_connection(self._target, timeout=5)
                 upstream.settimeout(None)
             except OSError:
-                _reset(client)
+                close_with_reset(client)
                 continue
             with self._lock:
                 self._connections.update((client, upstream))
