@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -18,59 +17,45 @@ from sandbox.provider import SandboxMedia
 from sandbox.registration import DemoRegistration
 from tests.plugins.servers import close_with_reset
 
-ANSWER = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
-    b"Connection: close\r\n\r\n{}"
-)
 
-
-@dataclass
 class ResettingServer:
-    """Answers 200 after resetting the first ``resets`` requests (RST, no answer)."""
+    """Answers 200 after resetting the first ``resets`` requests (RST, no answer); keeps each
+    request as received (request line and headers, a blank line, the body)."""
 
-    resets: int
-    requests: list[bytes] = field(default_factory=list)
+    def __init__(self, resets: int) -> None:
+        self.resets = resets
+        self.requests: list[bytes] = []
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self._http.server_address[1]}"
+        threading.Thread(target=self._http.serve_forever, daemon=True).start()
 
-    def __post_init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            self.requests.append(_read_request(conn))
-            if len(self.requests) <= self.resets:
-                close_with_reset(conn)  # as a server tearing the connection down does
-                continue
-            with conn:
-                conn.sendall(ANSWER)
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                head = f"{self.requestline}\r\n{self.headers}".rstrip("\r\n").encode()
+                server.requests.append(head + b"\r\n\r\n" + body)
+                if len(server.requests) <= server.resets:
+                    close_with_reset(self.connection)  # as a server tearing it down does
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            do_POST = do_GET
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        return Handler
 
     def close(self) -> None:
-        self._listener.close()
-
-
-def _read_request(conn: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            wanted = int(line.split(b":", 1)[1])
-            while len(body) < wanted:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                body += chunk
-    return head + b"\r\n\r\n" + body
+        self._http.shutdown()
+        self._http.server_close()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from sqlalchemy import Connection, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest import media_rows
-from ingest.db import session_scope
+from ingest.db import engine_of, session_scope
 from ingest.models import utcnow
 from tests.factories import make_instance
 
@@ -33,7 +33,7 @@ BACKLOG_ROWS = 2000
 def connection(database_url: str, sessions: sessionmaker[Session]) -> Iterator[Connection]:
     if not database_url.startswith("postgresql"):
         pytest.skip("a PostgreSQL planner question")
-    with sessions.kw["bind"].connect() as conn:
+    with engine_of(sessions).connect() as conn:
         yield conn
         conn.rollback()
 
