@@ -27,7 +27,6 @@ from ingest import callbacks, media_rows, metrics
 from ingest.attempt_errors import AttemptFailed, short
 from ingest.db import engine_of, row_count, session_scope
 from ingest.in_flight import DATABASE_UNREACHABLE, Attempt, WorkItem
-from ingest.media_fetch import Verified
 from ingest.media_rules import over_send_limit
 from ingest.models import Instance, MediaState
 from ingest.retry_policy import Decision
@@ -59,12 +58,9 @@ class FinishingWrites:
             reraise=True,
         )
 
-    def stored(
-        self, work: WorkItem, stored: StoredObject, verified: Verified, now: datetime
-    ) -> bool:
-        """Record the copy; False if the lease is no longer this attempt's."""
-        spool = verified.spool
-        over_limit = over_send_limit(work.media_type, spool.size, animated=work.animated)
+    def stored(self, work: WorkItem, stored: StoredObject, now: datetime) -> bool:
+        """Record the verified copy; False if the lease is no longer this attempt's."""
+        over_limit = over_send_limit(work.media_type, stored.size, animated=work.animated)
         # Without a callback URL the record is one statement, in autocommit; with one, the
         # event is written in the transaction that records the copy (the outbox).
         engine = self._transactional if work.announces else self._one_statement
@@ -77,9 +73,9 @@ class FinishingWrites:
                     work.owner,
                     backend=stored.backend,
                     key=stored.key,
-                    size=spool.size,
-                    sha256=spool.sha256,
-                    mime=verified.mime,
+                    size=stored.size,
+                    sha256=stored.sha256,
+                    mime=stored.content_type,
                     over_limit=over_limit,
                     now=now,
                 )

@@ -50,6 +50,7 @@ from ingest.error_budget import ErrorBudget, budget_for
 from ingest.finishing_writes import FinishingWrites
 from ingest.in_flight import Abandoned, Attempt, InFlight, LeaseLost, WorkItem
 from ingest.intake import URL_LIFETIME
+from ingest.integrity import Expectation, checksum_problem
 from ingest.media_fetch import MediaFetch, Verified
 from ingest.media_rules import object_key
 from ingest.models import MediaState, MediaType, Provider, utcnow
@@ -59,7 +60,7 @@ from ingest.retry_policy import Decision, Outcome, decide
 from ingest.secrets import SecretBox, SecretKeyError, secret_box
 from ingest.services import Services
 from ingest.settings import Settings
-from ingest.storage import Storage, StorageError
+from ingest.storage import Storage, StorageError, StoredObject
 from ingest.storage_breaker import StorageBreaker
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,10 @@ class AttemptResult:
     size: int | None = None
     seconds: float = 0.0
     next_attempt_at: datetime | None = None
+
+
+def _key_of(work: WorkItem) -> str:
+    return object_key(work.instance_name, work.media_type.value, work.media_id or work.message_id)
 
 
 def new_lease_owner() -> str:
@@ -191,6 +196,9 @@ class Pipeline:
     def _attempt(self, attempt: Attempt) -> AttemptResult:
         work = attempt.work
         try:
+            earlier = self._copy_of_an_earlier_attempt(work)
+            if earlier is not None:
+                return self._record_copy(attempt, earlier)
             verified = self.media_fetch.fetch(attempt)
             try:
                 return self._store(attempt, verified)
@@ -303,12 +311,46 @@ class Pipeline:
 
     # --- finish --------------------------------------------------------------------------
 
+    def _copy_of_an_earlier_attempt(self, work: WorkItem) -> StoredObject | None:
+        """The verified copy an earlier attempt of this row left in storage, if any.
+
+        An attempt that uploaded its copy and then died before recording it (a killed worker,
+        a database outage longer than the finishing write waits) leaves the row to be claimed
+        again once its lease lapses. Its object is in place under the row's deterministic key,
+        and it was checked while written (the sha256 before the put, the store's own check
+        during it): recording it costs one HEAD instead of a download, a provider call and
+        a budget slot, and it still works when the media id has expired or the instance is
+        disconnected meanwhile. A first attempt skips the look-up: nothing can be there yet
+        in normal operation, and the store refuses an overwrite anyway.
+        """
+        if work.attempts <= 1:
+            return None
+        key = _key_of(work)
+        try:
+            found = self.storage.head(key)
+        except FileNotFoundError:
+            return None
+        except StorageError as exc:
+            # Unknown is not absent, but a download is still correct: its put meets the same
+            # object (or the same failing store) and reports it.
+            log.warning("download item=%s: could not look for an earlier copy (%s)", work.id, exc)
+            return None
+        # An object this service did not write carries no sha256 of ours: never trusted.
+        stated = Expectation("webhook", work.declared_sha256, work.declared_size)
+        if not found.sha256 or checksum_problem(found.size, found.sha256, [stated]):
+            return None
+        log.info(
+            "download item=%s: the copy an earlier attempt stored is in place; recording it "
+            "without downloading again",
+            work.id,
+        )
+        metrics.EARLIER_COPIES_RECORDED.inc()
+        return found
+
     def _store(self, attempt: Attempt, verified: Verified) -> AttemptResult:
         work = attempt.work
         spool = verified.spool
-        key = object_key(
-            work.instance_name, work.media_type.value, work.media_id or work.message_id
-        )
+        key = _key_of(work)
         # Renewing here if due means a lost lease writes nothing and the upload starts with at
         # least two thirds of a lease left. The upload itself is not renewed: one that outlasts
         # even that is wasted work, not wrong. Keys are deterministic and objects never
@@ -323,7 +365,11 @@ class Pipeline:
             sha256=spool.sha256,
             content_type=verified.mime,
         )
-        recorded = self.finishing.stored(work, stored, verified, self.clock())
+        return self._record_copy(attempt, stored)
+
+    def _record_copy(self, attempt: Attempt, stored: StoredObject) -> AttemptResult:
+        work = attempt.work
+        recorded = self.finishing.stored(work, stored, self.clock())
         if not recorded:
             # The object is in place under its deterministic key; whoever holds the lease
             # now will find it there and record it. Unless the row was erased or purged
@@ -338,7 +384,7 @@ class Pipeline:
                     type(exc).__name__,
                 )
             raise LeaseLost("lost its lease before recording the copy")
-        return AttemptResult(work.id, Outcome.STORED, MediaState.STORED, size=spool.size)
+        return AttemptResult(work.id, Outcome.STORED, MediaState.STORED, size=stored.size)
 
     def _finish_unstored(self, attempt: Attempt, failure: AttemptFailed) -> AttemptResult:
         work = attempt.work

@@ -258,6 +258,15 @@ class FaultStack:
         if self.postgres.running():
             self.postgres.drop_database(self.database_url)
 
+    def object_keys(self) -> set[str]:
+        """Every key in the stack's bucket, read from the S3 server itself."""
+        client = admin_client(self.moto.endpoint_url)
+        try:
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
+            return {item["Key"] for page in pages for item in page.get("Contents", [])}
+        finally:
+            client.close()
+
     # --- faults on processes ----------------------------------------------------------------
 
     def kill(self, process: ManagedProcess) -> None:
@@ -761,9 +770,7 @@ def _check_objects(
     problems = []
     client = admin_client(stack.moto.endpoint_url)
     try:
-        keys: set[str] = set()
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=stack.bucket):
-            keys.update(item["Key"] for item in page.get("Contents", []))
+        keys = stack.object_keys()
         expected = {f"media/{row.storage_key}": row for row in stored}
         missing, unexpected = expected.keys() - keys, keys - expected.keys()
         if missing:

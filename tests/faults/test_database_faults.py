@@ -44,8 +44,8 @@ def test_postgres_crash_mid_burst_answers_503_until_back_and_loses_nothing(
         fault=f"PostgreSQL stopped -m immediate for {OUTAGE_SECONDS:.0f} s mid-burst",
         cleared_at=cleared,
         bound=2 * 2 + 15,  # two reconciler passes, the work: far under the 900 s lease
-        # An attempt cut off after its transfer downloads again (its object is already in
-        # place under the same key and is not written twice).
+        # An attempt cut off mid-transfer downloads again; one cut off after its upload is
+        # recorded from the object it left (test_worker_faults' killed-between test).
         max_downloads=2,
         checks=[
             ("attempts were in flight when the database stopped", len(in_flight) > 0),

@@ -9,7 +9,13 @@ from collections.abc import Callable
 import pytest
 
 from ingest.models import MediaState
-from tests.faults.harness import FaultStack, assert_all_stored, poll, wait_until
+from tests.faults.harness import (
+    FaultStack,
+    assert_all_stored,
+    count_in_logs,
+    poll,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
@@ -71,6 +77,52 @@ def test_a_killed_workers_budget_reservations_do_not_delay_the_next_burst(
             ),
         ],
         extra={"next_100_seconds": round(burst_seconds, 1)},
+    )
+
+
+def test_a_worker_killed_between_its_uploads_and_their_records_downloads_nothing_again(
+    start_stack: Callable[..., FaultStack],
+) -> None:
+    # The window between an object and its row is made wide: PostgreSQL stops, the transfers
+    # in flight finish and upload, and their records wait for the database (the finishing
+    # write retries through an outage). Then the worker dies with its copies unrecorded.
+    stack = start_stack(env=SHORT_LEASE, workers=1)
+    number = stack.add_number()
+    stack.set_faults(latency_ms=1000)  # a slow CDN: the worker's 8 threads are all busy
+    deliveries = stack.post(number, stack.add_media(number, 40))
+    stack.wait_rows(number, at_least=8, states=[MediaState.DOWNLOADING], timeout=20)
+    stack.postgres.stop("immediate")
+    time.sleep(3.0)  # the transfers in flight (1 s each) finish and upload
+    [doomed] = stack.workers
+    stack.kill(doomed)
+    killed = time.monotonic()
+    uploaded = len(stack.object_keys())
+    stack.postgres.start()
+    # Nothing records a copy now (the only worker is dead): the objects no row points at
+    # are the ones whose records the crash lost.
+    orphaned = uploaded - stack.count_rows(number, MediaState.STORED)
+    stack.set_faults()  # full speed
+    healthy = stack.start_worker()
+
+    poll(lambda: stack.all_stored(deliveries), LEASE_SECONDS + 60)
+    recorded_from_storage = count_in_logs(
+        [healthy], "the copy an earlier attempt stored is in place"
+    )
+    assert_all_stored(
+        stack,
+        deliveries,
+        fault="worker SIGKILLed after uploading, before recording (PostgreSQL stopped between)",
+        cleared_at=killed,
+        bound=LEASE_SECONDS + 2 * 2 + 15,  # the killed rows wait out their lease
+        max_downloads=1,  # an uploaded copy is recorded from storage, never fetched again
+        checks=[
+            (f"{orphaned} copies were uploaded but unrecorded when the worker died", orphaned > 0),
+            (
+                f"the new worker recorded {recorded_from_storage} of the {orphaned} from storage",
+                recorded_from_storage == orphaned,
+            ),
+        ],
+        extra={"orphaned_copies": orphaned},
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import random
 import threading
@@ -25,6 +26,7 @@ from ingest.error_budget import (
     count_events,
     in_flight_ttl,
 )
+from ingest.media_rules import object_key
 from ingest.models import Instance, MediaItem, MediaState, Provider, utcnow
 from ingest.pipeline import Pipeline
 from ingest.providers import (
@@ -534,6 +536,117 @@ def test_a_copy_whose_lease_was_lost_before_recording_is_not_counted_as_stored(
     assert (row.state, row.storage_key) == (MediaState.DOWNLOADING, None)
     # The verified object stays under its key for the new owner to find and record.
     assert len(storage.keys()) == 1
+
+
+class WorkerDied(BaseException):
+    """A worker process killed where it is raised: nothing after it runs, nothing catches it."""
+
+
+def copy_key(env: Env, item_id: int) -> str:
+    """Where the pipeline keeps (and looks for) the row's copy."""
+    row = env.row(item_id)
+    with env.sessions() as session:
+        instance = session.get(Instance, row.instance_id)
+        assert instance is not None
+        return object_key(instance.name, row.media_type, row.media_id or row.message_id)
+
+
+def _earlier_copies_counted() -> float:
+    return metrics.EARLIER_COPIES_RECORDED._value.get()
+
+
+def test_a_copy_uploaded_by_a_worker_that_died_before_recording_it_is_recorded_without_downloading(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ingest.pipeline")
+    body = jpeg()
+    env.provider.add("orphaned", body)
+    item_id = env.item("orphaned", declared_sha256=hashlib.sha256(body).hexdigest())
+
+    def die(*_args: Any) -> bool:
+        raise WorkerDied
+
+    monkeypatch.setattr(env.pipeline.finishing, "stored", die)
+    with pytest.raises(WorkerDied):
+        env.pipeline.run(item_id)
+    monkeypatch.undo()
+    assert env.row(item_id).state == MediaState.DOWNLOADING  # uploaded, not recorded
+    assert len(env.storage.keys()) == 1
+    recorded_before = _earlier_copies_counted()
+
+    env.clock.advance(env.settings.lease_seconds + 1)  # the dead worker's lease lapses
+    result = env.pipeline.run(item_id)
+
+    assert (result.outcome, result.state, result.size) == ("stored", "stored", len(body))
+    assert env.provider.count("download") == 1  # the dead worker's, and no other
+    row = env.row(item_id)
+    assert (row.attempts, row.actual_sha256, row.actual_mime) == (
+        2,
+        hashlib.sha256(body).hexdigest(),
+        "image/jpeg",
+    )
+    assert stored_bytes(env, item_id) == body
+    assert _earlier_copies_counted() == recorded_before + 1
+    assert "the copy an earlier attempt stored is in place" in caplog.text
+
+
+def test_an_earlier_copy_is_recorded_even_after_the_media_id_expired(env: Env) -> None:
+    body = jpeg(seed=3)
+    item_id = env.item(
+        "expired-but-kept",
+        attempts=1,  # an earlier attempt was claimed, and never recorded an end
+        expires_at=env.clock() - timedelta(minutes=1),
+    )
+    key = copy_key(env, item_id)
+    env.storage.put(
+        key,
+        io.BytesIO(body),
+        size=len(body),
+        sha256=hashlib.sha256(body).hexdigest(),
+        content_type="image/jpeg",
+    )
+
+    result = env.pipeline.run(item_id)
+
+    assert (result.outcome, result.state) == ("stored", "stored")
+    assert env.provider.calls == []
+    assert env.row(item_id).storage_key == key
+
+
+def test_an_object_that_contradicts_the_webhook_is_not_taken_for_an_earlier_copy(
+    env: Env,
+) -> None:
+    body, other = jpeg(seed=4), jpeg(seed=5)
+    env.provider.add("contradicted", body)
+    item_id = env.item("contradicted", attempts=1, declared_sha256=hashlib.sha256(body).hexdigest())
+    env.storage.put(
+        copy_key(env, item_id),
+        io.BytesIO(other),
+        size=len(other),
+        sha256=hashlib.sha256(other).hexdigest(),
+        content_type="image/jpeg",
+    )
+
+    result = env.pipeline.run(item_id)
+
+    # Downloaded and checked as usual; the store then refuses to overwrite the other bytes.
+    assert env.provider.count("download") == 1
+    assert result.state != MediaState.STORED
+    assert env.row(item_id).storage_key is None
+
+
+def test_a_first_attempt_does_not_look_in_storage_for_an_earlier_copy(env: Env) -> None:
+    heads: list[str] = []
+
+    class Watching(MemoryStorage):
+        def head(self, key: str) -> Any:
+            heads.append(key)
+            return super().head(key)
+
+    env.pipeline.storage = Watching()
+    env.provider.add("first", jpeg())
+    assert env.pipeline.run(env.item("first")).state == MediaState.STORED
+    assert heads == []
 
 
 def test_rows_not_yet_due_are_not_claimed(env: Env) -> None:
