@@ -15,7 +15,7 @@ default). Past it the error propagates and the lease takes over.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TypeVar
 
@@ -60,30 +60,46 @@ class FinishingWrites:
 
     def stored(self, work: WorkItem, stored: StoredObject, now: datetime) -> bool:
         """Record the verified copy; False if the lease is no longer this attempt's."""
-        over_limit = over_send_limit(work.media_type, stored.size, animated=work.animated)
         # Without a callback URL the record is one statement, in autocommit; with one, the
         # event is written in the transaction that records the copy (the outbox).
         engine = self._transactional if work.announces else self._one_statement
 
         def write() -> bool:
             with engine.begin() as connection:
-                recorded = media_rows.finish_stored(
-                    connection,
-                    work.id,
-                    work.owner,
-                    backend=stored.backend,
-                    key=stored.key,
-                    size=stored.size,
-                    sha256=stored.sha256,
-                    mime=stored.content_type,
-                    over_limit=over_limit,
-                    now=now,
-                )
+                recorded = media_rows.finish_stored(connection, _stored_values(work, stored, now))
                 if recorded and work.announces:
                     callbacks.announce(connection, [work.id], now)
                 return recorded
 
         return self._through_outage(write, work)
+
+    def stored_many(
+        self, copies: Sequence[tuple[WorkItem, StoredObject]], now: datetime
+    ) -> set[int]:
+        """Record several copies (the rows of one message, all of one lease owner) in one
+        transaction; the ids of the rows recorded. The normal case, every lease still held,
+        is one batched statement; otherwise each row is written on its own, so one row whose
+        lease was lost does not cost the others their record."""
+        if len(copies) == 1:
+            [(work, stored)] = copies
+            return {work.id} if self.stored(work, stored, now) else set()
+
+        def write_all() -> bool:
+            with self._transactional.connect() as connection, connection.begin() as transaction:
+                matched = media_rows.finish_stored_many(
+                    connection, [_stored_values(work, stored, now) for work, stored in copies]
+                )
+                if matched != len(copies):
+                    transaction.rollback()
+                    return False
+                announced = [work.id for work, _ in copies if work.announces]
+                if announced:
+                    callbacks.announce(connection, announced, now)
+                return True
+
+        if self._through_outage(write_all, copies[0][0]):
+            return {work.id for work, _ in copies}
+        return {work.id for work, stored in copies if self.stored(work, stored, now)}
 
     def not_stored(
         self, attempt: Attempt, decision: Decision, failure: AttemptFailed, now: datetime
@@ -143,6 +159,20 @@ class FinishingWrites:
                         short(failure.detail),
                         work.instance_name,
                     )
+
+
+def _stored_values(work: WorkItem, stored: StoredObject, now: datetime) -> media_rows.StoredValues:
+    return media_rows.StoredValues(
+        item_id=work.id,
+        owner=work.owner,
+        backend=stored.backend,
+        key=stored.key,
+        size=stored.size,
+        sha256=stored.sha256,
+        mime=stored.content_type,
+        over_limit=over_send_limit(work.media_type, stored.size, animated=work.animated),
+        now=now,
+    )
 
 
 def _finish(write: Callable[[], _T], *, item_id: int) -> _T:

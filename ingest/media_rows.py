@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -396,35 +397,43 @@ def defer_unclaimed(
     connection.execute(_DEFER_UNCLAIMED, {"p_id": item_id, "p_now": now, "p_next": next_attempt_at})
 
 
-def finish_stored(
-    connection: Connection,
-    item_id: int,
-    owner: str,
-    *,
-    backend: str,
-    key: str,
-    size: int,
-    sha256: str,
-    mime: str,
-    over_limit: bool,
-    now: datetime,
-) -> bool:
+@dataclass(frozen=True)
+class StoredValues:
+    """What recording one verified copy writes to its row."""
+
+    item_id: int
+    owner: str
+    backend: str
+    key: str
+    size: int
+    sha256: str
+    mime: str
+    over_limit: bool
+    now: datetime
+
+    def parameters(self) -> dict[str, object]:
+        return {
+            "p_id": self.item_id,
+            "p_owner": self.owner,
+            "p_backend": self.backend,
+            "p_key": self.key,
+            "p_size": self.size,
+            "p_sha256": self.sha256,
+            "p_mime": self.mime,
+            "p_over_limit": self.over_limit,
+            "p_now": self.now,
+        }
+
+
+def finish_stored(connection: Connection, copy: StoredValues) -> bool:
     """Record the verified copy; False when the attempt no longer owns the row."""
-    recorded = connection.execute(
-        _RECORD_STORED,
-        {
-            "p_id": item_id,
-            "p_owner": owner,
-            "p_backend": backend,
-            "p_key": key,
-            "p_size": size,
-            "p_sha256": sha256,
-            "p_mime": mime,
-            "p_over_limit": over_limit,
-            "p_now": now,
-        },
-    )
-    return row_count(recorded) == 1
+    return row_count(connection.execute(_RECORD_STORED, copy.parameters())) == 1
+
+
+def finish_stored_many(connection: Connection, copies: Sequence[StoredValues]) -> int:
+    """Record several copies with one statement executed for each (psycopg sends them in one
+    round trip); how many rows their attempts still owned, and so recorded."""
+    return row_count(connection.execute(_RECORD_STORED, [c.parameters() for c in copies]))
 
 
 def finish_not_stored(

@@ -74,6 +74,11 @@ LEASE_LOST = "lease_lost"
 ABANDONED = "abandoned"
 # Why a due row was not claimed: the object store is failing, so nothing is downloaded.
 STORAGE_PAUSED = "storage_paused"
+# A message's rows run one after another on one thread, and the copies they store are
+# recorded together (one round trip, docs/THROUGHPUT.md) when the message is done, or once the
+# oldest has waited this long. A worker that dies meanwhile loses no bytes: the next attempt
+# finds each copy in storage and records it without downloading.
+RECORD_WITHIN_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,16 @@ class AttemptResult:
     size: int | None = None
     seconds: float = 0.0
     next_attempt_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class _Unrecorded:
+    """A verified copy in storage whose row is not yet marked stored."""
+
+    work: WorkItem
+    stored: StoredObject
+    started: float  # time.monotonic() when the attempt started
+    ready: float  # time.monotonic() when the copy was in place
 
 
 def _key_of(work: WorkItem) -> str:
@@ -154,8 +169,9 @@ class Pipeline:
         row_context: Callable[[int], AbstractContextManager[object]] = nullcontext,
     ) -> list[AttemptResult]:
         """The rows of one wake-up: claimed together in one statement, then tried one after
-        another (``row_context`` wraps each, for its log lines). A stopping worker hands the
-        rows it has not started back (:meth:`InFlight.abandon_all`)."""
+        another (``row_context`` wraps each, for its log lines), their copies recorded
+        together (:data:`RECORD_WITHIN_SECONDS`). A stopping worker hands the rows it has not
+        started back (:meth:`InFlight.abandon_all`)."""
         if self.in_flight.stopping.is_set():
             # The message is acknowledged unrun; the rows are still pending and due, and the
             # reconciler wakes them for another worker.
@@ -163,42 +179,62 @@ class Pipeline:
         if not self.storage_available():
             return [self._defer_unclaimed(item_id) for item_id in item_ids]
         claimed = {work.id: work for work in self.claim_many(item_ids)}
-        results = []
-        with self.in_flight.queueing(list(claimed.values())):
-            for item_id in item_ids:
-                with row_context(item_id):
-                    work = claimed.get(item_id)
-                    if work is None:
-                        metrics.DOWNLOADS.labels(SKIPPED, "").inc()
-                        log.info(
-                            "download item=%s outcome=skipped (not due, leased or finished)",
-                            item_id,
-                        )
-                        results.append(AttemptResult(item_id, SKIPPED, None))
-                        continue
-                    results.append(self._run_claimed(work))
-        return results
+        results: dict[int, AttemptResult] = {}
+        unrecorded: list[_Unrecorded] = []
+        try:
+            with self.in_flight.queueing(list(claimed.values())):
+                for item_id in item_ids:
+                    with row_context(item_id):
+                        work = claimed.get(item_id)
+                        if work is None:
+                            metrics.DOWNLOADS.labels(SKIPPED, "").inc()
+                            log.info(
+                                "download item=%s outcome=skipped (not due, leased or finished)",
+                                item_id,
+                            )
+                            results[item_id] = AttemptResult(item_id, SKIPPED, None)
+                            continue
+                        ran = self._run_claimed(work)
+                    if isinstance(ran, _Unrecorded):
+                        unrecorded.append(ran)
+                    else:
+                        results[item_id] = ran
+                    if unrecorded and time.monotonic() - unrecorded[0].ready >= (
+                        RECORD_WITHIN_SECONDS
+                    ):
+                        results.update(self._record_copies(unrecorded, row_context))
+                        unrecorded = []
+        finally:
+            # Also when a row raised: the copies before it are recorded, not left to a lease.
+            if unrecorded:
+                results.update(self._record_copies(unrecorded, row_context))
+        return [results[item_id] for item_id in item_ids]
 
-    def _run_claimed(self, work: WorkItem) -> AttemptResult:
+    def _run_claimed(self, work: WorkItem) -> AttemptResult | _Unrecorded:
+        """The attempt's result, recorded and counted; or its copy, for the caller to record
+        with the others of its message."""
         started = time.monotonic()
         try:
             with self.in_flight.tracking(work, self.clients(work.credentials)) as attempt:
-                result = self._attempt(attempt)
+                ended = self._attempt(attempt)
         except Abandoned:
             # Stopped mid-transfer, or before it started. abandon_all may have handed the row
             # back already; a second hand-back matches nothing.
             self.in_flight.hand_back([work])
-            result = AttemptResult(work.id, SKIPPED, None, ABANDONED)
-        result = replace(result, seconds=time.monotonic() - started)
+            ended = AttemptResult(work.id, SKIPPED, None, ABANDONED)
+        if isinstance(ended, StoredObject):
+            return _Unrecorded(work, ended, started, ready=time.monotonic())
+        result = replace(ended, seconds=time.monotonic() - started)
         self._record(work, result)
         return result
 
-    def _attempt(self, attempt: Attempt) -> AttemptResult:
+    def _attempt(self, attempt: Attempt) -> AttemptResult | StoredObject:
+        """How the attempt ended, or the verified copy it has in storage to be recorded."""
         work = attempt.work
         try:
             earlier = self._copy_of_an_earlier_attempt(work)
             if earlier is not None:
-                return self._record_copy(attempt, earlier)
+                return earlier
             verified = self.media_fetch.fetch(attempt)
             try:
                 return self._store(attempt, verified)
@@ -347,7 +383,7 @@ class Pipeline:
         metrics.EARLIER_COPIES_RECORDED.inc()
         return found
 
-    def _store(self, attempt: Attempt, verified: Verified) -> AttemptResult:
+    def _store(self, attempt: Attempt, verified: Verified) -> StoredObject:
         work = attempt.work
         spool = verified.spool
         key = _key_of(work)
@@ -365,26 +401,47 @@ class Pipeline:
             sha256=spool.sha256,
             content_type=verified.mime,
         )
-        return self._record_copy(attempt, stored)
+        return stored
 
-    def _record_copy(self, attempt: Attempt, stored: StoredObject) -> AttemptResult:
-        work = attempt.work
-        recorded = self.finishing.stored(work, stored, self.clock())
-        if not recorded:
-            # The object is in place under its deterministic key; whoever holds the lease
-            # now will find it there and record it. Unless the row was erased or purged
-            # meanwhile: then nobody will, and the copy must not outlive the request.
-            try:
-                delete_if_removed(self.sessions, self.storage, work.id, stored.key)
-            except (StorageError, *DATABASE_DOWN) as exc:
-                log.error(
-                    "download item=%s: could not check or delete a copy uploaded while the "
-                    "row was removed (%s); erase it again",
-                    work.id,
-                    type(exc).__name__,
-                )
-            raise LeaseLost("lost its lease before recording the copy")
-        return AttemptResult(work.id, Outcome.STORED, MediaState.STORED, size=stored.size)
+    def _record_copies(
+        self,
+        copies: Sequence[_Unrecorded],
+        row_context: Callable[[int], AbstractContextManager[object]],
+    ) -> dict[int, AttemptResult]:
+        """Mark the rows of these copies stored, together; each row's result, counted."""
+        recorded = self.finishing.stored_many([(c.work, c.stored) for c in copies], self.clock())
+        results = {}
+        for copy in copies:
+            work = copy.work
+            with row_context(work.id):
+                if work.id in recorded:
+                    result = AttemptResult(
+                        work.id, Outcome.STORED, MediaState.STORED, size=copy.stored.size
+                    )
+                else:
+                    self._lost_before_recording(work, copy.stored)
+                    result = AttemptResult(work.id, SKIPPED, None, LEASE_LOST)
+                result = replace(result, seconds=time.monotonic() - copy.started)
+                self._record(work, result)
+            results[work.id] = result
+        return results
+
+    def _lost_before_recording(self, work: WorkItem, stored: StoredObject) -> None:
+        # The row is the new owner's to finish: recording anything here would overwrite its
+        # attempt, and counting this one as stored would count it twice. The object is in
+        # place under its deterministic key; whoever holds the lease now will find it there
+        # and record it. Unless the row was erased or purged meanwhile: then nobody will, and
+        # the copy must not outlive the request.
+        log.warning("download item=%s lost its lease before recording the copy", work.id)
+        try:
+            delete_if_removed(self.sessions, self.storage, work.id, stored.key)
+        except (StorageError, *DATABASE_DOWN) as exc:
+            log.error(
+                "download item=%s: could not check or delete a copy uploaded while the "
+                "row was removed (%s); erase it again",
+                work.id,
+                type(exc).__name__,
+            )
 
     def _finish_unstored(self, attempt: Attempt, failure: AttemptFailed) -> AttemptResult:
         work = attempt.work

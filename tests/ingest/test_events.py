@@ -13,10 +13,12 @@ import pytest
 from hypothesis import given, settings
 
 from ingest.events import (
+    MAX_ID_CHARS,
     MediaEvent,
     PayloadError,
     ProviderFault,
     TooManyItems,
+    has_control_character,
     is_attachment_url,
     parse_body,
     parse_payload,
@@ -403,7 +405,12 @@ def test_near_valid_documents_parse_to_clean_records_or_payload_error(document: 
         return
     for event in parsed.media:
         assert event.message_id and len(event.message_id) <= 255
-        assert event.phone_number_id in (None, "555")
+        # "555" as drawn, or whatever else the draw put there (an integer id is accepted as
+        # its digits): always a clean identifier.
+        phone = event.phone_number_id
+        assert phone is None or (
+            phone.strip() and len(phone) <= MAX_ID_CHARS and not has_control_character(phone)
+        )
         assert event.sender is None or len(event.sender) <= 64
         assert event.sha256 is None or len(event.sha256) == 64
         assert event.fault is not None or event.media_id

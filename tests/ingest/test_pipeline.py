@@ -19,6 +19,7 @@ from sqlalchemy import event, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest import metrics
+from ingest import pipeline as pipeline_module
 from ingest.error_budget import (
     BudgetExhausted,
     BudgetLimit,
@@ -390,7 +391,8 @@ def test_a_worker_that_lost_its_lease_cannot_record_its_result(env: Env) -> None
 
 @contextmanager
 def media_updates(env: Env) -> Iterator[list[str]]:
-    """The UPDATE statements sent for media rows while the block runs."""
+    """The UPDATE statements sent for media rows while the block runs (one entry for an
+    executemany, which runs the statement once for each of its parameter sets)."""
     engine = env.sessions.kw["bind"]
     seen: list[str] = []
 
@@ -566,7 +568,7 @@ def test_a_copy_uploaded_by_a_worker_that_died_before_recording_it_is_recorded_w
     def die(*_args: Any) -> bool:
         raise WorkerDied
 
-    monkeypatch.setattr(env.pipeline.finishing, "stored", die)
+    monkeypatch.setattr(env.pipeline.finishing, "stored_many", die)
     with pytest.raises(WorkerDied):
         env.pipeline.run(item_id)
     monkeypatch.undo()
@@ -1010,8 +1012,92 @@ def test_the_rows_of_one_wake_up_are_claimed_in_one_statement_and_each_stored(
     assert [r.outcome for r in results] == ["stored"] * 4
     assert [r.item_id for r in results] == items
     claims = [s for s in updates if "SET state" in s and "attempts" in s.split("WHERE")[0]]
-    assert len(claims) == 1  # and one finishing write per row
+    assert len(claims) == 1
+    # The four copies are recorded together: one batched write, not one a row.
+    records = [s for s in updates if "storage_key" in s.split("WHERE")[0]]
+    assert len(records) == 1
     assert all(stored_bytes(env, item) == jpeg(seed=n) for n, item in enumerate(items))
+    assert all(env.row(item).state == MediaState.STORED for item in items)
+
+
+def test_a_copy_waits_for_the_rest_of_its_wake_up_at_most_the_recording_bound(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    items = [env.item(f"w{n}") for n in range(3)]
+    for n in range(3):
+        env.provider.add(f"w{n}", jpeg(seed=n))
+    states_at_each_download: list[list[str]] = []
+
+    def look(index: int) -> None:
+        if index == 0:
+            states_at_each_download.append([env.row(item).state for item in items])
+
+    env.provider.on_chunk = look
+    monkeypatch.setattr(pipeline_module, "RECORD_WITHIN_SECONDS", 0.0)
+
+    env.pipeline.run_many(items)
+
+    # With no time to wait, each copy is recorded before the next row's download starts.
+    assert states_at_each_download == [
+        ["downloading"] * 3,
+        ["stored", "downloading", "downloading"],
+        ["stored", "stored", "downloading"],
+    ]
+
+
+def test_a_row_whose_lease_was_lost_does_not_cost_the_others_of_its_batch_their_record(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    items = [env.item(f"l{n}") for n in range(3)]
+    for n in range(3):
+        env.provider.add(f"l{n}", jpeg(seed=n))
+    taken = items[1]
+
+    class TakenDuringItsUpload(MemoryStorage):
+        def put(self, key: str, *args: Any, **kwargs: Any) -> Any:
+            stored = super().put(key, *args, **kwargs)
+            if "l1" in key:  # another worker takes this row over meanwhile
+                with env.sessions.begin() as session:
+                    session.execute(
+                        update(MediaItem)
+                        .where(MediaItem.id == taken)
+                        .values(lease_owner="another-worker")
+                    )
+            return stored
+
+    env.pipeline.storage = TakenDuringItsUpload()
+
+    results = env.pipeline.run_many(items)
+
+    assert [(r.outcome, r.reason) for r in results] == [
+        ("stored", None),
+        ("skipped", "lease_lost"),
+        ("stored", None),
+    ]
+    assert [env.row(item).state for item in items] == ["stored", "downloading", "stored"]
+    assert env.row(taken).lease_owner == "another-worker"
+    assert "lost its lease before recording the copy" in caplog.text
+
+
+def test_copies_stored_before_a_row_that_raised_are_still_recorded(env: Env) -> None:
+    items = [env.item(f"r{n}") for n in range(3)]
+    for n in range(3):
+        env.provider.add(f"r{n}", jpeg(seed=n))
+    downloads = 0
+
+    def break_the_third(index: int) -> None:
+        nonlocal downloads
+        if index == 0:
+            downloads += 1
+            if downloads == 3:
+                raise RuntimeError("a bug in the third row's attempt")
+
+    env.provider.on_chunk = break_the_third
+
+    with pytest.raises(RuntimeError):
+        env.pipeline.run_many(items)
+
+    assert [env.row(item).state for item in items[:2]] == ["stored", "stored"]
 
 
 def test_rows_of_a_wake_up_not_ours_to_take_are_skipped_and_the_others_run(env: Env) -> None:
