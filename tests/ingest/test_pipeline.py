@@ -241,6 +241,13 @@ def env(settings: Settings, sessions: sessionmaker[Session]) -> Env:
     return build_env(settings, sessions)
 
 
+def media_rows_of(env: Env, prefix: str, count: int) -> list[int]:
+    """``count`` due rows, each with its own image at the provider (``jpeg(seed=n)``)."""
+    for n in range(count):
+        env.provider.add(f"{prefix}{n}", jpeg(seed=n))
+    return [env.item(f"{prefix}{n}") for n in range(count)]
+
+
 def stored_bytes(env: Env, item_id: int) -> bytes:
     row = env.row(item_id)
     assert row.storage_key is not None
@@ -949,9 +956,7 @@ def test_a_failing_store_pauses_downloads_until_a_probe_finds_it_back(
         rng=random.Random(0),
         monotonic=env.clock.monotonic,
     )
-    items = [env.item(f"s{n}") for n in range(5)]
-    for n in range(5):
-        env.provider.add(f"s{n}", jpeg(seed=n))
+    items = media_rows_of(env, "s", 5)
 
     results = [env.pipeline.run(item_id) for item_id in items]
 
@@ -1002,9 +1007,7 @@ def test_abandoning_hands_the_row_lease_and_budget_slot_back_at_once(env: Env) -
 def test_the_rows_of_one_wake_up_are_claimed_in_one_statement_and_each_stored(
     env: Env,
 ) -> None:
-    items = [env.item(f"b{n}") for n in range(4)]
-    for n in range(4):
-        env.provider.add(f"b{n}", jpeg(seed=n))
+    items = media_rows_of(env, "b", 4)
 
     with media_updates(env) as updates:
         results = env.pipeline.run_many(items)
@@ -1023,9 +1026,7 @@ def test_the_rows_of_one_wake_up_are_claimed_in_one_statement_and_each_stored(
 def test_a_copy_waits_for_the_rest_of_its_wake_up_at_most_the_recording_bound(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    items = [env.item(f"w{n}") for n in range(3)]
-    for n in range(3):
-        env.provider.add(f"w{n}", jpeg(seed=n))
+    items = media_rows_of(env, "w", 3)
     states_at_each_download: list[list[str]] = []
 
     def look(index: int) -> None:
@@ -1048,9 +1049,7 @@ def test_a_copy_waits_for_the_rest_of_its_wake_up_at_most_the_recording_bound(
 def test_a_row_whose_lease_was_lost_does_not_cost_the_others_of_its_batch_their_record(
     env: Env, caplog: pytest.LogCaptureFixture
 ) -> None:
-    items = [env.item(f"l{n}") for n in range(3)]
-    for n in range(3):
-        env.provider.add(f"l{n}", jpeg(seed=n))
+    items = media_rows_of(env, "l", 3)
     taken = items[1]
 
     class TakenDuringItsUpload(MemoryStorage):
@@ -1080,9 +1079,7 @@ def test_a_row_whose_lease_was_lost_does_not_cost_the_others_of_its_batch_their_
 
 
 def test_copies_stored_before_a_row_that_raised_are_still_recorded(env: Env) -> None:
-    items = [env.item(f"r{n}") for n in range(3)]
-    for n in range(3):
-        env.provider.add(f"r{n}", jpeg(seed=n))
+    items = media_rows_of(env, "r", 3)
     downloads = 0
 
     def break_the_third(index: int) -> None:
