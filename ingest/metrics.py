@@ -37,10 +37,10 @@ DOWNLOAD_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 DOWNLOAD_BYTES = Counter("ingest_download_bytes_total", "Bytes archived.")
-EARLIER_COPIES_RECORDED = Counter(
-    "ingest_earlier_copies_recorded_total",
-    "Rows recorded as stored from the copy an earlier attempt uploaded but did not record "
-    "(its worker died in between): no second download.",
+EARLIER_COPIES_FOUND = Counter(
+    "ingest_earlier_copies_found_total",
+    "Copies an earlier attempt uploaded but did not record (its worker died in between), "
+    "found in storage by the next attempt, which records them instead of downloading again.",
 )
 PROVIDER_ERRORS = Counter(
     "ingest_provider_errors_total",

@@ -380,7 +380,7 @@ class Pipeline:
             "without downloading again",
             work.id,
         )
-        metrics.EARLIER_COPIES_RECORDED.inc()
+        metrics.EARLIER_COPIES_FOUND.inc()
         return found
 
     def _store(self, attempt: Attempt, verified: Verified) -> StoredObject:

@@ -560,8 +560,8 @@ def copy_key(env: Env, item_id: int) -> str:
         return object_key(instance.name, row.media_type, row.media_id or row.message_id)
 
 
-def _earlier_copies_counted() -> float:
-    return metrics.EARLIER_COPIES_RECORDED._value.get()
+def _earlier_copies_found() -> float:
+    return metrics.EARLIER_COPIES_FOUND._value.get()
 
 
 def test_a_copy_uploaded_by_a_worker_that_died_before_recording_it_is_recorded_without_downloading(
@@ -581,7 +581,7 @@ def test_a_copy_uploaded_by_a_worker_that_died_before_recording_it_is_recorded_w
     monkeypatch.undo()
     assert env.row(item_id).state == MediaState.DOWNLOADING  # uploaded, not recorded
     assert len(env.storage.keys()) == 1
-    recorded_before = _earlier_copies_counted()
+    recorded_before = _earlier_copies_found()
 
     env.clock.advance(env.settings.lease_seconds + 1)  # the dead worker's lease lapses
     result = env.pipeline.run(item_id)
@@ -595,7 +595,7 @@ def test_a_copy_uploaded_by_a_worker_that_died_before_recording_it_is_recorded_w
         "image/jpeg",
     )
     assert stored_bytes(env, item_id) == body
-    assert _earlier_copies_counted() == recorded_before + 1
+    assert _earlier_copies_found() == recorded_before + 1
     assert "the copy an earlier attempt stored is in place" in caplog.text
 
 
