@@ -60,18 +60,17 @@ class FinishingWrites:
 
     def stored(self, work: WorkItem, stored: StoredObject, now: datetime) -> bool:
         """Record the verified copy; False if the lease is no longer this attempt's."""
+        return self._through_outage(lambda: self._write_stored(work, stored, now), work)
+
+    def _write_stored(self, work: WorkItem, stored: StoredObject, now: datetime) -> bool:
         # Without a callback URL the record is one statement, in autocommit; with one, the
         # event is written in the transaction that records the copy (the outbox).
         engine = self._transactional if work.announces else self._one_statement
-
-        def write() -> bool:
-            with engine.begin() as connection:
-                recorded = media_rows.finish_stored(connection, _stored_values(work, stored, now))
-                if recorded and work.announces:
-                    callbacks.announce(connection, [work.id], now)
-                return recorded
-
-        return self._through_outage(write, work)
+        with engine.begin() as connection:
+            recorded = media_rows.finish_stored(connection, _stored_values(work, stored, now))
+            if recorded and work.announces:
+                callbacks.announce(connection, [work.id], now)
+            return recorded
 
     def stored_many(
         self, copies: Sequence[tuple[WorkItem, StoredObject]], now: datetime
@@ -100,6 +99,11 @@ class FinishingWrites:
         if self._through_outage(write_all, copies[0][0]):
             return {work.id for work, _ in copies}
         return {work.id for work, stored in copies if self.stored(work, stored, now)}
+
+    def record_now(self, work: WorkItem, stored: StoredObject, now: datetime) -> bool:
+        """Record the copy with one try, for a worker about to exit (no waiting out a
+        database outage); False if the lease is no longer this attempt's."""
+        return self._write_stored(work, stored, now)
 
     def not_stored(
         self, attempt: Attempt, decision: Decision, failure: AttemptFailed, now: datetime

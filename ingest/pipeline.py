@@ -33,6 +33,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -75,9 +76,11 @@ ABANDONED = "abandoned"
 # Why a due row was not claimed: the object store is failing, so nothing is downloaded.
 STORAGE_PAUSED = "storage_paused"
 # A message's rows run one after another on one thread, and the copies they store are
-# recorded together (one round trip, docs/THROUGHPUT.md) when the message is done, or once the
-# oldest has waited this long. A worker that dies meanwhile loses no bytes: the next attempt
-# finds each copy in storage and records it without downloading.
+# recorded together (one round trip, docs/THROUGHPUT.md) when the message is done, or before
+# the next row starts once the oldest has waited this long (so a copy can also wait out the
+# one transfer in progress then; large media go one to a message). A worker that dies
+# meanwhile loses no bytes: the next attempt finds each copy in storage and records it
+# without downloading; a stopping worker records them in abandon_all.
 RECORD_WITHIN_SECONDS = 1.0
 
 
@@ -144,6 +147,11 @@ class Pipeline:
         )
         self.media_fetch = MediaFetch(settings, budget, self.in_flight, clock)
         self.finishing = FinishingWrites(sessions, self._one_statement)
+        # Copies in storage whose rows wait for their message's batched record, by row id:
+        # whoever takes one out of here (the message's thread, or abandon_all at shutdown)
+        # records it, and nobody else does.
+        self._awaiting_record: dict[int, _Unrecorded] = {}
+        self._awaiting_lock = threading.Lock()
 
     @classmethod
     def for_services(
@@ -178,12 +186,21 @@ class Pipeline:
             return [AttemptResult(item_id, SKIPPED, None, ABANDONED) for item_id in item_ids]
         if not self.storage_available():
             return [self._defer_unclaimed(item_id) for item_id in item_ids]
+        item_ids = list(dict.fromkeys(item_ids))  # a row named twice is tried once
         claimed = {work.id: work for work in self.claim_many(item_ids)}
         results: dict[int, AttemptResult] = {}
         unrecorded: list[_Unrecorded] = []
         try:
             with self.in_flight.queueing(list(claimed.values())):
                 for item_id in item_ids:
+                    if unrecorded and (
+                        self.in_flight.stopping.is_set()
+                        or time.monotonic() - unrecorded[0].ready >= RECORD_WITHIN_SECONDS
+                    ):
+                        # Before the next row, whose transfer may outlast the bound (or, once
+                        # the worker is stopping, be cut off with the process).
+                        batch, unrecorded = unrecorded, []
+                        results.update(self._record_copies(batch, row_context))
                     with row_context(item_id):
                         work = claimed.get(item_id)
                         if work is None:
@@ -196,14 +213,11 @@ class Pipeline:
                             continue
                         ran = self._run_claimed(work)
                     if isinstance(ran, _Unrecorded):
+                        with self._awaiting_lock:
+                            self._awaiting_record[item_id] = ran
                         unrecorded.append(ran)
                     else:
                         results[item_id] = ran
-                    if unrecorded and time.monotonic() - unrecorded[0].ready >= (
-                        RECORD_WITHIN_SECONDS
-                    ):
-                        results.update(self._record_copies(unrecorded, row_context))
-                        unrecorded = []
         finally:
             # Also when a row raised: the copies before it are recorded, not left to a lease.
             if unrecorded:
@@ -270,7 +284,32 @@ class Pipeline:
 
     def abandon_all(self) -> int:
         """Stop every attempt in flight in this process and hand its row, lease and budget
-        slot back (:meth:`InFlight.abandon_all`). Returns how many were handed back."""
+        slot back (:meth:`InFlight.abandon_all`). Returns how many were handed back.
+
+        Copies already in storage and waiting for their message's record are recorded first,
+        with one try (no waiting out a database outage: the process is about to exit, and
+        the next attempt finds such a copy in storage anyway)."""
+        with self._awaiting_lock:
+            waiting, self._awaiting_record = list(self._awaiting_record.values()), {}
+        for copy in waiting:
+            try:
+                recorded = self.finishing.record_now(copy.work, copy.stored, self.clock())
+            except DATABASE_DOWN as exc:
+                log.warning(
+                    "shutdown: could not record %d stored copies (%s); the next attempts "
+                    "will find them in storage",
+                    len(waiting),
+                    type(exc).__name__,
+                )
+                break
+            result = (
+                AttemptResult(
+                    copy.work.id, Outcome.STORED, MediaState.STORED, size=copy.stored.size
+                )
+                if recorded
+                else AttemptResult(copy.work.id, SKIPPED, None, LEASE_LOST)
+            )
+            self._record(copy.work, replace(result, seconds=time.monotonic() - copy.started))
         return self.in_flight.abandon_all()
 
     def claim(self, item_id: int) -> WorkItem | None:
@@ -357,9 +396,12 @@ class Pipeline:
         during it): recording it costs one HEAD instead of a download, a provider call and
         a budget slot, and it still works when the media id has expired or the instance is
         disconnected meanwhile. A first attempt skips the look-up: nothing can be there yet
-        in normal operation, and the store refuses an overwrite anyway.
+        in normal operation, and the store refuses an overwrite anyway; unless the attempt
+        could not download at all (the media id expired, the instance disconnected), where a
+        copy left by an attempt that was handed back (which gives its attempt back) would
+        otherwise be lost to the row.
         """
-        if work.attempts <= 1:
+        if work.attempts <= 1 and work.connected and self.clock() < work.expires_at:
             return None
         key = _key_of(work)
         try:
@@ -408,11 +450,23 @@ class Pipeline:
         copies: Sequence[_Unrecorded],
         row_context: Callable[[int], AbstractContextManager[object]],
     ) -> dict[int, AttemptResult]:
-        """Mark the rows of these copies stored, together; each row's result, counted."""
-        recorded = self.finishing.stored_many([(c.work, c.stored) for c in copies], self.clock())
+        """Mark the rows of these copies stored, together; each row's result, counted. A copy
+        that abandon_all took meanwhile is its to record and count."""
+        with self._awaiting_lock:
+            mine = [c for c in copies if self._awaiting_record.pop(c.work.id, None) is not None]
+        recorded = (
+            self.finishing.stored_many([(c.work, c.stored) for c in mine], self.clock())
+            if mine
+            else set()
+        )
+        mine_ids = {c.work.id for c in mine}
         results = {}
         for copy in copies:
             work = copy.work
+            if work.id not in mine_ids:
+                # Recorded (and counted) by abandon_all, the worker stopping meanwhile.
+                results[work.id] = AttemptResult(work.id, SKIPPED, None, ABANDONED)
+                continue
             with row_context(work.id):
                 if work.id in recorded:
                     result = AttemptResult(

@@ -221,7 +221,8 @@ def _hand_back_and_exit(current: WorkerRuntime) -> None:
     )
     # Celery exits by itself once the stopped transfers return; a thread still blocked in a
     # read (or a broker that does not answer the goodbye) must not hold the process past
-    # its bound: every row it held is already handed back.
+    # its bound: every row it held is already handed back, or recorded if its copy was in
+    # storage.
     time.sleep(HAND_BACK_GRACE_SECONDS)
     log.warning("worker: exiting at the shutdown bound")
     lifecycle.hard_exit(0)

@@ -603,7 +603,9 @@ def test_an_earlier_copy_is_recorded_even_after_the_media_id_expired(env: Env) -
     body = jpeg(seed=3)
     item_id = env.item(
         "expired-but-kept",
-        attempts=1,  # an earlier attempt was claimed, and never recorded an end
+        # A first attempt by the count (an attempt handed back gives its count back): one
+        # that cannot download at all still looks for a copy before giving the row up.
+        attempts=0,
         expires_at=env.clock() - timedelta(minutes=1),
     )
     key = copy_key(env, item_id)
@@ -1023,7 +1025,7 @@ def test_the_rows_of_one_wake_up_are_claimed_in_one_statement_and_each_stored(
     assert all(env.row(item).state == MediaState.STORED for item in items)
 
 
-def test_a_copy_waits_for_the_rest_of_its_wake_up_at_most_the_recording_bound(
+def test_once_the_recording_bound_has_passed_a_copy_is_recorded_before_the_next_row_starts(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     items = media_rows_of(env, "w", 3)
@@ -1076,6 +1078,35 @@ def test_a_row_whose_lease_was_lost_does_not_cost_the_others_of_its_batch_their_
     assert [env.row(item).state for item in items] == ["stored", "downloading", "stored"]
     assert env.row(taken).lease_owner == "another-worker"
     assert "lost its lease before recording the copy" in caplog.text
+
+
+def test_a_stopping_worker_records_the_copies_waiting_for_their_message_and_hands_back_the_rest(
+    env: Env,
+) -> None:
+    env.provider.add("done", jpeg())
+    env.provider.add("slow", jpeg(4 * CHUNK, seed=1))
+    items = [env.item("done"), env.item("slow")]
+
+    first_row_when_abandoned: list[str] = []
+
+    def stop_during_the_second_transfer(index: int) -> None:
+        if index == 1 and env.provider.count("download") == 2:
+            assert env.pipeline.abandon_all() == 1  # the one in flight
+            # Recorded by then: the process may exit right after (its thread blocked in a read).
+            first_row_when_abandoned.append(env.row(items[0]).state)
+
+    env.provider.on_chunk = stop_during_the_second_transfer
+    results = env.pipeline.run_many(items)
+
+    assert first_row_when_abandoned == ["stored"]
+
+    assert [(r.outcome, r.reason) for r in results] == [
+        ("skipped", "abandoned"),  # recorded and counted by abandon_all
+        ("skipped", "abandoned"),
+    ]
+    done, slow = (env.row(item) for item in items)
+    assert (done.state, done.storage_key is not None) == ("stored", True)
+    assert (slow.state, slow.lease_owner) == ("pending", None)
 
 
 def test_copies_stored_before_a_row_that_raised_are_still_recorded(env: Env) -> None:
