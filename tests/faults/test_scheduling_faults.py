@@ -75,18 +75,20 @@ def test_provider_errors_in_a_burst_cost_at_most_half_the_fault_free_time(
     # 200 ms a request: the 16 worker threads have 16 transfers in flight at once.
     stack.set_faults(latency_ms=200)
 
-    def timed_burst(count: int) -> tuple[float, list[Delivery]]:
+    def timed_burst(count: int) -> tuple[float, float, list[Delivery]]:
+        """(when the first webhook went, how long until every row was stored, deliveries)."""
         number = stack.add_number()
         media = stack.add_media(number, count)
         burst = stack.post_in_background(number, media)
         deliveries = burst.result()
         poll(lambda: stack.all_stored(deliveries), 120)
-        return time.monotonic() - burst.started, deliveries
+        return burst.started, time.monotonic() - burst.started, deliveries
 
-    fault_free_seconds, reference = timed_burst(250)
+    _, fault_free_seconds, reference = timed_burst(250)
     stack.set_faults(latency_ms=200, download_statuses=[500] * 4)
-    started = time.monotonic()
-    faulty_seconds, deliveries = timed_burst(250)
+    # Timed from the burst's first webhook, as the fault-free burst is: putting the media at
+    # the sandbox first is setup, and on a busy machine it alone took a second or two.
+    started, faulty_seconds, deliveries = timed_burst(250)
 
     assert_all_stored(
         stack,
