@@ -54,6 +54,8 @@ class WorkItem:
     id: int
     owner: str
     attempts: int
+    # Leases of this row that ran out: an attempt that ended without a record (its worker died).
+    lease_losses: int
     instance_id: int
     instance_name: str
     connected: bool

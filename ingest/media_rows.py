@@ -210,6 +210,7 @@ def _insert_statement(dialect_name: str) -> Any:
 _CLAIM_COLUMNS = (
     MediaItem.id,
     MediaItem.attempts,
+    MediaItem.lease_losses,
     MediaItem.instance_id,
     MediaItem.message_id,
     MediaItem.media_id,

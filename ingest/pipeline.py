@@ -362,6 +362,7 @@ class Pipeline:
             id=item.id,
             owner=owner,
             attempts=item.attempts,
+            lease_losses=item.lease_losses,
             instance_id=item.instance_id,
             instance_name=instance.instance_name,
             connected=instance.instance_connected,
@@ -395,13 +396,15 @@ class Pipeline:
         and it was checked while written (the sha256 before the put, the store's own check
         during it): recording it costs one HEAD instead of a download, a provider call and
         a budget slot, and it still works when the media id has expired or the instance is
-        disconnected meanwhile. A first attempt skips the look-up: nothing can be there yet
-        in normal operation, and the store refuses an overwrite anyway; unless the attempt
-        could not download at all (the media id expired, the instance disconnected), where a
-        copy left by an attempt that was handed back (which gives its attempt back) would
-        otherwise be lost to the row.
+        disconnected meanwhile.
+
+        Only a row that has lost a lease looks (an attempt that ended without any record), or
+        one that could not download anyway (the media id expired, the instance disconnected).
+        Every other attempt before it ended with a record, so nothing can be waiting: the
+        common path, first attempts and ordinary retries alike, pays no HEAD, and a retry
+        while the store is down does not wait on one.
         """
-        if work.attempts <= 1 and work.connected and self.clock() < work.expires_at:
+        if not work.lease_losses and work.connected and self.clock() < work.expires_at:
             return None
         key = _key_of(work)
         try:

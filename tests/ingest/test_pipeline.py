@@ -629,7 +629,12 @@ def test_an_object_that_contradicts_the_webhook_is_not_taken_for_an_earlier_copy
 ) -> None:
     body, other = jpeg(seed=4), jpeg(seed=5)
     env.provider.add("contradicted", body)
-    item_id = env.item("contradicted", attempts=1, declared_sha256=hashlib.sha256(body).hexdigest())
+    item_id = env.item(
+        "contradicted",
+        attempts=1,
+        lease_losses=1,  # its last attempt ended without a record: the pipeline looks
+        declared_sha256=hashlib.sha256(body).hexdigest(),
+    )
     env.storage.put(
         copy_key(env, item_id),
         io.BytesIO(other),
@@ -646,7 +651,9 @@ def test_an_object_that_contradicts_the_webhook_is_not_taken_for_an_earlier_copy
     assert env.row(item_id).storage_key is None
 
 
-def test_a_first_attempt_does_not_look_in_storage_for_an_earlier_copy(env: Env) -> None:
+def test_first_attempts_and_ordinary_retries_do_not_look_in_storage_for_an_earlier_copy(
+    env: Env,
+) -> None:
     heads: list[str] = []
 
     class Watching(MemoryStorage):
@@ -656,7 +663,10 @@ def test_a_first_attempt_does_not_look_in_storage_for_an_earlier_copy(env: Env) 
 
     env.pipeline.storage = Watching()
     env.provider.add("first", jpeg())
+    env.provider.add("retried", jpeg(seed=1))
     assert env.pipeline.run(env.item("first")).state == MediaState.STORED
+    # Two attempts before, each ended with a record (a retry): nothing can be waiting.
+    assert env.pipeline.run(env.item("retried", attempts=2)).state == MediaState.STORED
     assert heads == []
 
 
