@@ -108,6 +108,16 @@ class _Unrecorded:
     ready: float  # time.monotonic() when the copy was in place
 
 
+def _copy_result(copy: _Unrecorded, recorded: bool) -> AttemptResult:
+    """How an attempt whose copy was in storage ended: stored, or its lease lost first."""
+    work = copy.work
+    if recorded:
+        result = AttemptResult(work.id, Outcome.STORED, MediaState.STORED, size=copy.stored.size)
+    else:
+        result = AttemptResult(work.id, SKIPPED, None, LEASE_LOST)
+    return replace(result, seconds=time.monotonic() - copy.started)
+
+
 def _key_of(work: WorkItem) -> str:
     return object_key(work.instance_name, work.media_type.value, work.media_id or work.message_id)
 
@@ -193,12 +203,11 @@ class Pipeline:
         try:
             with self.in_flight.queueing(list(claimed.values())):
                 for item_id in item_ids:
-                    if unrecorded and (
-                        self.in_flight.stopping.is_set()
-                        or time.monotonic() - unrecorded[0].ready >= RECORD_WITHIN_SECONDS
+                    if unrecorded and time.monotonic() - unrecorded[0].ready >= (
+                        RECORD_WITHIN_SECONDS
                     ):
-                        # Before the next row, whose transfer may outlast the bound (or, once
-                        # the worker is stopping, be cut off with the process).
+                        # Before the next row, whose transfer may outlast the bound. (A
+                        # stopping worker's abandon_all has recorded them already.)
                         batch, unrecorded = unrecorded, []
                         results.update(self._record_copies(batch, row_context))
                     with row_context(item_id):
@@ -302,14 +311,7 @@ class Pipeline:
                     type(exc).__name__,
                 )
                 break
-            result = (
-                AttemptResult(
-                    copy.work.id, Outcome.STORED, MediaState.STORED, size=copy.stored.size
-                )
-                if recorded
-                else AttemptResult(copy.work.id, SKIPPED, None, LEASE_LOST)
-            )
-            self._record(copy.work, replace(result, seconds=time.monotonic() - copy.started))
+            self._record(copy.work, _copy_result(copy, recorded))
         return self.in_flight.abandon_all()
 
     def claim(self, item_id: int) -> WorkItem | None:
@@ -471,14 +473,9 @@ class Pipeline:
                 results[work.id] = AttemptResult(work.id, SKIPPED, None, ABANDONED)
                 continue
             with row_context(work.id):
-                if work.id in recorded:
-                    result = AttemptResult(
-                        work.id, Outcome.STORED, MediaState.STORED, size=copy.stored.size
-                    )
-                else:
+                if work.id not in recorded:
                     self._lost_before_recording(work, copy.stored)
-                    result = AttemptResult(work.id, SKIPPED, None, LEASE_LOST)
-                result = replace(result, seconds=time.monotonic() - copy.started)
+                result = _copy_result(copy, work.id in recorded)
                 self._record(work, result)
             results[work.id] = result
         return results
