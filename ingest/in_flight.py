@@ -6,11 +6,12 @@ lease has passed it renews the lease with an ``UPDATE`` guarded by the lease own
 that matches no row means another worker owns the row: :class:`LeaseLost`), and it renews the
 budget slot of the call in flight the same way, so a slow but live transfer keeps both.
 
-The rows of one wake-up are claimed together and then run one after another: those not
-started yet are *queued* here (:meth:`InFlight.queueing`), each with its lease running since
-the claim. :meth:`InFlight.abandon_all` (a worker's bounded shutdown) stops every transfer at
-its next chunk (:class:`Abandoned`) and hands its row, lease and budget slot back at once, and
-hands the queued rows back with them, so another worker can take them.
+The rows of one wake-up are claimed together and then run side by side on the process's
+row slots, as many at once as it has: those not started yet are *queued* here
+(:meth:`InFlight.queueing`), each with its lease running since the claim.
+:meth:`InFlight.abandon_all` (a worker's bounded shutdown) stops every transfer at its next
+chunk (:class:`Abandoned`) and hands its row, lease and budget slot back at once, and hands
+the queued rows back with them, so another worker can take them.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -75,12 +76,11 @@ LEASE_LOST = "lease_lost"
 ABANDONED = "abandoned"
 # Why a due row was not claimed: the object store is failing, so nothing is downloaded.
 STORAGE_PAUSED = "storage_paused"
-# A message's rows run one after another on one thread, and the copies they store are
-# recorded together (one round trip, docs/THROUGHPUT.md) when the message is done, or before
-# the next row starts once the oldest has waited this long (so a copy can also wait out the
-# one transfer in progress then; large media go one to a message). A worker that dies
-# meanwhile loses no bytes: the next attempt finds each copy in storage and records it
-# without downloading; a stopping worker records them in abandon_all.
+# A message's rows run side by side on the process's row slots, and the copies they store are
+# recorded together (one round trip, docs/THROUGHPUT.md) when the message is done, or once
+# the oldest has waited this long while others still run (large media go one to a message).
+# A worker that dies meanwhile loses no bytes: the next attempt finds each copy in storage
+# and records it without downloading; a stopping worker records them in abandon_all.
 RECORD_WITHIN_SECONDS = 1.0
 
 
@@ -138,6 +138,7 @@ class Pipeline:
         clock: Clock = utcnow,
         rng: random.Random | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        row_slots: int | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
@@ -162,6 +163,19 @@ class Pipeline:
         # records it, and nobody else does.
         self._awaiting_record: dict[int, _Unrecorded] = {}
         self._awaiting_lock = threading.Lock()
+        # Every attempt of this process runs on one of these threads, whichever message
+        # brought its row: the message's own thread only claims, waits and records, so a
+        # message's rows run side by side and the process never runs more than this many at
+        # once, however its messages are shaped (docs/ARCHITECTURE.md, Durability).
+        self._row_slots = ThreadPoolExecutor(
+            max_workers=row_slots or settings.worker_concurrency,
+            thread_name_prefix="ingest-row",
+        )
+
+    def close(self) -> None:
+        """Let the row slots' threads end once their attempts have (a stopping worker's
+        abandon_all stops those first)."""
+        self._row_slots.shutdown(wait=False, cancel_futures=True)
 
     @classmethod
     def for_services(
@@ -186,10 +200,13 @@ class Pipeline:
         item_ids: Sequence[int],
         row_context: Callable[[int], AbstractContextManager[object]] = nullcontext,
     ) -> list[AttemptResult]:
-        """The rows of one wake-up: claimed together in one statement, then tried one after
-        another (``row_context`` wraps each, for its log lines), their copies recorded
-        together (:data:`RECORD_WITHIN_SECONDS`). A stopping worker hands the rows it has not
-        started back (:meth:`InFlight.abandon_all`)."""
+        """The rows of one wake-up: claimed together in one statement, then tried side by
+        side on the process's row slots (``row_context`` wraps each, for its log lines),
+        their copies recorded together (:data:`RECORD_WITHIN_SECONDS`). A stopping worker
+        hands the rows not started yet back (:meth:`InFlight.abandon_all`).
+
+        A row whose attempt raised does not stop the others: they run and are recorded, and
+        the first such error is raised after them."""
         if self.in_flight.stopping.is_set():
             # The message is acknowledged unrun; the rows are still pending and due, and the
             # reconciler wakes them for another worker.
@@ -199,39 +216,80 @@ class Pipeline:
         item_ids = list(dict.fromkeys(item_ids))  # a row named twice is tried once
         claimed = {work.id: work for work in self.claim_many(item_ids)}
         results: dict[int, AttemptResult] = {}
-        unrecorded: list[_Unrecorded] = []
-        try:
+        for item_id in item_ids:
+            if item_id not in claimed:
+                with row_context(item_id):
+                    metrics.DOWNLOADS.labels(SKIPPED, "").inc()
+                    log.info(
+                        "download item=%s outcome=skipped (not due, leased or finished)", item_id
+                    )
+                results[item_id] = AttemptResult(item_id, SKIPPED, None)
+        if claimed:
             with self.in_flight.queueing(list(claimed.values())):
-                for item_id in item_ids:
-                    if unrecorded and time.monotonic() - unrecorded[0].ready >= (
-                        RECORD_WITHIN_SECONDS
-                    ):
-                        # Before the next row, whose transfer may outlast the bound. (A
-                        # stopping worker's abandon_all has recorded them already.)
-                        batch, unrecorded = unrecorded, []
-                        results.update(self._record_copies(batch, row_context))
-                    with row_context(item_id):
-                        work = claimed.get(item_id)
-                        if work is None:
-                            metrics.DOWNLOADS.labels(SKIPPED, "").inc()
-                            log.info(
-                                "download item=%s outcome=skipped (not due, leased or finished)",
-                                item_id,
-                            )
-                            results[item_id] = AttemptResult(item_id, SKIPPED, None)
-                            continue
-                        ran = self._run_claimed(work)
+                # In the message's order: a process whose slots are all busy starts them so.
+                running = {
+                    self._row_slots.submit(self._run_in_slot, claimed[item_id], row_context)
+                    for item_id in item_ids
+                    if item_id in claimed
+                }
+                results.update(self._collect(running, row_context))
+        return [results[item_id] for item_id in item_ids]
+
+    def _run_in_slot(
+        self, work: WorkItem, row_context: Callable[[int], AbstractContextManager[object]]
+    ) -> AttemptResult | _Unrecorded:
+        with row_context(work.id):
+            ran = self._run_claimed(work)
+        if isinstance(ran, _Unrecorded):
+            # Known to abandon_all from the moment the copy is in place.
+            with self._awaiting_lock:
+                self._awaiting_record[work.id] = ran
+        return ran
+
+    def _collect(
+        self,
+        running: set[Future[AttemptResult | _Unrecorded]],
+        row_context: Callable[[int], AbstractContextManager[object]],
+    ) -> dict[int, AttemptResult]:
+        """Wait for the message's rows; record their copies together when all have ended, or
+        as soon as the oldest copy has waited :data:`RECORD_WITHIN_SECONDS`."""
+        results: dict[int, AttemptResult] = {}
+        unrecorded: list[_Unrecorded] = []
+        failure: BaseException | None = None
+        try:
+            while running:
+                timeout = None
+                if unrecorded:
+                    oldest = min(copy.ready for copy in unrecorded)
+                    timeout = max(0.0, oldest + RECORD_WITHIN_SECONDS - time.monotonic())
+                done, pending = wait(running, timeout=timeout, return_when=FIRST_COMPLETED)
+                running = pending
+                for future in done:
+                    error = future.exception()
+                    if error is not None:  # raised once the others are recorded
+                        failure = failure or error
+                        continue
+                    ran = future.result()
                     if isinstance(ran, _Unrecorded):
-                        with self._awaiting_lock:
-                            self._awaiting_record[item_id] = ran
                         unrecorded.append(ran)
                     else:
-                        results[item_id] = ran
+                        results[ran.item_id] = ran
+                if (
+                    unrecorded
+                    and running
+                    and time.monotonic() - min(copy.ready for copy in unrecorded)
+                    >= RECORD_WITHIN_SECONDS
+                ):
+                    batch, unrecorded = unrecorded, []
+                    results.update(self._record_copies(batch, row_context))
         finally:
-            # Also when a row raised: the copies before it are recorded, not left to a lease.
+            # Also when waiting was interrupted: the copies collected are recorded, not left
+            # to a lease. (A stopping worker's abandon_all records the others.)
             if unrecorded:
                 results.update(self._record_copies(unrecorded, row_context))
-        return [results[item_id] for item_id in item_ids]
+        if failure is not None:
+            raise failure
+        return results
 
     def _run_claimed(self, work: WorkItem) -> AttemptResult | _Unrecorded:
         """The attempt's result, recorded and counted; or its copy, for the caller to record

@@ -26,28 +26,33 @@ class DownloadJob:
 
 @dataclass(frozen=True)
 class WakeUp:
-    """One message: rows of one queue, taken by one worker thread in turn."""
+    """One message: rows of one queue, claimed together and run side by side by the worker
+    process that takes it."""
 
     queue: str
     media_item_ids: tuple[int, ...]
 
 
 def wake_ups(jobs: Sequence[DownloadJob], most: int, spread: int) -> list[WakeUp]:
-    """Group ``jobs`` into messages of at most ``most`` rows of one queue each. A message's
-    rows are claimed together and run one after another on one thread, so rows are grouped
-    only once a queue has more than ``most * spread`` of them (a backlog that keeps every
-    thread busy anyway), and then into at least ``spread`` messages; fewer go one to a
-    message, so a burst reaches every thread of every worker process, however many processes
-    there are. Large media always go one to a message: a row claimed behind a transfer of
-    minutes would spend its lease waiting."""
+    """Group ``jobs`` into messages of rows of one queue. A message's rows are claimed
+    together and run side by side on the row slots of the process that takes it, ``spread``
+    of them, so a message carries at most what one process starts at once: ``spread`` rows,
+    shared evenly over the fewest messages that hold them (a burst of more reaches several
+    processes). A backlog of more than ``most * spread`` rows, which keeps every slot busy
+    anyway, goes ``most`` to a message: fewer messages, fewer claims. Large media always go
+    one to a message: a row claimed behind a transfer of minutes would spend its lease
+    waiting for a slot."""
     by_queue: dict[str, list[int]] = {}
     for job in jobs:
         by_queue.setdefault(job.queue, []).append(job.media_item_id)
     spread = max(spread, 1)
     messages = []
     for queue, ids in by_queue.items():
-        grouped = queue != LARGE_MEDIA and len(ids) > most * spread
-        size = min(most, math.ceil(len(ids) / spread)) if grouped else 1
+        if queue == LARGE_MEDIA:
+            size = 1
+        else:
+            at_most = most if len(ids) > most * spread else min(most, spread)
+            size = math.ceil(len(ids) / math.ceil(len(ids) / at_most))
         messages += [
             WakeUp(queue, tuple(ids[start : start + size])) for start in range(0, len(ids), size)
         ]

@@ -213,8 +213,9 @@ class Settings(BaseSettings):
     relay_poll_seconds: float = Field(default=0.05, gt=0)
     relay_fallback_seconds: float = Field(default=1.0, gt=0)
     # Rows named by one wake-up message at most: one message, one claim's worth of Celery
-    # overhead, for several rows. Rows are grouped only past wake_batch x worker_concurrency
-    # of them (ingest.queues.wake_ups); a smaller burst goes one row to a message.
+    # overhead, for several rows, run side by side. A message carries at most a worker
+    # process's worker_concurrency rows, and wake_batch only in a backlog of more than
+    # wake_batch x worker_concurrency of them (ingest.queues.wake_ups).
     wake_batch: int = Field(default=16, gt=0)
     # Consecutive object-store failures that pause claiming, and how often it is probed then.
     storage_breaker_failures: int = Field(default=5, gt=0)

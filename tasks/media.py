@@ -115,6 +115,7 @@ class WorkerRuntime:
             self.egress.close()
         if self.releases is not None:
             self.releases.close()
+        self.pipeline.close()
         self.services.close()
 
 
@@ -245,8 +246,9 @@ def download_media(self: Task, media_item_id: int) -> str:
 
 @shared_task(name=DOWNLOAD_BATCH_TASK, bind=True)
 def download_batch(self: Task, media_item_ids: list[int]) -> list[str]:
-    """The rows claimed together, then tried in turn, as :func:`download_media` would. A
-    stopping worker hands back the rows it has not started (another worker takes them)."""
+    """The rows claimed together, then tried side by side, each as :func:`download_media`
+    would. A stopping worker hands back the rows it has not started (another worker takes
+    them)."""
     results = runtime(self.app).pipeline.run_many(
         [int(item_id) for item_id in media_item_ids],
         row_context=functools.partial(logs.task_context, self.request.id),

@@ -9,6 +9,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -216,7 +217,13 @@ class Env:
         self.clock.now = max(self.clock.now, due + timedelta(seconds=1))
 
 
-def build_env(settings: Settings, sessions: sessionmaker[Session], **instance: Any) -> Env:
+def build_env(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    *,
+    row_slots: int | None = None,
+    **instance: Any,
+) -> Env:
     clock = Clock()
     provider = FakeProvider()
     storage = MemoryStorage()
@@ -230,6 +237,7 @@ def build_env(settings: Settings, sessions: sessionmaker[Session], **instance: A
         clock=clock,
         rng=random.Random(0),
         monotonic=clock.monotonic,
+        row_slots=row_slots,
     )
     with sessions.begin() as session:
         instance_id = make_instance(session, **instance).id
@@ -1035,27 +1043,63 @@ def test_the_rows_of_one_wake_up_are_claimed_in_one_statement_and_each_stored(
     assert all(env.row(item).state == MediaState.STORED for item in items)
 
 
-def test_once_the_recording_bound_has_passed_a_copy_is_recorded_before_the_next_row_starts(
+def test_a_copy_that_has_waited_the_recording_bound_is_recorded_while_its_message_still_runs(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    items = media_rows_of(env, "w", 3)
-    states_at_each_download: list[list[str]] = []
+    env.provider.add("quick", jpeg())
+    env.provider.add("slow", jpeg(4 * CHUNK, seed=1))
+    slow, quick = env.item("slow"), env.item("quick")
+    quick_while_slow_ran: list[str] = []
 
-    def look(index: int) -> None:
-        if index == 0:
-            states_at_each_download.append([env.row(item).state for item in items])
+    def hold_the_slow_transfer(index: int) -> None:
+        if index == 2:  # only the slow transfer has a third chunk
+            quick_while_slow_ran.append(wait_for_state(env, quick, MediaState.STORED))
 
-    env.provider.on_chunk = look
+    env.provider.on_chunk = hold_the_slow_transfer
     monkeypatch.setattr(pipeline_module, "RECORD_WITHIN_SECONDS", 0.0)
 
-    env.pipeline.run_many(items)
+    results = env.pipeline.run_many([slow, quick])
 
-    # With no time to wait, each copy is recorded before the next row's download starts.
-    assert states_at_each_download == [
-        ["downloading"] * 3,
-        ["stored", "downloading", "downloading"],
-        ["stored", "stored", "downloading"],
-    ]
+    # The rows ran side by side (the quick one did not wait behind the slow one's transfer),
+    # and its copy was recorded while the slow one was still downloading.
+    assert quick_while_slow_ran == ["stored"]
+    assert [r.outcome for r in results] == ["stored", "stored"]
+
+
+def wait_for_state(env: Env, item_id: int, state: str, seconds: float = 10.0) -> str:
+    """The row's state once it is ``state``, or whatever it is after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while (current := env.row(item_id).state) != state and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return current
+
+
+def test_a_process_runs_no_more_rows_at_once_than_it_has_row_slots(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    env = build_env(settings, sessions, row_slots=2)
+    items = media_rows_of(env, "c", 6)
+    lock = threading.Lock()
+    running, most = 0, 0
+
+    def count(index: int) -> None:
+        nonlocal running, most
+        with lock:
+            if index == 0:  # a transfer's first chunk; each body is one chunk
+                running += 1
+                most = max(most, running)
+            else:
+                running -= 1
+        if index == 0:
+            time.sleep(0.05)  # long enough for the other rows to start, if they could
+
+    env.provider.on_chunk = count
+    # Two messages at once, as two of the process's Celery threads would run them.
+    with ThreadPoolExecutor(2) as messages:
+        outcomes = list(messages.map(env.pipeline.run_many, [items[:3], items[3:]]))
+
+    assert [r.outcome for batch in outcomes for r in batch] == ["stored"] * 6
+    assert most == 2
 
 
 def test_a_row_whose_lease_was_lost_does_not_cost_the_others_of_its_batch_their_record(
@@ -1091,8 +1135,9 @@ def test_a_row_whose_lease_was_lost_does_not_cost_the_others_of_its_batch_their_
 
 
 def test_a_stopping_worker_records_the_copies_waiting_for_their_message_and_hands_back_the_rest(
-    env: Env,
+    settings: Settings, sessions: sessionmaker[Session]
 ) -> None:
+    env = build_env(settings, sessions, row_slots=1)  # the rows in turn: one is done first
     env.provider.add("done", jpeg())
     env.provider.add("slow", jpeg(4 * CHUNK, seed=1))
     items = [env.item("done"), env.item("slow")]
@@ -1119,23 +1164,22 @@ def test_a_stopping_worker_records_the_copies_waiting_for_their_message_and_hand
     assert (slow.state, slow.lease_owner) == ("pending", None)
 
 
-def test_copies_stored_before_a_row_that_raised_are_still_recorded(env: Env) -> None:
-    items = media_rows_of(env, "r", 3)
-    downloads = 0
+def test_a_row_whose_attempt_raised_costs_the_others_of_its_message_nothing(env: Env) -> None:
+    items = media_rows_of(env, "r", 3)  # one chunk each
+    env.provider.add("broken", jpeg(2 * CHUNK, seed=9))
+    broken = env.item("broken")
 
-    def break_the_third(index: int) -> None:
-        nonlocal downloads
-        if index == 0:
-            downloads += 1
-            if downloads == 3:
-                raise RuntimeError("a bug in the third row's attempt")
+    def break_its_transfer(index: int) -> None:
+        if index == 2:  # only the broken row's body has two chunks
+            raise RuntimeError("a bug in one row's attempt")
 
-    env.provider.on_chunk = break_the_third
+    env.provider.on_chunk = break_its_transfer
 
     with pytest.raises(RuntimeError):
-        env.pipeline.run_many(items)
+        env.pipeline.run_many([items[0], broken, *items[1:]])
 
-    assert [env.row(item).state for item in items[:2]] == ["stored", "stored"]
+    # The rows around it still ran, and their copies were recorded before the error rose.
+    assert [env.row(item).state for item in items] == ["stored"] * 3
 
 
 def test_rows_of_a_wake_up_not_ours_to_take_are_skipped_and_the_others_run(env: Env) -> None:
@@ -1161,8 +1205,9 @@ def test_rows_of_a_wake_up_not_ours_to_take_are_skipped_and_the_others_run(env: 
 
 
 def test_a_stopping_worker_hands_back_the_rows_it_claimed_but_had_not_started(
-    env: Env,
+    settings: Settings, sessions: sessionmaker[Session]
 ) -> None:
+    env = build_env(settings, sessions, row_slots=1)  # the two others wait for the slot
     env.provider.add("first", jpeg(4 * CHUNK))
     items = [env.item("first"), env.item("second"), env.item("third")]
 

@@ -171,18 +171,27 @@ def test_concurrent_relays_split_the_rows_and_wake_each_once(
 # --- grouping into messages -----------------------------------------------------------------
 
 
-def test_wake_ups_group_rows_by_queue_and_spread_a_backlog() -> None:
+def test_wake_ups_give_a_message_what_one_process_starts_at_once() -> None:
     jobs = [DownloadJob(i, SMALL_MEDIA) for i in range(1, 41)] + [DownloadJob(99, LARGE_MEDIA)]
+
+    def sizes(count: int, most: int, spread: int) -> list[int]:
+        return [len(m.media_item_ids) for m in wake_ups(jobs[:count], most=most, spread=spread)]
+
+    # Up to a process's slots (spread) to a message, shared evenly over the fewest messages:
+    # live traffic shares its messages, and a burst of more reaches several processes.
+    assert sizes(5, most=16, spread=8) == [5]
+    assert sizes(20, most=16, spread=8) == [7, 7, 6]
+    assert sizes(40, most=16, spread=8) == [8] * 5
+    assert wake_ups(jobs[:1], most=16, spread=8) == [WakeUp(SMALL_MEDIA, (1,))]
+    # A backlog past most x spread rows goes most to a message.
+    assert sizes(40, most=4, spread=8) == [4] * 10
+    assert sizes(40, most=4, spread=2) == [4] * 10
+    assert sizes(6, most=4, spread=8) == [3, 3]  # never more than most, backlog or not
     messages = wake_ups(jobs, most=4, spread=8)
     small = [m for m in messages if m.queue == SMALL_MEDIA]
-    assert [len(m.media_item_ids) for m in small] == [4] * 10  # past 4 x 8: grouped, capped
-    # A burst no larger than the threads could take at once goes one row to a message.
-    assert {len(m.media_item_ids) for m in wake_ups(jobs[:40], most=16, spread=8)} == {1}
-    assert [m for m in messages if m.queue == LARGE_MEDIA] == [WakeUp(LARGE_MEDIA, (99,))]
     assert sorted(i for m in small for i in m.media_item_ids) == list(range(1, 41))
-    assert {len(m.media_item_ids) for m in wake_ups(jobs[:40], most=4, spread=2)} == {4}
-    assert wake_ups(jobs[:1], most=16, spread=8) == [WakeUp(SMALL_MEDIA, (1,))]
-    # Large media never wait behind each other's transfers with a lease running.
+    assert [m for m in messages if m.queue == LARGE_MEDIA] == [WakeUp(LARGE_MEDIA, (99,))]
+    # Large media never wait for a slot behind each other's transfers with a lease running.
     large = [DownloadJob(i, LARGE_MEDIA) for i in range(1, 41)]
     assert {len(m.media_item_ids) for m in wake_ups(large, most=4, spread=2)} == {1}
 

@@ -91,6 +91,8 @@ def test_queue_depths_count_the_wake_ups_waiting(
     try:
         assert scheduler.queue_depths([small, large]) == {small: 0, large: 0}
         scheduler.schedule([DownloadJob(1, small), DownloadJob(2, small), DownloadJob(3, large)])
+        scheduler.schedule([DownloadJob(4, small)])
+        # Messages, not rows: the first two small rows share one (ingest.queues.wake_ups).
         assert scheduler.queue_depths([small, large]) == {small: 2, large: 1}
     finally:
         with scheduler.app.connection_for_write() as conn:
@@ -235,7 +237,7 @@ def test_an_empty_batch_touches_no_broker(make_settings: Any) -> None:
     scheduler.schedule([])
 
 
-def test_a_backlog_goes_several_rows_to_a_message_spread_over_the_threads(
+def test_a_backlog_goes_several_rows_to_a_message_up_to_the_batch(
     make_settings: Any,
 ) -> None:
     import redis
@@ -246,7 +248,7 @@ def test_a_backlog_goes_several_rows_to_a_message_spread_over_the_threads(
         broker_url=url, broker_prefix=prefix, wake_batch=4, worker_concurrency=8
     )
     scheduler = CeleryScheduler.from_settings(settings)
-    # 40 rows over 8 threads would be 5 a message; the batch caps them at 4.
+    # 40 rows are a backlog past 4 x 8: the batch's 4 to a message.
     scheduler.schedule([DownloadJob(i, SMALL_MEDIA) for i in range(1, 41)])
     client = redis.Redis.from_url(url)
     try:
