@@ -92,7 +92,11 @@ def test_a_worker_killed_between_its_uploads_and_their_records_downloads_nothing
     deliveries = stack.post(number, stack.add_media(number, 40))
     stack.wait_rows(number, at_least=8, states=[MediaState.DOWNLOADING], timeout=20)
     stack.postgres.stop("immediate")
-    time.sleep(3.0)  # the transfers in flight (1 s each) finish and upload
+    # The transfers in flight (1 s each) finish and upload, and so do the rows the worker
+    # had claimed and not started (a message's rows wait for a slot, not for the database).
+    # Killed once nothing has been uploaded for a while: no transfer is cut, so every row
+    # it held either has its copy in storage or was never started.
+    _wait_until_steady(stack.object_keys, quiet=2.5, timeout=30)
     [doomed] = stack.workers
     stack.kill(doomed)
     killed = time.monotonic()
@@ -124,6 +128,17 @@ def test_a_worker_killed_between_its_uploads_and_their_records_downloads_nothing
         ],
         extra={"orphaned_copies": orphaned},
     )
+
+
+def _wait_until_steady(read: Callable[[], set[str]], *, quiet: float, timeout: float) -> None:
+    """Until ``read()`` has not changed for ``quiet`` seconds (or ``timeout`` passed)."""
+    deadline = time.monotonic() + timeout
+    last, since = read(), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet:
+        time.sleep(0.5)
+        current = read()
+        if current != last:
+            last, since = current, time.monotonic()
 
 
 def test_sigterm_mid_transfer_exits_within_the_shutdown_bound_and_hands_the_row_back(
