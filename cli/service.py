@@ -204,8 +204,11 @@ def worker(
         )
     if _NODE_NAME in os.environ:
         _end_with_parent()
-    # The runtime sizes its SQL pool from the settings: make them agree with the flag.
+    # The runtime sizes its SQL pool and row slots from the settings: make them agree with
+    # the flags.
     os.environ["INGEST_WORKER_CONCURRENCY"] = str(total)
+    if pool:
+        os.environ["INGEST_WORKER_POOL"] = pool
     from tasks.worker import app
 
     app.worker_main(

@@ -29,6 +29,7 @@ are put into storage, which checks the sha256 once more while writing.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import random
@@ -168,14 +169,15 @@ class Pipeline:
         # message's rows run side by side and the process never runs more than this many at
         # once, however its messages are shaped (docs/ARCHITECTURE.md, Durability).
         self._row_slots = ThreadPoolExecutor(
-            max_workers=row_slots or settings.worker_concurrency,
+            max_workers=row_slots or settings.rows_side_by_side,
             thread_name_prefix="ingest-row",
         )
 
     def close(self) -> None:
-        """Let the row slots' threads end once their attempts have (a stopping worker's
-        abandon_all stops those first)."""
-        self._row_slots.shutdown(wait=False, cancel_futures=True)
+        """Let the row slots' threads end once their attempts have. Rows not started yet
+        still start, and a stopping worker's find it stopping and are handed back: cancelled,
+        they would be nobody's until their lease ran out."""
+        self._row_slots.shutdown(wait=False)
 
     @classmethod
     def for_services(
@@ -227,8 +229,14 @@ class Pipeline:
         if claimed:
             with self.in_flight.queueing(list(claimed.values())):
                 # In the message's order: a process whose slots are all busy starts them so.
+                # Each in a copy of the message's context, so its log fields follow it.
                 running = {
-                    self._row_slots.submit(self._run_in_slot, claimed[item_id], row_context)
+                    self._row_slots.submit(
+                        contextvars.copy_context().run,
+                        self._run_in_slot,
+                        claimed[item_id],
+                        row_context,
+                    )
                     for item_id in item_ids
                     if item_id in claimed
                 }
@@ -252,41 +260,45 @@ class Pipeline:
         row_context: Callable[[int], AbstractContextManager[object]],
     ) -> dict[int, AttemptResult]:
         """Wait for the message's rows; record their copies together when all have ended, or
-        as soon as the oldest copy has waited :data:`RECORD_WITHIN_SECONDS`."""
+        as soon as the oldest copy has waited :data:`RECORD_WITHIN_SECONDS`.
+
+        Returns only once every row has ended, also when one raised or a record failed (the
+        first error is raised then): a row left running would be nobody's to record."""
         results: dict[int, AttemptResult] = {}
         unrecorded: list[_Unrecorded] = []
         failure: BaseException | None = None
-        try:
-            while running:
-                timeout = None
-                if unrecorded:
-                    oldest = min(copy.ready for copy in unrecorded)
-                    timeout = max(0.0, oldest + RECORD_WITHIN_SECONDS - time.monotonic())
-                done, pending = wait(running, timeout=timeout, return_when=FIRST_COMPLETED)
-                running = pending
-                for future in done:
-                    error = future.exception()
-                    if error is not None:  # raised once the others are recorded
-                        failure = failure or error
-                        continue
-                    ran = future.result()
-                    if isinstance(ran, _Unrecorded):
-                        unrecorded.append(ran)
-                    else:
-                        results[ran.item_id] = ran
-                if (
-                    unrecorded
-                    and running
-                    and time.monotonic() - min(copy.ready for copy in unrecorded)
-                    >= RECORD_WITHIN_SECONDS
-                ):
-                    batch, unrecorded = unrecorded, []
-                    results.update(self._record_copies(batch, row_context))
-        finally:
-            # Also when waiting was interrupted: the copies collected are recorded, not left
-            # to a lease. (A stopping worker's abandon_all records the others.)
-            if unrecorded:
-                results.update(self._record_copies(unrecorded, row_context))
+
+        def record_due_now() -> None:
+            nonlocal unrecorded, failure
+            batch, unrecorded = unrecorded, []
+            try:
+                results.update(self._record_copies(batch, row_context))
+            except Exception as exc:  # noqa: BLE001 - raised once the other rows have ended
+                # A database outage past the finishing write's patience: these copies wait
+                # in storage for their rows' next attempt (found there, not downloaded again).
+                failure = failure or exc
+
+        while running:
+            oldest = min((copy.ready for copy in unrecorded), default=None)
+            timeout = None
+            if oldest is not None:
+                timeout = max(0.0, oldest + RECORD_WITHIN_SECONDS - time.monotonic())
+            done, running = wait(running, timeout=timeout, return_when=FIRST_COMPLETED)
+            for future in done:
+                error = future.exception()
+                if error is not None:  # raised once the other rows have ended
+                    failure = failure or error
+                    continue
+                ran = future.result()
+                if isinstance(ran, _Unrecorded):
+                    unrecorded.append(ran)
+                else:
+                    results[ran.item_id] = ran
+            waited = min((time.monotonic() - copy.ready for copy in unrecorded), default=0.0)
+            if running and waited >= RECORD_WITHIN_SECONDS:
+                record_due_now()
+        if unrecorded:
+            record_due_now()
         if failure is not None:
             raise failure
         return results
@@ -301,7 +313,13 @@ class Pipeline:
         except Abandoned:
             # Stopped mid-transfer, or before it started. abandon_all may have handed the row
             # back already; a second hand-back matches nothing.
-            self.in_flight.hand_back([work])
+            try:
+                self.in_flight.hand_back([work])
+            except DATABASE_DOWN as exc:
+                # The process is stopping: the row's lease hands it on instead.
+                log.warning(
+                    "download item=%s could not be handed back (%s)", work.id, type(exc).__name__
+                )
             ended = AttemptResult(work.id, SKIPPED, None, ABANDONED)
         if isinstance(ended, StoredObject):
             return _Unrecorded(work, ended, started, ready=time.monotonic())

@@ -33,25 +33,28 @@ class WakeUp:
     media_item_ids: tuple[int, ...]
 
 
-def wake_ups(jobs: Sequence[DownloadJob], most: int, spread: int) -> list[WakeUp]:
+def wake_ups(
+    jobs: Sequence[DownloadJob], most: int, spread: int, at_once: int | None = None
+) -> list[WakeUp]:
     """Group ``jobs`` into messages of rows of one queue. A message's rows are claimed
-    together and run side by side on the row slots of the process that takes it, ``spread``
-    of them, so a message carries at most what one process starts at once: ``spread`` rows,
-    shared evenly over the fewest messages that hold them (a burst of more reaches several
-    processes). A backlog of more than ``most * spread`` rows, which keeps every slot busy
-    anyway, goes ``most`` to a message: fewer messages, fewer claims. Large media always go
-    one to a message: a row claimed behind a transfer of minutes would spend its lease
-    waiting for a slot."""
+    together and run side by side on the process that takes it, ``at_once`` of them at a
+    time (its row slots; ``spread``, the threads of a worker, when not given). So a message
+    carries at most ``at_once`` rows, shared evenly over the fewest messages that hold them
+    (a burst of more reaches several processes). A backlog of more than ``most * spread``
+    rows, which keeps every thread busy anyway, goes ``most`` to a message: fewer messages,
+    fewer claims. Large media always go one to a message: a row claimed behind a transfer of
+    minutes would spend its lease waiting for a slot."""
     by_queue: dict[str, list[int]] = {}
     for job in jobs:
         by_queue.setdefault(job.queue, []).append(job.media_item_id)
     spread = max(spread, 1)
+    at_once = max(at_once if at_once is not None else spread, 1)
     messages = []
     for queue, ids in by_queue.items():
         if queue == LARGE_MEDIA:
             size = 1
         else:
-            at_most = most if len(ids) > most * spread else min(most, spread)
+            at_most = most if len(ids) > most * spread else min(most, at_once)
             size = math.ceil(len(ids) / math.ceil(len(ids) / at_most))
         messages += [
             WakeUp(queue, tuple(ids[start : start + size])) for start in range(0, len(ids), size)

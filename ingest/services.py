@@ -37,17 +37,20 @@ class Services:
         *,
         redis: Redis | None = None,
         pool_size: int | None = None,
+        max_overflow: int | None = None,
         ping_after_idle: float | None = None,
     ) -> Services:
-        """``pool_size``: SQL connections kept open (a threaded worker wants one per thread).
+        """``pool_size``: SQL connections kept open (a threaded worker wants one per thread);
+        ``max_overflow``: more opened at a peak and closed after (default: ``pool_size``).
         ``ping_after_idle``: see :func:`ingest.db.make_engine` (default: ping every checkout).
         """
         from ingest.storage import storage_from_settings
 
         settings.ensure_var_dir()
         pool: dict[str, int] = {}
-        if pool_size is not None and not settings.database_url.startswith("sqlite"):
-            pool = {"pool_size": pool_size, "max_overflow": pool_size}
+        if pool_size is not None and _pooled(settings.database_url):
+            overflow = pool_size if max_overflow is None else max_overflow
+            pool = {"pool_size": pool_size, "max_overflow": overflow}
         engine = make_engine(settings.database_url, ping_after_idle=ping_after_idle, **pool)
         if redis is None and settings.redis_url:
             from redis import Redis as RedisClient
@@ -70,3 +73,11 @@ class Services:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _pooled(database_url: str) -> bool:
+    """A database whose engine keeps a queue of connections: a server, or a SQLite file (an
+    in-memory SQLite database is one connection, shared)."""
+    if not database_url.startswith("sqlite"):
+        return True
+    return ":memory:" not in database_url and database_url.split("://", 1)[1] not in ("", "/")

@@ -213,9 +213,9 @@ class Settings(BaseSettings):
     relay_poll_seconds: float = Field(default=0.05, gt=0)
     relay_fallback_seconds: float = Field(default=1.0, gt=0)
     # Rows named by one wake-up message at most: one message, one claim's worth of Celery
-    # overhead, for several rows, run side by side. A message carries at most a worker
-    # process's worker_concurrency rows, and wake_batch only in a backlog of more than
-    # wake_batch x worker_concurrency of them (ingest.queues.wake_ups).
+    # overhead, for several rows, run side by side. A message carries at most the rows a
+    # worker process runs at once (rows_side_by_side), and wake_batch only in a backlog of
+    # more than wake_batch x worker_concurrency of them (ingest.queues.wake_ups).
     wake_batch: int = Field(default=16, gt=0)
     # Consecutive object-store failures that pause claiming, and how often it is probed then.
     storage_breaker_failures: int = Field(default=5, gt=0)
@@ -363,6 +363,13 @@ class Settings(BaseSettings):
         if log_format not in ("text", "json"):
             raise ValueError("must be text or json")
         return log_format
+
+    @property
+    def rows_side_by_side(self) -> int:
+        """Attempts one worker process runs at once (its row slots, ingest.pipeline): every
+        thread of a threads pool; one under the other pools, whose concurrency is processes
+        or greenlets that each run a message of their own."""
+        return self.worker_concurrency if self.worker_pool == "threads" else 1
 
     @field_validator("worker_pool")
     @classmethod

@@ -17,10 +17,13 @@ from tasks.celery_app import DOWNLOAD_BATCH_TASK, make_celery
 
 
 class CeleryScheduler:
-    def __init__(self, app: Celery, *, wake_batch: int = 1, spread: int = 1) -> None:
+    def __init__(
+        self, app: Celery, *, wake_batch: int = 1, spread: int = 1, at_once: int | None = None
+    ) -> None:
         self.app = app
         self._wake_batch = wake_batch
         self._spread = spread
+        self._at_once = at_once
         # Every error the transport can raise for a broker that is down or refuses: kombu wraps
         # failures to connect, but a pooled connection that breaks mid-publish (Redis restarted)
         # raises the client library's own error (redis.exceptions.ConnectionError), which must
@@ -44,12 +47,22 @@ class CeleryScheduler:
             "max_retries": 0,
         }
         app.conf.broker_connection_timeout = 1
-        return cls(app, wake_batch=settings.wake_batch, spread=settings.worker_concurrency)
+        return cls.for_settings(app, settings)
+
+    @classmethod
+    def for_settings(cls, app: Celery, settings: Settings) -> CeleryScheduler:
+        """Messages shaped for workers configured like ``settings`` (ingest.queues.wake_ups)."""
+        return cls(
+            app,
+            wake_batch=settings.wake_batch,
+            spread=settings.worker_concurrency,
+            at_once=settings.rows_side_by_side,
+        )
 
     def schedule(self, jobs: Sequence[DownloadJob]) -> None:
         if not jobs:
             return
-        messages = wake_ups(jobs, self._wake_batch, self._spread)
+        messages = wake_ups(jobs, self._wake_batch, self._spread, self._at_once)
         # Resolved before publishing: kombu counts KeyError among Redis connection errors, and
         # an unknown queue name is a bug to raise, not a broker outage to wait out.
         for message in messages:

@@ -124,13 +124,17 @@ def _worker_services(settings: Settings) -> Services:
 
     The default pool keeps 5 idle connections: with 16 threads, every connection past the
     fifth was opened and closed again for almost every claim and finish (a server process
-    forked each time), which cost more CPU than the rest of the SQL work. A connection is
-    pinged only after sitting idle (:data:`WORKER_PING_AFTER_IDLE_SECONDS`), not on every one
-    of the two checkouts per item.
+    forked each time), which cost more CPU than the rest of the SQL work. So one is kept for
+    each row slot (the attempts' statements) and for the relay and the reconciler; the Celery
+    threads' claims and records, and the callback and release threads, take the overflow at
+    a peak: every thread of the process can hold one at once, none waits on the pool. A
+    connection is pinged only after sitting idle (:data:`WORKER_PING_AFTER_IDLE_SECONDS`),
+    not on every one of the checkouts per item.
     """
     return Services.from_settings(
         settings,
-        pool_size=settings.worker_concurrency + 2,
+        pool_size=settings.rows_side_by_side + 2,
+        max_overflow=settings.worker_concurrency + 4,
         ping_after_idle=WORKER_PING_AFTER_IDLE_SECONDS,
     )
 
@@ -162,9 +166,7 @@ def runtime(app: Celery) -> WorkerRuntime:
         with _lock:
             if _runtime is None:
                 settings: Settings = app.conf.ingest_settings
-                scheduler = CeleryScheduler(
-                    app, wake_batch=settings.wake_batch, spread=settings.worker_concurrency
-                )
+                scheduler = CeleryScheduler.for_settings(app, settings)
                 _runtime = build_runtime(settings, scheduler=scheduler)
     return _runtime
 

@@ -96,7 +96,7 @@ def test_a_worker_killed_between_its_uploads_and_their_records_downloads_nothing
     # had claimed and not started (a message's rows wait for a slot, not for the database).
     # Killed once nothing has been uploaded for a while: no transfer is cut, so every row
     # it held either has its copy in storage or was never started.
-    _wait_until_steady(stack.object_keys, quiet=2.5, timeout=30)
+    assert _wait_until_steady(stack.object_keys, quiet=2.5, timeout=30), "uploads never stopped"
     [doomed] = stack.workers
     stack.kill(doomed)
     killed = time.monotonic()
@@ -130,15 +130,18 @@ def test_a_worker_killed_between_its_uploads_and_their_records_downloads_nothing
     )
 
 
-def _wait_until_steady(read: Callable[[], set[str]], *, quiet: float, timeout: float) -> None:
-    """Until ``read()`` has not changed for ``quiet`` seconds (or ``timeout`` passed)."""
+def _wait_until_steady(read: Callable[[], set[str]], *, quiet: float, timeout: float) -> bool:
+    """Whether ``read()`` stopped changing for ``quiet`` seconds within ``timeout``."""
     deadline = time.monotonic() + timeout
     last, since = read(), time.monotonic()
-    while time.monotonic() < deadline and time.monotonic() - since < quiet:
+    while time.monotonic() - since < quiet:
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.5)
         current = read()
         if current != last:
             last, since = current, time.monotonic()
+    return True
 
 
 def test_sigterm_mid_transfer_exits_within_the_shutdown_bound_and_hands_the_row_back(

@@ -1081,17 +1081,21 @@ def test_a_process_runs_no_more_rows_at_once_than_it_has_row_slots(
     items = media_rows_of(env, "c", 6)
     lock = threading.Lock()
     running, most = 0, 0
+    # Two transfers must be in flight together to pass (a process with one slot would break
+    # the barrier), and a third would show in ``most``.
+    pairs = threading.Barrier(2, timeout=10)
 
     def count(index: int) -> None:
         nonlocal running, most
-        with lock:
-            if index == 0:  # a transfer's first chunk; each body is one chunk
+        if index == 0:  # a transfer's first chunk; each body is one chunk
+            with lock:
                 running += 1
                 most = max(most, running)
-            else:
+            pairs.wait()
+            time.sleep(0.05)  # room for a third to start, if it could
+        else:
+            with lock:
                 running -= 1
-        if index == 0:
-            time.sleep(0.05)  # long enough for the other rows to start, if they could
 
     env.provider.on_chunk = count
     # Two messages at once, as two of the process's Celery threads would run them.
@@ -1100,6 +1104,49 @@ def test_a_process_runs_no_more_rows_at_once_than_it_has_row_slots(
 
     assert [r.outcome for batch in outcomes for r in batch] == ["stored"] * 6
     assert most == 2
+
+
+def test_a_record_that_fails_mid_message_leaves_no_row_of_it_running_unowned(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env.provider.add("quick", jpeg())
+    env.provider.add("slow", jpeg(4 * CHUNK, seed=1))
+    slow, quick = env.item("slow"), env.item("quick")
+    finishing = env.pipeline.finishing
+    record = finishing.stored_many
+    calls = 0
+
+    def first_record_fails(*args: Any, **kwargs: Any) -> set[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("the database went away for longer than the write waits")
+        return record(*args, **kwargs)
+
+    monkeypatch.setattr(finishing, "stored_many", first_record_fails)
+
+    def hold_the_slow_transfer(index: int) -> None:
+        if index == 2:  # only the slow transfer has a third chunk
+            wait_for(lambda: calls >= 1)  # the quick copy's record has failed
+
+    env.provider.on_chunk = hold_the_slow_transfer
+    monkeypatch.setattr(pipeline_module, "RECORD_WITHIN_SECONDS", 0.0)
+
+    with pytest.raises(RuntimeError):
+        env.pipeline.run_many([slow, quick])
+
+    # The error rose only once the slow row had ended, and that row was recorded: nothing of
+    # the message was left running with nobody to record it.
+    assert env.row(slow).state == MediaState.STORED
+    # The quick copy is in storage, its row left to its next attempt (which finds it there).
+    assert env.row(quick).state == MediaState.DOWNLOADING
+    assert env.storage.keys() and len(env.storage.keys()) == 2
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def test_a_row_whose_lease_was_lost_does_not_cost_the_others_of_its_batch_their_record(
@@ -1135,9 +1182,11 @@ def test_a_row_whose_lease_was_lost_does_not_cost_the_others_of_its_batch_their_
 
 
 def test_a_stopping_worker_records_the_copies_waiting_for_their_message_and_hands_back_the_rest(
-    settings: Settings, sessions: sessionmaker[Session]
+    settings: Settings, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env = build_env(settings, sessions, row_slots=1)  # the rows in turn: one is done first
+    # The first copy waits for its message's record however slow this machine is.
+    monkeypatch.setattr(pipeline_module, "RECORD_WITHIN_SECONDS", 60.0)
     env.provider.add("done", jpeg())
     env.provider.add("slow", jpeg(4 * CHUNK, seed=1))
     items = [env.item("done"), env.item("slow")]

@@ -184,3 +184,14 @@ def test_a_bad_limit_or_an_empty_token_is_one_line_at_start(
     with pytest.raises(ConfigError) as refused:
         load_settings()
     assert variable in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_worker_process_runs_its_threads_rows_side_by_side_only_on_the_threads_pool(
+    tmp_path: Path,
+) -> None:
+    def side_by_side(pool: str) -> int:
+        return Settings(var_dir=tmp_path, worker_concurrency=8, worker_pool=pool).rows_side_by_side
+
+    assert side_by_side("threads") == 8
+    # Each prefork child, solo process or greenlet runs one message at a time: its rows in turn.
+    assert [side_by_side(pool) for pool in ("prefork", "solo", "gevent")] == [1, 1, 1]

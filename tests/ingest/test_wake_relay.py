@@ -194,6 +194,11 @@ def test_wake_ups_give_a_message_what_one_process_starts_at_once() -> None:
     # Large media never wait for a slot behind each other's transfers with a lease running.
     large = [DownloadJob(i, LARGE_MEDIA) for i in range(1, 41)]
     assert {len(m.media_item_ids) for m in wake_ups(large, most=4, spread=2)} == {1}
+    # A pool that runs one row at a time per process (prefork, solo, gevent): one row to a
+    # message, unless past most x spread rows.
+    many = [DownloadJob(i, SMALL_MEDIA) for i in range(1, 301)]
+    assert {len(m.media_item_ids) for m in wake_ups(many[:40], 16, 8, at_once=1)} == {1}
+    assert {len(m.media_item_ids) for m in wake_ups(many, 16, 8, at_once=1)} == {16, 12}
 
 
 # --- the thread ------------------------------------------------------------------------------
