@@ -294,8 +294,9 @@ class Pipeline:
                     unrecorded.append(ran)
                 else:
                     results[ran.item_id] = ran
-            waited = min((time.monotonic() - copy.ready for copy in unrecorded), default=0.0)
-            if running and waited >= RECORD_WITHIN_SECONDS:
+            oldest = min((copy.ready for copy in unrecorded), default=None)
+            due = oldest is not None and time.monotonic() - oldest >= RECORD_WITHIN_SECONDS
+            if running and due:
                 record_due_now()
         if unrecorded:
             record_due_now()
