@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -572,13 +573,16 @@ def test_gunicorn_answers_413_to_a_chunked_body_over_the_limit(
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
         try:
             pieces = (body[i : i + 65536] for i in range(0, len(body), 65536))
-            conn.request(
-                "POST",
-                "/webhook",
-                body=pieces,
-                headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
-                encode_chunked=True,
-            )
+            # The server may answer and close before the rest of an oversized body is sent (a
+            # busy machine's timing): its answer is read all the same.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                conn.request(
+                    "POST",
+                    "/webhook",
+                    body=pieces,
+                    headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+                    encode_chunked=True,
+                )
             return conn.getresponse().status
         finally:
             conn.close()
