@@ -278,8 +278,8 @@ class Pipeline:
                 # in storage for their rows' next attempt (found there, not downloaded again).
                 failure = failure or exc
 
+        oldest: float | None = None  # when the oldest copy waiting to be recorded was ready
         while running:
-            oldest = min((copy.ready for copy in unrecorded), default=None)
             timeout = None
             if oldest is not None:
                 timeout = max(0.0, oldest + RECORD_WITHIN_SECONDS - time.monotonic())
@@ -298,6 +298,7 @@ class Pipeline:
             due = oldest is not None and time.monotonic() - oldest >= RECORD_WITHIN_SECONDS
             if running and due:
                 record_due_now()
+                oldest = None
         if unrecorded:
             record_due_now()
         if failure is not None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest.db import make_engine, make_session_factory, one_statement_engine
@@ -78,6 +78,5 @@ class Services:
 def _pooled(database_url: str) -> bool:
     """A database whose engine keeps a queue of connections: a server, or a SQLite file (an
     in-memory SQLite database is one connection, shared)."""
-    if not database_url.startswith("sqlite"):
-        return True
-    return ":memory:" not in database_url and database_url.split("://", 1)[1] not in ("", "/")
+    url = make_url(database_url)
+    return url.get_backend_name() != "sqlite" or url.database not in (None, "", ":memory:")

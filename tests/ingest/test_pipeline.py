@@ -1046,9 +1046,7 @@ def test_the_rows_of_one_wake_up_are_claimed_in_one_statement_and_each_stored(
 def test_a_copy_that_has_waited_the_recording_bound_is_recorded_while_its_message_still_runs(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    env.provider.add("quick", jpeg())
-    env.provider.add("slow", jpeg(4 * CHUNK, seed=1))
-    slow, quick = env.item("slow"), env.item("quick")
+    slow, quick = slow_and_quick_rows(env)
     quick_while_slow_ran: list[str] = []
 
     def hold_the_slow_transfer(index: int) -> None:
@@ -1066,12 +1064,18 @@ def test_a_copy_that_has_waited_the_recording_bound_is_recorded_while_its_messag
     assert [r.outcome for r in results] == ["stored", "stored"]
 
 
-def wait_for_state(env: Env, item_id: int, state: str, seconds: float = 10.0) -> str:
-    """The row's state once it is ``state``, or whatever it is after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while (current := env.row(item_id).state) != state and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return current
+def slow_and_quick_rows(env: Env) -> tuple[int, int]:
+    """Two due rows: one whose body has four chunks (only its transfer reaches chunk 2, where a
+    test can hold it) and one of a single chunk."""
+    env.provider.add("quick", jpeg())
+    env.provider.add("slow", jpeg(4 * CHUNK, seed=1))
+    return env.item("slow"), env.item("quick")
+
+
+def wait_for_state(env: Env, item_id: int, state: str) -> str:
+    """The row's state once it is ``state``, or whatever it is after :func:`wait_for`'s bound."""
+    wait_for(lambda: env.row(item_id).state == state)
+    return env.row(item_id).state
 
 
 def test_a_process_runs_no_more_rows_at_once_than_it_has_row_slots(
@@ -1109,9 +1113,7 @@ def test_a_process_runs_no_more_rows_at_once_than_it_has_row_slots(
 def test_a_record_that_fails_mid_message_leaves_no_row_of_it_running_unowned(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    env.provider.add("quick", jpeg())
-    env.provider.add("slow", jpeg(4 * CHUNK, seed=1))
-    slow, quick = env.item("slow"), env.item("quick")
+    slow, quick = slow_and_quick_rows(env)
     finishing = env.pipeline.finishing
     record = finishing.stored_many
     calls = 0
@@ -1144,6 +1146,7 @@ def test_a_record_that_fails_mid_message_leaves_no_row_of_it_running_unowned(
 
 
 def wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Until ``condition()`` holds, or ``seconds`` have passed."""
     deadline = time.monotonic() + seconds
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.01)
