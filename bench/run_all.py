@@ -136,6 +136,30 @@ def _num(value: Any, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def webhook_rounds_note(webhook: dict[str, Any]) -> list[str]:
+    """Every turn of bare Flask and the receiver, so the spread behind the median shows."""
+    rounds = webhook.get("rounds") or []
+    if len(rounds) < 2:
+        return []
+    lines = [
+        "",
+        "## Webhooks, every round",
+        "",
+        "Bare Flask then the receiver, in turns on the same gunicorn settings and load; the "
+        "table above reports the round with the median ratio.",
+        "",
+        "| round | bare Flask requests/s | receiver requests/s | ratio "
+        "| p99 ms: bare Flask, receiver |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for number, r in enumerate(rounds, 1):
+        lines.append(
+            f"| {number} | {r['bare_rps']:,.0f} | {r['webhook_rps']:,.0f} | {r['ratio']:.3f} | "
+            f"{_num(r.get('bare_p99_ms'), 1)}, {_num(r.get('webhook_p99_ms'), 1)} |"
+        )
+    return lines
+
+
 def rounds_note(worker: dict[str, Any]) -> list[str]:
     """Every round of the run, so the spread behind the median is visible."""
     rounds = worker.get("rounds") or []
@@ -256,6 +280,7 @@ def write_report(results: dict[str, dict[str, Any]], tiny: bool) -> str:
             )
     if problems:
         lines += ["", "## Not measured or degraded", "", *problems]
+    lines += webhook_rounds_note(results.get("webhook_bench", {}))
     worker = results.get("worker_bench", {})
     lines += rounds_note(worker)
     chart = time_to_stored_chart(worker.get("latency") or {}, CHART)

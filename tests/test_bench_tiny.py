@@ -160,3 +160,36 @@ def test_report_without_worker_numbers_says_capacity_is_unknown(
     assert "No latency samples" in report
     assert "Tiny mode" in report
     assert not (tmp_path / "chart.png").exists()
+
+
+def test_report_lists_every_webhook_round_behind_the_median(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(run_all, "CHART", tmp_path / "chart.png")
+    median = {"bare_rps": 2300.0, "webhook_rps": 620.0, "ratio": 0.27}
+    webhook = {
+        "command": "python -m bench.webhook_bench",
+        "figures": [
+            {
+                "figure": "signed single-image webhooks/s at 16 connections",
+                "value": median["webhook_rps"],
+                "baseline": median["bare_rps"],
+                "ratio": median["ratio"],
+                "goal": ">= 0.35 of bare Flask",
+                "ok": False,
+            }
+        ],
+        "rounds": [
+            {**median, "bare_p99_ms": 40.0, "webhook_p99_ms": 85.25},
+            {"bare_rps": 2500.0, "webhook_rps": 525.0, "ratio": 0.21, "bare_p99_ms": None},
+            {"bare_rps": 2000.0, "webhook_rps": 600.0, "ratio": 0.3, "webhook_p99_ms": 70.0},
+        ],
+    }
+    report = run_all.write_report({"webhook_bench": webhook}, tiny=False)
+    assert "## Webhooks, every round" in report
+    assert "| 1 | 2,300 | 620 | 0.270 | 40.0, 85.2 |" in report
+    assert "| 2 | 2,500 | 525 | 0.210 | -, - |" in report
+    assert "| 3 | 2,000 | 600 | 0.300 | -, 70.0 |" in report
+    # One round (tiny mode) has no spread to show.
+    webhook["rounds"] = webhook["rounds"][:1]
+    assert "every round" not in run_all.write_report({"webhook_bench": webhook}, tiny=True)
