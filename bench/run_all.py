@@ -16,6 +16,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -136,22 +137,36 @@ def _num(value: Any, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _rounds_table(title: str, note: str, columns: Sequence[str]) -> list[str]:
+    """The heading, the note and the header of a table listing every round of a bench."""
+    return [
+        "",
+        f"## {title}",
+        "",
+        note,
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + " --- |" * len(columns),
+    ]
+
+
 def webhook_rounds_note(webhook: dict[str, Any]) -> list[str]:
     """Every turn of bare Flask and the receiver, so the spread behind the median shows."""
     rounds = webhook.get("rounds") or []
     if len(rounds) < 2:
         return []
-    lines = [
-        "",
-        "## Webhooks, every round",
-        "",
+    lines = _rounds_table(
+        "Webhooks, every round",
         "Bare Flask then the receiver, in turns on the same gunicorn settings and load; the "
         "table above reports the round with the median ratio.",
-        "",
-        "| round | bare Flask requests/s | receiver requests/s | ratio "
-        "| p99 ms: bare Flask, receiver |",
-        "| --- | --- | --- | --- | --- |",
-    ]
+        [
+            "round",
+            "bare Flask requests/s",
+            "receiver requests/s",
+            "ratio",
+            "p99 ms: bare Flask, receiver",
+        ],
+    )
     for number, r in enumerate(rounds, 1):
         lines.append(
             f"| {number} | {r['bare_rps']:,.0f} | {r['webhook_rps']:,.0f} | {r['ratio']:.3f} | "
@@ -165,10 +180,8 @@ def rounds_note(worker: dict[str, Any]) -> list[str]:
     rounds = worker.get("rounds") or []
     if len(rounds) < 2:
         return []
-    lines = [
-        "",
-        "## Worker throughput, every round",
-        "",
+    lines = _rounds_table(
+        "Worker throughput, every round",
         "Baseline, bare Celery and worker take turns; the table above reports the round with "
         "the median ratio. Everything runs on this one machine: the CDN, the S3 server (moto), "
         "PostgreSQL and Redis share its cores with the worker, while the baseline loop needs "
@@ -176,11 +189,16 @@ def rounds_note(worker: dict[str, Any]) -> list[str]:
         "the worker's Celery configuration, pool and processes (`bench/bare_celery.py`): the "
         "gap between it and the worker is what the claim, the lease, the error budget, the "
         "checks and the SQL record cost. Cores busy is the whole machine's use while each ran.",
-        "",
-        "| round | baseline items/s | bare Celery items/s (ratio) | worker items/s | ratio "
-        "| CPU ms/item: loop, bare Celery, worker | cores busy: baseline, bare, worker |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
+        [
+            "round",
+            "baseline items/s",
+            "bare Celery items/s (ratio)",
+            "worker items/s",
+            "ratio",
+            "CPU ms/item: loop, bare Celery, worker",
+            "cores busy: baseline, bare, worker",
+        ],
+    )
     for number, r in enumerate(rounds, 1):
         busy = r.get("cores_busy") or {}
         lines.append(

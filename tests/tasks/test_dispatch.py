@@ -66,20 +66,19 @@ def _amqp_broker() -> str:
     return url
 
 
-def _settled_depths(
-    scheduler: CeleryScheduler, queues: list[str], expected: dict[str, int]
-) -> dict[str, int]:
-    """The depths once they read ``expected``, or as they read after 5 s.
+def _settled_depths(scheduler: CeleryScheduler, expected: dict[str, int]) -> dict[str, int]:
+    """The depths of ``expected``'s queues once they read ``expected``, or as they read
+    after 5 s.
 
     RabbitMQ orders nothing across connections: the publish went out on a producer's
     connection and the count is asked on another, so a count taken at once can miss a
     message still being routed (CI saw 1 for 2). Redis and the SQL broker answer at once.
     """
     deadline = time.monotonic() + 5.0
-    depths = scheduler.queue_depths(queues)
-    while depths != expected and time.monotonic() < deadline:
+    while (depths := scheduler.queue_depths(list(expected))) != expected:
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.05)
-        depths = scheduler.queue_depths(queues)
     return depths
 
 
@@ -111,10 +110,7 @@ def test_queue_depths_count_the_wake_ups_waiting(
         scheduler.schedule([DownloadJob(1, small), DownloadJob(2, small), DownloadJob(3, large)])
         scheduler.schedule([DownloadJob(4, small)])
         # Messages, not rows: the first two small rows share one (ingest.queues.wake_ups).
-        assert _settled_depths(scheduler, [small, large], {small: 2, large: 1}) == {
-            small: 2,
-            large: 1,
-        }
+        assert _settled_depths(scheduler, {small: 2, large: 1}) == {small: 2, large: 1}
     finally:
         with scheduler.app.connection_for_write() as conn:
             for name in (small, large):
