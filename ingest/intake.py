@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest import callbacks, media_rows
@@ -294,6 +294,29 @@ def record_events(
     return Recorded(media=len(events), new=new, failed=failed, rewoken=rewoken)
 
 
+def record_event_directly(
+    engine: Engine,
+    one_statement: Engine,
+    routed: RoutedEvent,
+    *,
+    settings: Settings,
+    received_at: datetime,
+) -> Recorded:
+    """:func:`record_events` for one event that is no provider error, its insert run on the
+    driver (``media_rows.insert_directly``, where ``media_rows.inserts_directly(engine)``).
+    A repeat's stale wake-up is cleared in a statement of its own, as in autocommit there."""
+    if media_rows.insert_directly(engine, _row(routed, settings, received_at)):
+        return Recorded(media=1, new=1, failed=0)
+    with one_statement.begin() as connection:
+        rewoken = media_rows.wake_redelivered(
+            connection,
+            [(routed.instance_id, routed.event.message_id)],
+            now=received_at,
+            stale_before=received_at - wake_timeout(settings),
+        )
+    return Recorded(media=1, new=0, failed=0, rewoken=rewoken)
+
+
 def wake_timeout(settings: Settings) -> timedelta:
     """How old a pending row's wake-up may grow before it is presumed lost when nothing
     else explains the wait (its queue is empty, or the provider redelivered the webhook)."""
@@ -352,6 +375,7 @@ def _row(routed: RoutedEvent, settings: Settings, received_at: datetime) -> dict
         "url_deadline": issued + URL_LIFETIME if event.url else None,
         "expires_at": issued + timedelta(seconds=settings.media_retention_seconds),
         "attempts": 0,
+        "lease_losses": 0,
         "next_attempt_at": received_at,
         "lease_until": None,
         "lease_owner": None,

@@ -65,7 +65,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import BindParameter
 
 from ingest.db import row_count
@@ -186,6 +189,78 @@ def record(executor: Executor, rows: Sequence[dict[str, Any]]) -> list[tuple[int
             for item_id, instance_id, message_id in executor.execute(stmt, chunk)
         ]
     return inserted
+
+
+def inserts_directly(engine: Engine) -> bool:
+    """Can :func:`insert_directly` run on this engine's driver? (PostgreSQL's psycopg: SQLite's
+    binds convert values on the way, datetimes to text, which driver SQL would skip.)"""
+    return engine.dialect.name == "postgresql" and engine.dialect.paramstyle == "pyformat"
+
+
+def insert_directly(engine: Engine, row: dict[str, Any]) -> bool:
+    """:func:`record` for one row, run on the pooled driver connection in autocommit (one
+    statement is atomic by itself); whether the row was new.
+
+    The receiver's every webhook. SQLAlchemy's ``Connection`` around this one statement (the
+    compiled cache, the defaults, a bind processor per value, the result, switching the
+    connection to autocommit and back) cost more of a webhook's CPU than anything else left
+    on its path: measured in ``docs/THROUGHPUT.md`` ("The insert without SQLAlchemy"). What
+    it did that matters is kept here: the statement is SQLAlchemy's, compiled once; the
+    checkout is the pool's (its ping of an idle connection included); the errors are raised
+    as SQLAlchemy's, a disconnect invalidating the connection and the pool's others with it;
+    and ``UTCDateTime``'s refusal of a naive datetime, which PostgreSQL would read in the
+    session's time zone.
+    """
+    sql = _driver_insert(engine.dialect, frozenset(row))
+    if sql is None:  # a column left to a Python-side default: the Core statement fills it
+        with engine.begin() as connection:
+            return bool(record(connection, [row]))
+    for value in row.values():
+        if isinstance(value, datetime) and value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+    dialect = engine.dialect
+    pooled = engine.raw_connection()
+    try:
+        driver = pooled.driver_connection
+        assert driver is not None  # checked out: open
+        driver.autocommit = True
+        try:
+            with driver.cursor() as cursor:
+                cursor.execute(sql, row)
+                return cursor.fetchone() is not None
+        finally:
+            driver.autocommit = False
+    except dialect.loaded_dbapi.Error as exc:
+        disconnect = dialect.is_disconnect(exc, pooled.dbapi_connection, None)
+        if disconnect:
+            pooled.invalidate(exc)
+            # As SQLAlchemy does on a disconnect: the pool's other connections went with the
+            # server, so none is handed out again (a new pool; the old one's idle ones closed,
+            # those checked out by other requests left to them).
+            engine.dispose()
+        raise DBAPIError.instance(
+            sql,
+            None,
+            exc,
+            dialect.loaded_dbapi.Error,
+            hide_parameters=True,
+            connection_invalidated=disconnect,
+            dialect=dialect,
+        ) from exc
+    finally:
+        pooled.close()
+
+
+@functools.cache
+def _driver_insert(dialect: Dialect, columns: frozenset[str]) -> str | None:
+    """The insert of :func:`record` for exactly these columns, as the driver's SQL; ``None``
+    where the compiled statement names a parameter the row lacks (a Python-side default)."""
+    compiled: SQLCompiler = _insert_statement(dialect.name).compile(
+        dialect=dialect, column_keys=columns
+    )
+    if set(compiled.binds) != columns:
+        return None
+    return compiled.string
 
 
 @functools.cache

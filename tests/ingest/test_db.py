@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from ingest import media_rows
 from ingest.db import make_engine
 
 
@@ -108,3 +111,60 @@ def test_the_default_engine_pings_every_checkout(postgres_url: str, admin: Engin
     finally:
         engine.dispose()
     assert second != first
+
+
+def _arrival_row(message_id: str, now: datetime) -> dict[str, Any]:
+    """The columns the receiver gives a new row (ingest.intake), the instance left unchecked:
+    the statements below fail before the server reads it."""
+    return {
+        "instance_id": 1,
+        "message_id": message_id,
+        "media_type": "image",
+        "voice": False,
+        "animated": False,
+        "over_send_limit": False,
+        "received_at": now,
+        "expires_at": now,
+        "state": "pending",
+        "attempts": 0,
+        "lease_losses": 0,
+        "next_attempt_at": now,
+        "updated_at": now,
+    }
+
+
+def test_a_direct_insert_on_a_dead_connection_fails_as_sqlalchemy_and_renews_the_pool(
+    postgres_url: str, admin: Engine
+) -> None:
+    # Two pooled connections, both killed: the first insert meets one and fails with
+    # SQLAlchemy's error (the receiver's 503 reads those); the other must not be handed out
+    # again, as SQLAlchemy's own disconnect handling ensures for Core statements.
+    engine = make_engine(postgres_url, ping_after_idle=3600.0, pool_size=2, max_overflow=0)
+    try:
+        with engine.connect() as one, engine.connect() as two:
+            pids = [
+                int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+                for conn in (one, two)
+            ]
+        for pid in pids:
+            _kill(admin, pid)
+        with pytest.raises(OperationalError) as raised:
+            media_rows.insert_directly(engine, _arrival_row("wamid.dead", datetime.now(UTC)))
+        assert raised.value.connection_invalidated
+        with engine.connect() as one, engine.connect() as two:
+            fresh = [
+                int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+                for conn in (one, two)
+            ]
+    finally:
+        engine.dispose()
+    assert not set(fresh) & set(pids)
+
+
+def test_a_direct_insert_refuses_a_naive_datetime(postgres_url: str) -> None:
+    engine = make_engine(postgres_url)
+    try:
+        with pytest.raises(ValueError, match="naive"):
+            media_rows.insert_directly(engine, _arrival_row("wamid.naive", datetime.now()))
+    finally:
+        engine.dispose()
