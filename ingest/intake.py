@@ -294,6 +294,14 @@ def record_events(
     return Recorded(media=len(events), new=new, failed=failed, rewoken=rewoken)
 
 
+def records_directly(engine: Engine, events: Sequence[RoutedEvent]) -> bool:
+    """Does :func:`record_event_directly` take these? One event that is no provider error
+    (nearly every webhook), on an engine whose driver runs the insert (PostgreSQL)."""
+    return (
+        len(events) == 1 and events[0].event.fault is None and media_rows.inserts_directly(engine)
+    )
+
+
 def record_event_directly(
     engine: Engine,
     one_statement: Engine,
@@ -302,9 +310,9 @@ def record_event_directly(
     settings: Settings,
     received_at: datetime,
 ) -> Recorded:
-    """:func:`record_events` for one event that is no provider error, its insert run on the
-    driver (``media_rows.insert_directly``, where ``media_rows.inserts_directly(engine)``).
-    A repeat's stale wake-up is cleared in a statement of its own, as in autocommit there."""
+    """:func:`record_events` for one event (see :func:`records_directly`), its insert run on
+    the driver connection (``media_rows.insert_directly``). A repeat's stale wake-up is
+    cleared in a statement of its own, as the Core path does in autocommit."""
     if media_rows.insert_directly(engine, _row(routed, settings, received_at)):
         return Recorded(media=1, new=1, failed=0)
     with one_statement.begin() as connection:

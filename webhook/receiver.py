@@ -23,7 +23,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from ingest import media_rows, metrics
+from ingest import metrics
 from ingest.accounts import find_instance
 from ingest.db import DATABASE_DOWN
 from ingest.events import (
@@ -41,6 +41,7 @@ from ingest.intake import (
     is_one_insert,
     record_event_directly,
     record_events,
+    records_directly,
     verify_token_matches,
 )
 from ingest.models import Instance, utcnow
@@ -167,19 +168,14 @@ def _receive(instance_name: str | None, outcome: RequestSummary) -> Response:
                 "their media ids will be resolved",
                 parsed.dropped_urls,
             )
-        # One Core transaction, opened only once the request is authenticated and parsed (a
-        # rejection writes nothing); the insert tracks no ORM objects, so a Session would
-        # only add bookkeeping. Committed on leaving the block, rolled back on any error.
-        # A POST that fits one INSERT (nearly all: one message) is atomic by itself and runs
-        # in autocommit, without the BEGIN and COMMIT round trips; a larger one keeps its
-        # transaction, so a POST is recorded whole or not at all.
-        # One message on PostgreSQL, the webhook nearly every request is: its one insert runs
-        # on the driver connection itself (ingest.media_rows.insert_directly).
-        if (
-            len(routed) == 1
-            and routed[0].event.fault is None
-            and media_rows.inserts_directly(services.engine)
-        ):
+        # Written only once the request is authenticated and parsed (a rejection writes
+        # nothing). One message on PostgreSQL, nearly every webhook: its one insert runs on
+        # the driver connection in autocommit (ingest.media_rows.insert_directly). Otherwise
+        # one Core transaction (the insert tracks no ORM objects, so a Session would only add
+        # bookkeeping), committed on leaving the block and rolled back on any error; a POST
+        # that fits one INSERT is atomic by itself and runs in autocommit, without the BEGIN
+        # and COMMIT round trips, and a larger one is recorded whole or not at all.
+        if records_directly(services.engine, routed):
             recorded = record_event_directly(
                 services.engine,
                 services.one_statement,

@@ -976,3 +976,37 @@ def test_the_openapi_document_states_the_bounds_and_the_required_fields(client: 
         assert "INGEST_WEBHOOK_MAX_ITEMS" in post["responses"]["413"]["description"]
         assert "INGEST_WEBHOOK_MAX_ITEMS" in post["description"]
         assert "411" in post["responses"]
+
+
+def test_a_one_message_webhook_on_postgresql_inserts_on_the_driver_connection(
+    post: Any, instance: TestInstance, rows: Any, services: Services
+) -> None:
+    """The receiver's hot path (ingest.media_rows.insert_directly): a single message's insert
+    never goes through SQLAlchemy's statement execution, yet lands whole; two messages keep
+    the Core path. Fails if the row the receiver builds stops fitting the driver insert."""
+    if services.engine.dialect.name != "postgresql":
+        pytest.skip("the driver insert is PostgreSQL's; SQLite keeps the Core statement")
+    through_core: list[str] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO MEDIA_ITEMS"):
+            through_core.append(statement)
+
+    event.listen(services.engine, "before_cursor_execute", note)
+    try:
+        one = media_message(url=SIGNED_URL, caption="one")
+        assert post(encode(envelope(change(instance.phone_number_id, [one])))).status_code == 200
+        assert through_core == []
+        two = [media_message(caption="two"), media_message(caption="three")]
+        assert post(encode(envelope(change(instance.phone_number_id, two)))).status_code == 200
+        assert len(through_core) == 1
+    finally:
+        event.remove(services.engine, "before_cursor_execute", note)
+    stored = rows()
+    assert [row.caption for row in stored] == ["one", "two", "three"]
+    first = stored[0]
+    assert first.state == MediaState.PENDING
+    assert first.download_url == SIGNED_URL
+    assert first.lease_losses == 0
+    assert first.received_at.tzinfo is not None
+    assert first.url_deadline is not None and first.url_deadline > first.received_at
