@@ -281,48 +281,54 @@ def record_events(
     repeated = [
         key for key, routed in unique.items() if key not in inserted and routed.event.fault is None
     ]
-    rewoken = 0
-    if repeated:
-        # A provider redelivers when we did not answer, which may mean the process that
-        # committed the rows died first; a wake-up that old is presumed lost.
-        rewoken = media_rows.wake_redelivered(
-            session,
-            repeated,
-            now=received_at,
-            stale_before=received_at - wake_timeout(settings),
-        )
+    rewoken = _wake_repeats(session, repeated, settings, received_at) if repeated else 0
     return Recorded(media=len(events), new=new, failed=failed, rewoken=rewoken)
 
 
-def records_directly(engine: Engine, events: Sequence[RoutedEvent]) -> bool:
-    """Does :func:`record_event_directly` take these? One event that is no provider error
-    (nearly every webhook), on an engine whose driver runs the insert (PostgreSQL)."""
-    return (
-        len(events) == 1 and events[0].event.fault is None and media_rows.inserts_directly(engine)
-    )
-
-
-def record_event_directly(
+def record_webhook(
     engine: Engine,
     one_statement: Engine,
-    routed: RoutedEvent,
+    events: Sequence[RoutedEvent],
     *,
     settings: Settings,
     received_at: datetime,
 ) -> Recorded:
-    """:func:`record_events` for one event (see :func:`records_directly`), its insert run on
-    the driver connection (``media_rows.insert_directly``). A repeat's stale wake-up is
-    cleared in a statement of its own, as the Core path does in autocommit."""
-    if media_rows.insert_directly(engine, _row(routed, settings, received_at)):
-        return Recorded(media=1, new=1, failed=0)
-    with one_statement.begin() as connection:
-        rewoken = media_rows.wake_redelivered(
-            connection,
-            [(routed.instance_id, routed.event.message_id)],
-            now=received_at,
-            stale_before=received_at - wake_timeout(settings),
-        )
-    return Recorded(media=1, new=0, failed=0, rewoken=rewoken)
+    """:func:`record_events` for one webhook, written the cheapest way that keeps it whole.
+
+    One event that is no provider error, on PostgreSQL (nearly every webhook): its insert on
+    the driver connection in autocommit (``media_rows.insert_directly``). Events that fit one
+    INSERT: that statement in autocommit on ``one_statement``, atomic by itself, without the
+    BEGIN and COMMIT round trips. Anything else (more rows, or a provider error, whose
+    ``failed`` row is announced in the insert's transaction): one transaction on ``engine``,
+    recorded whole or not at all.
+    """
+    if len(events) == 1 and events[0].event.fault is None and media_rows.inserts_directly(engine):
+        routed = events[0]
+        if media_rows.insert_directly(engine, _row(routed, settings, received_at)):
+            return Recorded(media=1, new=1, failed=0)
+        key = (routed.instance_id, routed.event.message_id)
+        with one_statement.begin() as connection:
+            rewoken = _wake_repeats(connection, [key], settings, received_at)
+        return Recorded(media=1, new=0, failed=0, rewoken=rewoken)
+    with (one_statement if is_one_insert(events) else engine).begin() as connection:
+        return record_events(connection, events, settings=settings, received_at=received_at)
+
+
+def _wake_repeats(
+    executor: Session | Connection,
+    repeated: Sequence[tuple[int, str]],
+    settings: Settings,
+    received_at: datetime,
+) -> int:
+    """Rows a webhook named again, already recorded: a provider redelivers when we did not
+    answer, which may mean the process that committed them died first, so a wake-up older
+    than :func:`wake_timeout` is presumed lost and sent again."""
+    return media_rows.wake_redelivered(
+        executor,
+        repeated,
+        now=received_at,
+        stale_before=received_at - wake_timeout(settings),
+    )
 
 
 def wake_timeout(settings: Settings) -> timedelta:

@@ -212,9 +212,6 @@ def insert_directly(engine: Engine, row: dict[str, Any]) -> bool:
     session's time zone.
     """
     sql = _driver_insert(engine.dialect, frozenset(row))
-    if sql is None:  # a column left to a Python-side default: the Core statement fills it
-        with engine.begin() as connection:
-            return bool(record(connection, [row]))
     for value in row.values():
         if isinstance(value, datetime) and value.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column")
@@ -252,14 +249,17 @@ def insert_directly(engine: Engine, row: dict[str, Any]) -> bool:
 
 
 @functools.cache
-def _driver_insert(dialect: Dialect, columns: frozenset[str]) -> str | None:
-    """The insert of :func:`record` for exactly these columns, as the driver's SQL; ``None``
-    where the compiled statement names a parameter the row lacks (a Python-side default)."""
+def _driver_insert(dialect: Dialect, columns: frozenset[str]) -> str:
+    """The insert of :func:`record` for exactly these columns, as the driver's SQL.
+
+    Driver SQL fills in no Python-side column default: a row that leaves one out (the
+    compiled statement then names a parameter the row lacks) is a programming error."""
     compiled: SQLCompiler = _insert_statement(dialect.name).compile(
         dialect=dialect, column_keys=columns
     )
-    if set(compiled.binds) != columns:
-        return None
+    missing = set(compiled.binds) - columns
+    if missing:
+        raise ValueError(f"row leaves columns to their Python-side defaults: {sorted(missing)}")
     return compiled.string
 
 

@@ -38,10 +38,7 @@ from ingest.intake import (
     Recorded,
     RoutedEvent,
     authenticate,
-    is_one_insert,
-    record_event_directly,
-    record_events,
-    records_directly,
+    record_webhook,
     verify_token_matches,
 )
 from ingest.models import Instance, utcnow
@@ -169,26 +166,14 @@ def _receive(instance_name: str | None, outcome: RequestSummary) -> Response:
                 parsed.dropped_urls,
             )
         # Written only once the request is authenticated and parsed (a rejection writes
-        # nothing). One message on PostgreSQL, nearly every webhook: its one insert runs on
-        # the driver connection in autocommit (ingest.media_rows.insert_directly). Otherwise
-        # one Core transaction (the insert tracks no ORM objects, so a Session would only add
-        # bookkeeping), committed on leaving the block and rolled back on any error; a POST
-        # that fits one INSERT is atomic by itself and runs in autocommit, without the BEGIN
-        # and COMMIT round trips, and a larger one is recorded whole or not at all.
-        if records_directly(services.engine, routed):
-            recorded = record_event_directly(
-                services.engine,
-                services.one_statement,
-                routed[0],
-                settings=settings,
-                received_at=received_at,
-            )
-        else:
-            engine = services.one_statement if is_one_insert(routed) else services.engine
-            with engine.begin() as connection:
-                recorded = record_events(
-                    connection, routed, settings=settings, received_at=received_at
-                )
+        # nothing), on a Core connection or the driver's: no ORM objects to track.
+        recorded = record_webhook(
+            services.engine,
+            services.one_statement,
+            routed,
+            settings=settings,
+            received_at=received_at,
+        )
 
     outcome.media = recorded.media
     outcome.new = recorded.new
