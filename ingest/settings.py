@@ -207,11 +207,10 @@ class Settings(BaseSettings):
     # Touched every few seconds while the worker's consumer runs (`ingest worker-alive`).
     # Default: <var_dir>/worker.heartbeat.
     worker_heartbeat_file: Path | None = None
-    # The wake-up relay (ingest.wake_relay) in each worker process. Without PostgreSQL's
-    # notifications it looks for new rows this often (the embedded SQLite default); with
-    # them, this often regardless, in case a notification was missed.
+    # The wake-up relay (ingest.wake_relay) in each worker process looks for newly committed
+    # rows this often: the longest a new row waits for its wake-up, and the gap between
+    # passes under load.
     relay_poll_seconds: float = Field(default=0.05, gt=0)
-    relay_fallback_seconds: float = Field(default=1.0, gt=0)
     # Rows named by one wake-up message at most: one message, one claim's worth of Celery
     # overhead, for several rows, run side by side. A message carries at most the rows a
     # worker process runs at once (rows_side_by_side), and wake_batch only in a backlog of

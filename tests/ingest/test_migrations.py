@@ -209,3 +209,35 @@ def test_0006_keeps_rows_admits_the_new_states_only_and_guards_its_downgrade(
         assert "removed_at" in {c["name"] for c in inspect(engine).get_columns("media_items")}
     finally:
         engine.dispose()
+
+
+def _insert_triggers(engine: Engine) -> set[str]:
+    with engine.connect() as connection:
+        return set(
+            connection.scalars(
+                text(
+                    "SELECT tgname FROM pg_trigger "
+                    "WHERE tgrelid = 'media_items'::regclass AND NOT tgisinternal"
+                )
+            )
+        )
+
+
+def test_0008_leaves_inserts_without_a_notification_and_its_downgrade_restores_it(
+    database_url: str,
+) -> None:
+    """The relay polls (ingest.wake_relay): no insert pays for a NOTIFY, whose commits
+    PostgreSQL serialises. The older code listens for it, so a downgrade puts it back."""
+    if database_url.startswith("sqlite"):
+        pytest.skip("the notification trigger was PostgreSQL's only")
+    from alembic import command
+
+    engine = make_engine(database_url)
+    try:
+        assert _insert_triggers(engine) == set()
+        command.downgrade(migrate.alembic_config(database_url), "0007")
+        assert _insert_triggers(engine) == {"media_items_new_notify"}
+        migrate.upgrade(database_url)
+        assert _insert_triggers(engine) == set()
+    finally:
+        engine.dispose()

@@ -1,6 +1,6 @@
 """The wake-up relay: every committed row without a wake-up gets one, exactly once, several
 rows to a message; a broker that refuses leaves the rows for the next pass; the relay thread
-wakes on PostgreSQL's notification, or polls elsewhere."""
+polls for new rows."""
 
 from __future__ import annotations
 
@@ -212,19 +212,17 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> float:
     return time.monotonic() - started
 
 
-def test_the_relay_thread_publishes_committed_rows_promptly(
+def test_the_relay_thread_publishes_committed_rows_within_its_poll_interval(
     sessions: sessionmaker[Session], make_settings: Any, database_url: str
 ) -> None:
-    """On PostgreSQL the fallback pass is 30 s away: only the notification can explain a
-    prompt wake-up. On SQLite the relay polls."""
-    settings = make_settings(
-        database_url=database_url, relay_fallback_seconds=30.0, relay_poll_seconds=0.05
-    )
+    """The first pass (at start) has found nothing: only the poll explains a prompt
+    wake-up, on PostgreSQL as on SQLite (no notification is sent with an insert)."""
+    settings = make_settings(database_url=database_url, relay_poll_seconds=0.05)
     scheduler = RecordingScheduler()
     loop = RelayLoop(sessions, scheduler, settings)
     loop.start()
     try:
-        time.sleep(0.3)  # listening by now
+        time.sleep(0.3)  # past the first pass
         receive(sessions, event("w1"), settings=settings)
         waited = wait_until(lambda: len(scheduler.jobs) == 1, timeout=10.0)
         assert waited < 5.0
@@ -237,14 +235,31 @@ def test_the_relay_thread_publishes_committed_rows_promptly(
     assert not any_unwoken(sessions)
 
 
+def test_rows_committed_while_the_relay_sleeps_wait_for_its_next_poll(
+    sessions: sessionmaker[Session], make_settings: Any, database_url: str
+) -> None:
+    """Nothing but the poll wakes the relay: with the poll 30 s away, a row committed after
+    the first pass is not relayed in the next second."""
+    settings = make_settings(database_url=database_url, relay_poll_seconds=30.0)
+    scheduler = RecordingScheduler()
+    loop = RelayLoop(sessions, scheduler, settings)
+    loop.start()
+    try:
+        time.sleep(0.3)  # past the first pass
+        receive(sessions, event("w1"), settings=settings)
+        time.sleep(1.0)
+        assert scheduler.jobs == []
+        assert any_unwoken(sessions)
+    finally:
+        loop.stop()
+
+
 def test_rows_committed_before_the_relay_started_are_published_at_its_start(
     sessions: sessionmaker[Session], make_settings: Any, database_url: str
 ) -> None:
-    """Their notifications went to nobody, and the fallback and poll passes are 30 s away:
-    only a first pass at start explains a prompt wake-up (a restarted worker's backlog)."""
-    settings = make_settings(
-        database_url=database_url, relay_fallback_seconds=30.0, relay_poll_seconds=30.0
-    )
+    """The next poll is 30 s away: only a first pass at start explains a prompt wake-up
+    (a restarted worker's backlog)."""
+    settings = make_settings(database_url=database_url, relay_poll_seconds=30.0)
     receive(sessions, event("w1"), event("w2"), settings=settings)
     scheduler = RecordingScheduler()
     loop = RelayLoop(sessions, scheduler, settings)
@@ -259,7 +274,7 @@ def test_rows_committed_before_the_relay_started_are_published_at_its_start(
 def test_the_relay_thread_outlives_a_refusing_broker(
     sessions: sessionmaker[Session], make_settings: Any, database_url: str
 ) -> None:
-    settings = make_settings(database_url=database_url, relay_fallback_seconds=0.2)
+    settings = make_settings(database_url=database_url, relay_poll_seconds=0.2)
 
     class FlakyScheduler(RecordingScheduler):
         refusals = 2
