@@ -1,14 +1,14 @@
 """The wake-up trigger's ceiling: the receiver's write from many connections, with and without
-the ``NOTIFY`` that migration 0007's trigger sends with every insert.
+the ``NOTIFY`` that migration 0007's trigger sent with every insert (0008 dropped it).
 
 ``python -m bench.notify_ceiling [--tiny] [--output PATH]`` prints one JSON line and writes
-``bench/results/notify.json``. Not part of ``make bench``: it measures a limit of the design
-(``docs/ARCHITECTURE.md``), not a goal.
+``bench/results/notify.json``. Not part of ``make bench``: it measures why the design changed
+(``docs/ARCHITECTURE.md``, the wake-up relay), not a goal.
 
 PostgreSQL serialises the commits of transactions that sent a notification (they queue behind
 one lock), so past some rate a notifying insert waits for every other one's commit, its WAL
-flush included. Two scratch databases on the same server, one with the trigger and one
-without it; ``processes`` spawned processes of ``threads`` threads each call
+flush included. Two scratch databases on the same server, one migrated to 0007 (the trigger)
+and one to the head (none); ``processes`` spawned processes of ``threads`` threads each call
 ``intake.record_webhook`` (the receiver's own write: one new single-image message, the
 driver insert in autocommit) ``rows`` times per thread; the two take turns for ``rounds``
 rounds. Reported per round: inserts/s and the whole machine's CPU per insert (both clients and
@@ -39,7 +39,8 @@ from sqlalchemy import text
 from bench.webhook_bench import DEFAULT_DATABASE, INSTANCE, _register_instance, image_body
 
 RESULTS = Path(__file__).parent / "results"
-TRIGGER = "media_items_new_notify"
+# The last revision whose trigger notified with every insert into media_items.
+TRIGGER_REVISION = "0007"
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,24 @@ def _insert_rows(database_url: str, label: str, threads: int, rows: int, start: 
     engine.dispose()
 
 
+def _notifies(database_url: str) -> bool:
+    """Does an insert into ``media_items`` fire a trigger (0007's notification)?"""
+    from ingest.db import make_engine
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            count = connection.scalar(
+                text(
+                    "SELECT count(*) FROM pg_trigger "
+                    "WHERE tgrelid = 'media_items'::regclass AND NOT tgisinternal"
+                )
+            )
+    finally:
+        engine.dispose()
+    return bool(count)
+
+
 def _machine_busy() -> float:
     # As bench.worker_bench.MachineCpu: guest time is inside user time already.
     times = psutil.cpu_times()._asdict()
@@ -133,7 +152,9 @@ def _phase(database_url: str, plan: Plan) -> dict[str, float]:
 
 
 def run(plan: Plan, database_server: str) -> dict[str, Any]:
-    from ingest.db import make_engine
+    from alembic import command
+
+    from ingest import migrate
     from ingest.secrets import generate_key
     from sandbox.stacks import create_postgres_database
 
@@ -142,12 +163,11 @@ def run(plan: Plan, database_server: str) -> dict[str, Any]:
         for variant in ("with_trigger", "without_trigger"):
             url, drop = create_postgres_database(database_server)
             stack.callback(drop)
+            if variant == "with_trigger":
+                command.downgrade(migrate.alembic_config(url), TRIGGER_REVISION)
             _register_instance(url, generate_key())
-            if variant == "without_trigger":
-                engine = make_engine(url)
-                with engine.begin() as connection:
-                    connection.execute(text(f"DROP TRIGGER {TRIGGER} ON media_items"))
-                engine.dispose()
+            if _notifies(url) != (variant == "with_trigger"):
+                raise RuntimeError(f"{variant}: the schema is not what this bench compares")
             urls[variant] = url
         rounds = [
             {variant: _phase(url, plan) for variant, url in urls.items()}

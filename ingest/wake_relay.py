@@ -9,7 +9,7 @@ them) and publishes their wake-ups, several rows to a message (``settings.wake_b
   the partial index of unwoken rows that takes no write lock, and passes when one does. Not
   ``LISTEN/NOTIFY`` on PostgreSQL (dropped by migration 0008): PostgreSQL serialises the commits
   of notifying transactions: a notification with every insert cost the receiver's write
-  16-26 % of its rate at about 2,000 inserts/s, and 7-17 % more of the machine's CPU an
+  16-26 % of its rate at about 2,000 inserts/s, and 8-23 % more of the machine's CPU an
   insert (``python -m bench.notify_ceiling``, ``docs/THROUGHPUT.md``). A poll costs a read
   every 50 ms per worker process, and a new row at most 50 ms of waiting.
 - **Many relays**: every worker process runs one, so a relay is never a single point of
