@@ -11,7 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest import media_rows
@@ -116,6 +116,26 @@ def test_rows_not_pending_or_not_due_are_not_relayed(
     assert relay_pass(sessions, scheduler, settings) == 1
     assert [job.media_item_id for job in scheduler.take()] == [due]
     assert not any_unwoken(sessions)  # nothing worth a pass (and a write lock) until later
+
+
+def test_asking_for_unwoken_rows_waits_on_no_writer(
+    sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    """Every worker's relay asks 20 times a second: on SQLite the question must read beside
+    a writer holding the database's one write lock, not queue behind it."""
+    receive(sessions, event("w1"), settings=settings)
+    answers: list[bool] = []
+    with sessions() as writer:
+        # A write in progress, uncommitted: on SQLite the write lock is held from here.
+        writer.execute(update(MediaItem).values(caption="being written"))
+        asking = threading.Thread(target=lambda: answers.append(any_unwoken(sessions)))
+        asking.start()
+        asking.join(timeout=10.0)
+        finished = not asking.is_alive()
+        writer.rollback()
+    asking.join()
+    assert finished, "the question waited for the writer"
+    assert answers == [True]
 
 
 def test_a_refusing_broker_leaves_the_rows_for_the_next_pass(
