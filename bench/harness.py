@@ -15,15 +15,25 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
     from sandbox.processes import ManagedProcess, ProcessGroup
 
 # Given a request id unique within the run, the body and the headers that go with it only
 # (a signature, say). Must be a module-level function: it crosses into spawned processes.
 BodyFactory = Callable[[str], tuple[bytes, dict[str, str]]]
+
+
+PlanT = TypeVar("PlanT", bound="DataclassInstance")
+
+
+def with_overrides(plan: PlanT, **values: Any) -> PlanT:
+    """``plan`` (a dataclass) with the values given on the command line; ``None`` is not given."""
+    return replace(plan, **{key: value for key, value in values.items() if value is not None})
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psutil
 from sqlalchemy import text
 
+from bench.harness import with_overrides
 from bench.webhook_bench import DEFAULT_DATABASE, INSTANCE, _register_instance, image_body
+from bench.worker_bench import machine_busy_seconds
 
 RESULTS = Path(__file__).parent / "results"
 # The last revision whose trigger notified with every insert into media_items.
@@ -111,18 +112,6 @@ def _notifies(database_url: str) -> bool:
     return bool(count)
 
 
-def _machine_busy() -> float:
-    # As bench.worker_bench.MachineCpu: guest time is inside user time already.
-    times = psutil.cpu_times()._asdict()
-    return float(
-        sum(
-            value
-            for name, value in times.items()
-            if name not in {"idle", "iowait", "guest", "guest_nice"}
-        )
-    )
-
-
 def _phase(database_url: str, plan: Plan) -> dict[str, float]:
     label = uuid.uuid4().hex[:12]
     context = multiprocessing.get_context("spawn")
@@ -137,10 +126,10 @@ def _phase(database_url: str, plan: Plan) -> dict[str, float]:
     for client in clients:
         client.start()
     start.wait(timeout=120)
-    busy, started = _machine_busy(), time.perf_counter()
+    busy, started = machine_busy_seconds(), time.perf_counter()
     for client in clients:
         client.join()
-    elapsed, busy = time.perf_counter() - started, _machine_busy() - busy
+    elapsed, busy = time.perf_counter() - started, machine_busy_seconds() - busy
     failed = [client.exitcode for client in clients if client.exitcode != 0]
     if failed:
         raise RuntimeError(f"{len(failed)} client process(es) failed: exit codes {failed}")
@@ -203,16 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     plan = TINY if args.tiny else FULL
-    overrides = {
-        key: value
-        for key, value in {
-            "processes": args.processes,
-            "threads": args.threads,
-            "rounds": args.rounds,
-        }.items()
-        if value is not None
-    }
-    plan = Plan(**{**asdict(plan), **overrides})
+    plan = with_overrides(plan, processes=args.processes, threads=args.threads, rounds=args.rounds)
     database = os.environ.get("INGEST_TEST_DATABASE_URL") or DEFAULT_DATABASE
     result = run(plan, database)
     args.output.parent.mkdir(parents=True, exist_ok=True)

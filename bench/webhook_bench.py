@@ -33,7 +33,7 @@ from typing import Any
 from flask import Flask
 from sqlalchemy import func, select
 
-from bench.harness import Request, generate_load, gunicorn, summarise
+from bench.harness import Request, generate_load, gunicorn, summarise, with_overrides
 from ingest.intake import sign
 
 RESULTS = Path(__file__).parent / "results"
@@ -345,17 +345,13 @@ def main(argv: list[str] | None = None) -> int:
         from ingest.settings import Settings
 
         plan = Plan(**{**asdict(plan), "web_workers": Settings().web_workers})
-    overrides = {
-        key: value
-        for key, value in {
-            "seconds": args.seconds,
-            "connections": args.connections,
-            "web_workers": args.workers,
-            "rounds": args.rounds,
-        }.items()
-        if value is not None
-    }
-    plan = Plan(**{**asdict(plan), **overrides})
+    plan = with_overrides(
+        plan,
+        seconds=args.seconds,
+        connections=args.connections,
+        web_workers=args.workers,
+        rounds=args.rounds,
+    )
     database = os.environ.get("INGEST_TEST_DATABASE_URL") or DEFAULT_DATABASE
     redis_url = os.environ.get("INGEST_TEST_REDIS_URL") or DEFAULT_REDIS
     result = run(plan, database, redis_url, args.tiny)

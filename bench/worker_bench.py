@@ -188,6 +188,14 @@ def _rss(process: ManagedProcess) -> int:
     return total
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all cores)."""
+    # Linux counts guest time inside user time already: those two fields are left out.
+    times = psutil.cpu_times()._asdict()
+    idle = {"idle", "iowait", "guest", "guest_nice"}
+    return float(sum(value for name, value in times.items() if name not in idle))
+
+
 class MachineCpu:
     """CPU used by the whole machine and by the helper processes over one interval.
 
@@ -201,16 +209,9 @@ class MachineCpu:
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
-        self._busy = self._machine_busy()
+        self._busy = machine_busy_seconds()
         self._started = time.perf_counter()
         self._before = self._helper_times()
-
-    @staticmethod
-    def _machine_busy() -> float:
-        # Linux counts guest time inside user time already: those two fields are left out.
-        times = psutil.cpu_times()._asdict()
-        idle = {"idle", "iowait", "guest", "guest_nice"}
-        return float(sum(value for name, value in times.items() if name not in idle))
 
     def _helper_times(self) -> dict[int, tuple[str, float]]:
         labels = {pid: name for name, pid in self.pids.items()}
@@ -228,7 +229,7 @@ class MachineCpu:
 
     def report(self, items: int) -> dict[str, Any]:
         elapsed = time.perf_counter() - self._started
-        busy = self._machine_busy() - self._busy
+        busy = machine_busy_seconds() - self._busy
         per_label: dict[str, float] = {}
         for pid, (label, cpu) in self._helper_times().items():
             before = self._before.get(pid, (label, 0.0))[1]

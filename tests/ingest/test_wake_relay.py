@@ -232,17 +232,25 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> float:
     return time.monotonic() - started
 
 
+def relay_past_its_first_pass(
+    sessions: sessionmaker[Session], settings: Settings
+) -> tuple[RelayLoop, RecordingScheduler]:
+    """A started relay thread whose first pass (at start, on an empty table) is over."""
+    scheduler = RecordingScheduler()
+    loop = RelayLoop(sessions, scheduler, settings)
+    loop.start()
+    time.sleep(0.3)
+    return loop, scheduler
+
+
 def test_the_relay_thread_publishes_committed_rows_within_its_poll_interval(
     sessions: sessionmaker[Session], make_settings: Any, database_url: str
 ) -> None:
     """The first pass (at start) has found nothing: only the poll explains a prompt
     wake-up, on PostgreSQL as on SQLite (no notification is sent with an insert)."""
     settings = make_settings(database_url=database_url, relay_poll_seconds=0.05)
-    scheduler = RecordingScheduler()
-    loop = RelayLoop(sessions, scheduler, settings)
-    loop.start()
+    loop, scheduler = relay_past_its_first_pass(sessions, settings)
     try:
-        time.sleep(0.3)  # past the first pass
         receive(sessions, event("w1"), settings=settings)
         waited = wait_until(lambda: len(scheduler.jobs) == 1, timeout=10.0)
         assert waited < 5.0
@@ -261,11 +269,8 @@ def test_rows_committed_while_the_relay_sleeps_wait_for_its_next_poll(
     """Nothing but the poll wakes the relay: with the poll 30 s away, a row committed after
     the first pass is not relayed in the next second."""
     settings = make_settings(database_url=database_url, relay_poll_seconds=30.0)
-    scheduler = RecordingScheduler()
-    loop = RelayLoop(sessions, scheduler, settings)
-    loop.start()
+    loop, scheduler = relay_past_its_first_pass(sessions, settings)
     try:
-        time.sleep(0.3)  # past the first pass
         receive(sessions, event("w1"), settings=settings)
         time.sleep(1.0)
         assert scheduler.jobs == []
