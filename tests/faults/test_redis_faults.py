@@ -98,8 +98,12 @@ def test_redis_flushall_mid_burst_every_pending_row_is_rewoken_within_two_passes
     start_stack: Callable[..., FaultStack],
 ) -> None:
     interval = 2
-    # The default lease (900 s): a lost wake-up must not wait for it.
-    stack = start_stack(env={"INGEST_RECONCILE_INTERVAL_SECONDS": str(interval)})
+    # The default lease (900 s): a lost wake-up must not wait for it. Four rows at a time per
+    # worker: with eight, its tasks once started (and claimed) the relay's rows as fast as
+    # they came, and no wake-up was left in Redis to lose (pending_at_flush 0).
+    stack = start_stack(
+        env={"INGEST_RECONCILE_INTERVAL_SECONDS": str(interval)}, worker_concurrency=4
+    )
     number = stack.add_number()
     stack.set_faults(latency_ms=300)  # slower than the webhooks arrive: a queue builds up
     burst = stack.post_in_background(number, stack.add_media(number, 200))
