@@ -3,7 +3,9 @@
 The generator runs in separate processes (spawned, so the server under test and the client
 do not share a GIL), each with threads holding one ``http.client`` connection apiece,
 re-opened whenever the server closes it.
-Requests before the warm-up ends are sent and answered but not measured.
+Requests before the warm-up ends are sent and answered but not measured. Every generator
+process starts its clock at the same moment, once all of them are ready, so a caller can take
+readings of its own over exactly the measured window (a :class:`Window`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ import queue as queue_module
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import psutil
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -57,6 +62,14 @@ class LoadPlan(Protocol):
     def load_processes(self) -> int: ...
 
 
+class Window(Protocol):
+    """Readings over the measured window: ``begin`` as the warm-up ends, ``end`` as the load
+    stops, both called from a thread of the generating process."""
+
+    def begin(self) -> None: ...
+    def end(self) -> None: ...
+
+
 @dataclass
 class LoadResult:
     latencies_ms: list[float]
@@ -74,9 +87,12 @@ def _load_process(
     warmup: float,
     tag: str,
     queue: Any,
+    start_at: Callable[[], float],
 ) -> None:
-    """One generator process: ``connections`` threads, each one connection, for ``seconds``."""
-    start = time.monotonic() + 0.2
+    """One generator process: ``connections`` threads, each one connection, for ``seconds``
+    from the moment ``start_at`` returns (a ``time.monotonic`` reading, one clock for every
+    process of the machine)."""
+    start = start_at()
     measure_from = start + warmup
     stop = measure_from + seconds
     latencies: list[list[float]] = [[] for _ in range(connections)]
@@ -142,20 +158,39 @@ def _merge(counts: list[dict[int, int]]) -> dict[int, int]:
     return merged
 
 
-def generate_load(port: int, request: Request, plan: LoadPlan, label: str = "load") -> LoadResult:
+def generate_load(
+    port: int,
+    request: Request,
+    plan: LoadPlan,
+    label: str = "load",
+    *,
+    window: Window | None = None,
+) -> LoadResult:
     """``plan.connections`` connections to ``127.0.0.1:port`` split over the load processes.
 
     ``plan.load_processes == 0`` runs the threads in this process instead, sparing the
     seconds a spawned process costs (smoke runs only: the client then shares our GIL).
+    ``window``, when given, is read as the measured window begins and ends.
     """
     if plan.load_processes == 0:
         inline: queue_module.Queue[LoadResult] = queue_module.Queue()
-        _load_process(
-            port, request, plan.connections, plan.seconds, plan.warmup_seconds, label, inline
-        )
+        start = time.monotonic() + START_DELAY_SECONDS
+        with _reading(window, start + plan.warmup_seconds, plan.seconds):
+            _load_process(
+                port,
+                request,
+                plan.connections,
+                plan.seconds,
+                plan.warmup_seconds,
+                label,
+                inline,
+                lambda: start,
+            )
         return inline.get()
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
+    # Spawned processes take a second or more to import; the clock starts once all have.
+    starting = _SharedStart(context, plan.load_processes)
     per_process = max(1, plan.connections // plan.load_processes)
     processes = [
         context.Process(
@@ -168,13 +203,16 @@ def generate_load(port: int, request: Request, plan: LoadPlan, label: str = "loa
                 plan.warmup_seconds,
                 f"{label}{i}",
                 queue,
+                starting.wait,
             ),
         )
         for i in range(plan.load_processes)
     ]
     for process in processes:
         process.start()
-    results = [queue.get(timeout=plan.seconds + plan.warmup_seconds + 120) for _ in processes]
+    start = starting.release()
+    with _reading(window, start + plan.warmup_seconds, plan.seconds):
+        results = [queue.get(timeout=plan.seconds + plan.warmup_seconds + 120) for _ in processes]
     for process in processes:
         process.join(timeout=30)
     return LoadResult(
@@ -184,6 +222,59 @@ def generate_load(port: int, request: Request, plan: LoadPlan, label: str = "loa
         seconds=plan.seconds,
         acknowledged=sum(result.acknowledged for result in results),
     )
+
+
+# From the start's announcement to the first request: time for every thread to be waiting.
+START_DELAY_SECONDS = 0.2
+# How long the load processes may take to be ready (spawning and importing).
+READY_TIMEOUT_SECONDS = 120.0
+
+
+class _SharedStart:
+    """One start time for every load process, announced once all of them are ready.
+
+    Picklable into the spawned processes (a barrier and a shared double): each calls
+    :meth:`wait`, the parent :meth:`release`."""
+
+    def __init__(self, context: Any, processes: int) -> None:
+        self._ready = context.Barrier(processes + 1)
+        self._go = context.Barrier(processes + 1)
+        self._start = context.Value("d", 0.0)
+
+    def wait(self) -> float:
+        self._ready.wait(READY_TIMEOUT_SECONDS)
+        self._go.wait(READY_TIMEOUT_SECONDS)
+        return float(self._start.value)
+
+    def release(self) -> float:
+        self._ready.wait(READY_TIMEOUT_SECONDS)
+        start = time.monotonic() + START_DELAY_SECONDS
+        self._start.value = start
+        self._go.wait(READY_TIMEOUT_SECONDS)
+        return start
+
+
+@contextmanager
+def _reading(window: Window | None, measure_from: float, seconds: float) -> Iterator[None]:
+    """Read ``window`` at ``measure_from`` and ``seconds`` later, in a thread, while the
+    block generates the load; the block waits for the last reading."""
+    if window is None:
+        yield
+        return
+    probe = window
+
+    def read() -> None:
+        time.sleep(max(0.0, measure_from - time.monotonic()))
+        probe.begin()
+        time.sleep(max(0.0, measure_from + seconds - time.monotonic()))
+        probe.end()
+
+    thread = threading.Thread(target=read, name="load-window", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
 
 
 def summarise(result: LoadResult) -> dict[str, Any]:
@@ -240,3 +331,80 @@ def gunicorn(
     process = serve_on_free_port(start, "/healthz")
     assert process.base_url is not None
     return process, int(process.base_url.rsplit(":", 1)[1])
+
+
+# --- CPU readings -------------------------------------------------------------------------
+
+
+def process_tree(process: ManagedProcess) -> list[psutil.Process]:
+    """The process and every descendant it has now."""
+    root = psutil.Process(process.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def tree_cpu_seconds(process: ManagedProcess) -> float:
+    """User and system CPU seconds of the process and its descendants alive now."""
+    total = 0.0
+    for proc in process_tree(process):
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all cores)."""
+    # Linux counts guest time inside user time already: those two fields are left out.
+    times = psutil.cpu_times()._asdict()
+    idle = {"idle", "iowait", "guest", "guest_nice"}
+    return float(sum(value for name, value in times.items() if name not in idle))
+
+
+class MachineCpu:
+    """CPU used by the whole machine and by the helper processes over one interval.
+
+    Everything here shares two cores: a contender that leaves the machine saturated is
+    limited by CPU, not by waiting on the CDN, and the helpers' share shows who used it.
+    Helpers are the CDN and S3 server (by pid) and PostgreSQL's and Redis' server processes
+    (by name, looked up at both ends: PostgreSQL forks a process per new connection).
+    """
+
+    SERVERS = {"postgres": "postgresql", "redis-server": "redis"}
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self._busy = machine_busy_seconds()
+        self._started = time.perf_counter()
+        self._before = self._helper_times()
+
+    def _helper_times(self) -> dict[int, tuple[str, float]]:
+        labels = {pid: name for name, pid in self.pids.items()}
+        found: dict[int, tuple[str, float]] = {}
+        for proc in psutil.process_iter(["name", "cpu_times"]):
+            name = proc.info["name"] or ""
+            label = labels.get(proc.pid) or next(
+                (server for prefix, server in self.SERVERS.items() if name.startswith(prefix)),
+                None,
+            )
+            times = proc.info["cpu_times"]
+            if label is not None and times is not None:
+                found[proc.pid] = (label, times.user + times.system)
+        return found
+
+    def report(self, items: int) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self._started
+        busy = machine_busy_seconds() - self._busy
+        per_label: dict[str, float] = {}
+        for pid, (label, cpu) in self._helper_times().items():
+            before = self._before.get(pid, (label, 0.0))[1]
+            per_label[label] = per_label.get(label, 0.0) + cpu - before
+        return {
+            "cores_busy": round(busy / elapsed, 2),
+            "machine_cpu_ms_per_item": round(1000 * busy / max(items, 1), 2),
+            "helpers_cpu_ms_per_item": {
+                label: round(1000 * cpu / max(items, 1), 2)
+                for label, cpu in sorted(per_label.items())
+            },
+        }

@@ -35,9 +35,8 @@ from typing import Any
 
 from sqlalchemy import text
 
-from bench.harness import with_overrides
+from bench.harness import machine_busy_seconds, with_overrides
 from bench.webhook_bench import DEFAULT_DATABASE, INSTANCE, _register_instance, image_body
-from bench.worker_bench import machine_busy_seconds
 
 RESULTS = Path(__file__).parent / "results"
 # The last revision whose trigger notified with every insert into media_items.

@@ -158,21 +158,33 @@ def webhook_rounds_note(webhook: dict[str, Any]) -> list[str]:
     lines = _rounds_table(
         "Webhooks, every round",
         "Bare Flask then the receiver, in turns on the same gunicorn settings and load; the "
-        "table above reports the round with the median ratio.",
+        "table above reports the round with the median ratio. CPU is read over each measured "
+        "window and divided by its requests: the server's processes (gunicorn's), "
+        "PostgreSQL's, and the whole machine's, the load generator's included; the machine is "
+        "saturated in both, so the ratio follows the inverse of the machine's CPU a request.",
         [
             "round",
             "bare Flask requests/s",
             "receiver requests/s",
             "ratio",
             "p99 ms: bare Flask, receiver",
+            "CPU us a request, bare Flask: gunicorn, machine",
+            "receiver: gunicorn, PostgreSQL, machine",
         ],
     )
     for number, r in enumerate(rounds, 1):
+        bare_cpu, web_cpu = r.get("bare_cpu_us") or {}, r.get("webhook_cpu_us") or {}
         lines.append(
             f"| {number} | {r['bare_rps']:,.0f} | {r['webhook_rps']:,.0f} | {r['ratio']:.3f} | "
-            f"{_num(r.get('bare_p99_ms'), 1)}, {_num(r.get('webhook_p99_ms'), 1)} |"
+            f"{_num(r.get('bare_p99_ms'), 1)}, {_num(r.get('webhook_p99_ms'), 1)} | "
+            f"{_cpu_cells(bare_cpu, ('server', 'machine'))} | "
+            f"{_cpu_cells(web_cpu, ('server', 'postgresql', 'machine'))} |"
         )
     return lines
+
+
+def _cpu_cells(cpu: dict[str, Any], parts: Sequence[str]) -> str:
+    return ", ".join(_num(cpu.get(part), 0) for part in parts)
 
 
 def rounds_note(worker: dict[str, Any]) -> list[str]:

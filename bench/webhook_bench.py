@@ -28,13 +28,24 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 from sqlalchemy import func, select
 
-from bench.harness import Request, generate_load, gunicorn, summarise, with_overrides
+from bench.harness import (
+    MachineCpu,
+    Request,
+    generate_load,
+    gunicorn,
+    summarise,
+    tree_cpu_seconds,
+    with_overrides,
+)
 from ingest.intake import sign
+
+if TYPE_CHECKING:
+    from sandbox.processes import ManagedProcess
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_DATABASE = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -164,9 +175,47 @@ WEBHOOK = Request(
 )
 
 
-def _summary(port: int, plan: Plan, label: str) -> dict[str, Any]:
-    load = generate_load(port, WEBHOOK, plan, label)
-    return {**summarise(load), "acknowledged_total": load.acknowledged}
+class RequestCpu:
+    """CPU spent over the measured window, per request measured in it: the server's processes
+    (gunicorn's and its workers'), PostgreSQL's, and the whole machine's, the load
+    generator's included (everything shares the same cores, so the machine's CPU per
+    request is what the throughput follows)."""
+
+    def __init__(self, server: ManagedProcess) -> None:
+        self.server = server
+        self._machine: MachineCpu | None = None
+        self._server_before = 0.0
+        self._readings: dict[str, float] = {}
+
+    def begin(self) -> None:
+        self._server_before = tree_cpu_seconds(self.server)
+        self._machine = MachineCpu({})
+
+    def end(self) -> None:
+        assert self._machine is not None, "end() before begin()"
+        server = tree_cpu_seconds(self.server) - self._server_before
+        # One "item": the window's totals, in ms.
+        machine = self._machine.report(1)
+        self._readings = {
+            "server": server * 1000,
+            "postgresql": machine["helpers_cpu_ms_per_item"].get("postgresql", 0.0),
+            "machine": machine["machine_cpu_ms_per_item"],
+        }
+
+    def per_request_us(self, requests: int) -> dict[str, float]:
+        """Microseconds a request, by part (empty when the window was never read)."""
+        return {part: round(1000 * ms / max(requests, 1)) for part, ms in self._readings.items()}
+
+
+def _summary(port: int, plan: Plan, label: str, server: ManagedProcess) -> dict[str, Any]:
+    cpu = RequestCpu(server)
+    load = generate_load(port, WEBHOOK, plan, label, window=cpu)
+    summary = summarise(load)
+    return {
+        **summary,
+        "acknowledged_total": load.acknowledged,
+        "cpu_us_per_request": cpu.per_request_us(summary["requests"]),
+    }
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -222,6 +271,21 @@ def _latency_row(
     }
 
 
+def _cpu_row(web: dict[str, Any], bare: dict[str, Any]) -> dict[str, Any]:
+    """The whole machine's CPU per request, the receiver beside bare Flask: on a machine the
+    load saturates, the throughput ratio follows the inverse of this one."""
+    value = web["cpu_us_per_request"].get("machine")
+    baseline = bare["cpu_us_per_request"].get("machine")
+    return {
+        "figure": "whole machine's CPU per request (us)",
+        "value": value,
+        "baseline": baseline,
+        "ratio": round(value / baseline, 2) if value and baseline else None,
+        "goal": "reported beside bare Flask",
+        "ok": True,
+    }
+
+
 def run(plan: Plan, database_server: str, redis_url: str, tiny: bool) -> dict[str, Any]:
     from ingest.secrets import generate_key
     from sandbox.processes import QUICK_STOP_SECONDS, ProcessGroup
@@ -262,8 +326,8 @@ def run(plan: Plan, database_server: str, redis_url: str, tiny: bool) -> dict[st
         for number in range(1, plan.rounds + 1):
             # The label names the requests' message ids: a new one each round, or the
             # receiver's later rounds would be repeats, inserting nothing.
-            bare_result = _summary(bare_port, plan, f"bare-r{number}-")
-            web_result = _summary(web_port, plan, f"web-r{number}-")
+            bare_result = _summary(bare_port, plan, f"bare-r{number}-", bare)
+            web_result = _summary(web_port, plan, f"web-r{number}-", web)
             rounds.append(
                 {
                     "bare": bare_result,
@@ -298,6 +362,7 @@ def run(plan: Plan, database_server: str, redis_url: str, tiny: bool) -> dict[st
         },
         _latency_row("p99", web_result, bare_result, GOAL_P99_MS),
         _latency_row("p50", web_result, bare_result, GOAL_P50_MS),
+        _cpu_row(web_result, bare_result),
         {
             "figure": "acknowledged events committed (rows / 200 answers)",
             "value": rows,
@@ -323,6 +388,8 @@ def run(plan: Plan, database_server: str, redis_url: str, tiny: bool) -> dict[st
                 "ratio": r["ratio"],
                 "bare_p99_ms": r["bare"]["p99_ms"],
                 "webhook_p99_ms": r["webhook"]["p99_ms"],
+                "bare_cpu_us": r["bare"]["cpu_us_per_request"],
+                "webhook_cpu_us": r["webhook"]["cpu_us_per_request"],
             }
             for r in rounds
         ],

@@ -52,6 +52,7 @@ from pydantic import SecretStr
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from bench.harness import MachineCpu, process_tree, tree_cpu_seconds
 from cli.demo_http import resend_on_reset
 from cli.demo_summary import percentile
 from cli.service import thread_shares
@@ -162,86 +163,14 @@ def bench_stack(root: Path, sandbox_root: str, endpoint_url: str) -> Iterator[St
         stack.close()
 
 
-def _tree(process: ManagedProcess) -> list[psutil.Process]:
-    root = psutil.Process(process.pid)
-    return [root, *root.children(recursive=True)]
-
-
-def _cpu_seconds(process: ManagedProcess) -> float:
-    total = 0.0
-    for proc in _tree(process):
-        try:
-            times = proc.cpu_times()
-            total += times.user + times.system
-        except psutil.NoSuchProcess:
-            continue
-    return total
-
-
 def _rss(process: ManagedProcess) -> int:
     total = 0
-    for proc in _tree(process):
+    for proc in process_tree(process):
         try:
             total += proc.memory_info().rss
         except psutil.NoSuchProcess:
             continue
     return total
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy since boot (all cores)."""
-    # Linux counts guest time inside user time already: those two fields are left out.
-    times = psutil.cpu_times()._asdict()
-    idle = {"idle", "iowait", "guest", "guest_nice"}
-    return float(sum(value for name, value in times.items() if name not in idle))
-
-
-class MachineCpu:
-    """CPU used by the whole machine and by the helper processes over one interval.
-
-    Everything here shares two cores: a contender that leaves the machine saturated is
-    limited by CPU, not by waiting on the CDN, and the helpers' share shows who used it.
-    Helpers are the CDN and S3 server (by pid) and PostgreSQL's and Redis' server processes
-    (by name, looked up at both ends: PostgreSQL forks a process per new connection).
-    """
-
-    SERVERS = {"postgres": "postgresql", "redis-server": "redis"}
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = pids
-        self._busy = machine_busy_seconds()
-        self._started = time.perf_counter()
-        self._before = self._helper_times()
-
-    def _helper_times(self) -> dict[int, tuple[str, float]]:
-        labels = {pid: name for name, pid in self.pids.items()}
-        found: dict[int, tuple[str, float]] = {}
-        for proc in psutil.process_iter(["name", "cpu_times"]):
-            name = proc.info["name"] or ""
-            label = labels.get(proc.pid) or next(
-                (server for prefix, server in self.SERVERS.items() if name.startswith(prefix)),
-                None,
-            )
-            times = proc.info["cpu_times"]
-            if label is not None and times is not None:
-                found[proc.pid] = (label, times.user + times.system)
-        return found
-
-    def report(self, items: int) -> dict[str, Any]:
-        elapsed = time.perf_counter() - self._started
-        busy = machine_busy_seconds() - self._busy
-        per_label: dict[str, float] = {}
-        for pid, (label, cpu) in self._helper_times().items():
-            before = self._before.get(pid, (label, 0.0))[1]
-            per_label[label] = per_label.get(label, 0.0) + cpu - before
-        return {
-            "cores_busy": round(busy / elapsed, 2),
-            "machine_cpu_ms_per_item": round(1000 * busy / max(items, 1), 2),
-            "helpers_cpu_ms_per_item": {
-                label: round(1000 * cpu / max(items, 1), 2)
-                for label, cpu in sorted(per_label.items())
-            },
-        }
 
 
 class RssSampler:
@@ -468,7 +397,7 @@ def bare_celery(
         for process in processes:
             wait_for(process, log_contains(process, WORKER_READY_MARKER), "ready")
         client = redis.Redis.from_url(stack.env["INGEST_REDIS_URL"])
-        cpu_before = sum(_cpu_seconds(p) for p in processes)
+        cpu_before = sum(tree_cpu_seconds(p) for p in processes)
         machine = MachineCpu(helpers)
         started = time.perf_counter()
         # Copied before every process was ready: left out, as in the worker's round.
@@ -484,7 +413,7 @@ def bare_celery(
         elapsed = time.perf_counter() - started
         if copied < plan.items:
             raise processes[0].fail(f"copied {copied} of {plan.items} within 600 s")
-        cpu = sum(_cpu_seconds(p) for p in processes) - cpu_before
+        cpu = sum(tree_cpu_seconds(p) for p in processes) - cpu_before
         timed = copied - before_clock
         machine_report = machine.report(timed)
         client.close()
@@ -525,14 +454,14 @@ def throughput(
     # Readiness is polled every 0.1 s, so the first tasks may start up to that much before the
     # clock: a bias of about 2% in favour of the worker (and of bare Celery, started alike).
     worker = group.worker(concurrency=plan.concurrency, queues="media.small,media.large")
-    cpu_before = _cpu_seconds(worker)
+    cpu_before = tree_cpu_seconds(worker)
     machine = MachineCpu(helpers)
     started_at = datetime.now(UTC)
     done = _wait_stored(settings, plan.items, timeout=600)
     # The drain ended when the last row was written, not when the 0.1 s poll noticed.
     finished_at = _last_finished_at(settings) or datetime.now(UTC)
     elapsed = (finished_at - started_at).total_seconds()
-    cpu = _cpu_seconds(worker) - cpu_before
+    cpu = tree_cpu_seconds(worker) - cpu_before
     before_clock = _finished_before(settings, started_at)
     timed = done - before_clock
     machine_report = machine.report(timed)

@@ -180,16 +180,23 @@ def test_report_lists_every_webhook_round_behind_the_median(
             }
         ],
         "rounds": [
-            {**median, "bare_p99_ms": 40.0, "webhook_p99_ms": 85.25},
+            {
+                **median,
+                "bare_p99_ms": 40.0,
+                "webhook_p99_ms": 85.25,
+                "bare_cpu_us": {"server": 316, "postgresql": 0, "machine": 799},
+                "webhook_cpu_us": {"server": 700, "postgresql": 248, "machine": 1972},
+            },
             {"bare_rps": 2500.0, "webhook_rps": 525.0, "ratio": 0.21, "bare_p99_ms": None},
             {"bare_rps": 2000.0, "webhook_rps": 600.0, "ratio": 0.3, "webhook_p99_ms": 70.0},
         ],
     }
     report = run_all.write_report({"webhook_bench": webhook}, tiny=False)
     assert "## Webhooks, every round" in report
-    assert "| 1 | 2,300 | 620 | 0.270 | 40.0, 85.2 |" in report
-    assert "| 2 | 2,500 | 525 | 0.210 | -, - |" in report
-    assert "| 3 | 2,000 | 600 | 0.300 | -, 70.0 |" in report
+    assert "| 1 | 2,300 | 620 | 0.270 | 40.0, 85.2 | 316, 799 | 700, 248, 1972 |" in report
+    # Rounds from before the bench read the CPU have none to show.
+    assert "| 2 | 2,500 | 525 | 0.210 | -, - | -, - | -, -, - |" in report
+    assert "| 3 | 2,000 | 600 | 0.300 | -, 70.0 | -, - | -, -, - |" in report
     # One round (tiny mode) has no spread to show.
     webhook["rounds"] = webhook["rounds"][:1]
     assert "every round" not in run_all.write_report({"webhook_bench": webhook}, tiny=True)

@@ -1,0 +1,91 @@
+"""The HTTP benchmarks' load generator: its measured window, and readings taken over it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from bench.harness import Request, generate_load
+
+
+@dataclass(frozen=True)
+class Plan:
+    seconds: float
+    warmup_seconds: float
+    connections: int
+    load_processes: int
+
+
+class _Answers(ThreadingHTTPServer):
+    daemon_threads = True
+    answered: list[float]
+
+
+class _Ok(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the generator's connections expect
+
+    def do_GET(self) -> None:
+        assert isinstance(self.server, _Answers)
+        self.server.answered.append(time.monotonic())
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[_Answers]:
+    answers = _Answers(("127.0.0.1", 0), _Ok)
+    answers.answered = []
+    thread = threading.Thread(target=answers.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield answers
+    finally:
+        answers.shutdown()
+        answers.server_close()
+
+
+class RecordedWindow:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float]] = []
+
+    def begin(self) -> None:
+        self.calls.append(("begin", time.monotonic()))
+
+    def end(self) -> None:
+        self.calls.append(("end", time.monotonic()))
+
+
+@pytest.mark.parametrize("load_processes", [0, 1], ids=["inline", "spawned"])
+def test_window_is_read_after_the_warm_up_and_as_the_load_stops(
+    server: _Answers, load_processes: int
+) -> None:
+    window = RecordedWindow()
+    plan = Plan(seconds=0.5, warmup_seconds=0.5, connections=2, load_processes=load_processes)
+
+    result = generate_load(server.server_port, Request("GET", "/"), plan, window=window)
+
+    assert [name for name, _ in window.calls] == ["begin", "end"]
+    (_, began), (_, ended) = window.calls
+    warm_up = [at for at in server.answered if at < began]
+    measured = [at for at in server.answered if began <= at < ended]
+    # The warm-up's requests were answered before the window opened and are not counted;
+    # what the generator measured was answered inside the window.
+    assert warm_up and measured
+    assert result.acknowledged == len(server.answered)
+    assert len(result.latencies_ms) <= len(measured) + plan.connections
+
+
+def test_no_window_no_readings(server: _Answers) -> None:
+    plan = Plan(seconds=0.2, warmup_seconds=0.1, connections=1, load_processes=0)
+    result = generate_load(server.server_port, Request("GET", "/"), plan)
+    assert result.latencies_ms and result.statuses == {200: len(result.latencies_ms)}
