@@ -204,7 +204,9 @@ class RequestCpu:
 
     def per_request_us(self, requests: int) -> dict[str, float]:
         """Microseconds a request, by part (empty when the window was never read)."""
-        return {part: round(1000 * ms / max(requests, 1)) for part, ms in self._readings.items()}
+        return {
+            part: float(round(1000 * ms / max(requests, 1))) for part, ms in self._readings.items()
+        }
 
 
 def _summary(port: int, plan: Plan, label: str, server: ManagedProcess) -> dict[str, Any]:
