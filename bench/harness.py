@@ -1,4 +1,5 @@
-"""What the HTTP benchmarks share: a keep-alive load generator, its summary, a gunicorn launcher.
+"""What the benchmarks share: a keep-alive HTTP load generator, its summary, a gunicorn
+launcher, and CPU readings of processes and of the whole machine.
 
 The generator runs in separate processes (spawned, so the server under test and the client
 do not share a GIL), each with threads holding one ``http.client`` connection apiece,
@@ -158,6 +159,12 @@ def _merge(counts: list[dict[int, int]]) -> dict[int, int]:
     return merged
 
 
+# From the start's announcement to the first request: time for every thread to be waiting.
+START_DELAY_SECONDS = 0.2
+# How long the load processes may take to be ready (spawning and importing).
+READY_TIMEOUT_SECONDS = 120.0
+
+
 def generate_load(
     port: int,
     request: Request,
@@ -210,7 +217,15 @@ def generate_load(
     ]
     for process in processes:
         process.start()
-    start = starting.release()
+    try:
+        start = starting.release()
+    except threading.BrokenBarrierError:
+        # A load process died (or hung) before it was ready: say which, and stop the rest.
+        for process in processes:
+            process.terminate()
+            process.join(timeout=30)
+        codes = [process.exitcode for process in processes]
+        raise RuntimeError(f"load processes not ready in time (exit codes {codes})") from None
     with _reading(window, start + plan.warmup_seconds, plan.seconds):
         results = [queue.get(timeout=plan.seconds + plan.warmup_seconds + 120) for _ in processes]
     for process in processes:
@@ -224,17 +239,13 @@ def generate_load(
     )
 
 
-# From the start's announcement to the first request: time for every thread to be waiting.
-START_DELAY_SECONDS = 0.2
-# How long the load processes may take to be ready (spawning and importing).
-READY_TIMEOUT_SECONDS = 120.0
-
-
 class _SharedStart:
     """One start time for every load process, announced once all of them are ready.
 
-    Picklable into the spawned processes (a barrier and a shared double): each calls
-    :meth:`wait`, the parent :meth:`release`."""
+    Picklable into the spawned processes (two barriers and a shared double): each calls
+    :meth:`wait`, the parent :meth:`release`. Two barriers because the start is known only
+    once the last process is ready (``_ready``), and must be written before any process
+    reads it (``_go``)."""
 
     def __init__(self, context: Any, processes: int) -> None:
         self._ready = context.Barrier(processes + 1)
@@ -257,17 +268,22 @@ class _SharedStart:
 @contextmanager
 def _reading(window: Window | None, measure_from: float, seconds: float) -> Iterator[None]:
     """Read ``window`` at ``measure_from`` and ``seconds`` later, in a thread, while the
-    block generates the load; the block waits for the last reading."""
+    block generates the load; the block waits for the last reading, and a reading that
+    raised raises here (a figure without its readings must not pass for measured)."""
     if window is None:
         yield
         return
     probe = window
+    failed: list[BaseException] = []
 
     def read() -> None:
-        time.sleep(max(0.0, measure_from - time.monotonic()))
-        probe.begin()
-        time.sleep(max(0.0, measure_from + seconds - time.monotonic()))
-        probe.end()
+        try:
+            time.sleep(max(0.0, measure_from - time.monotonic()))
+            probe.begin()
+            time.sleep(max(0.0, measure_from + seconds - time.monotonic()))
+            probe.end()
+        except BaseException as exc:  # noqa: BLE001 - handed to the generating thread
+            failed.append(exc)
 
     thread = threading.Thread(target=read, name="load-window", daemon=True)
     thread.start()
@@ -275,6 +291,8 @@ def _reading(window: Window | None, measure_from: float, seconds: float) -> Iter
         yield
     finally:
         thread.join()
+    if failed:
+        raise failed[0]
 
 
 def summarise(result: LoadResult) -> dict[str, Any]:

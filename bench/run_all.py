@@ -184,7 +184,7 @@ def webhook_rounds_note(webhook: dict[str, Any]) -> list[str]:
 
 
 def _cpu_cells(cpu: dict[str, Any], parts: Sequence[str]) -> str:
-    return ", ".join(_num(cpu.get(part), 0) for part in parts)
+    return ", ".join("-" if cpu.get(part) is None else f"{cpu[part]:,.0f}" for part in parts)
 
 
 def rounds_note(worker: dict[str, Any]) -> list[str]:

@@ -203,7 +203,8 @@ class RequestCpu:
         }
 
     def per_request_us(self, requests: int) -> dict[str, float]:
-        """Microseconds a request, by part (empty when the window was never read)."""
+        """Microseconds a request, by part (empty when the window was never read); floats,
+        which the report's headline table prints with their thousands grouped."""
         return {
             part: float(round(1000 * ms / max(requests, 1))) for part, ms in self._readings.items()
         }

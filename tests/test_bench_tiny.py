@@ -193,7 +193,7 @@ def test_report_lists_every_webhook_round_behind_the_median(
     }
     report = run_all.write_report({"webhook_bench": webhook}, tiny=False)
     assert "## Webhooks, every round" in report
-    assert "| 1 | 2,300 | 620 | 0.270 | 40.0, 85.2 | 316, 799 | 700, 248, 1972 |" in report
+    assert "| 1 | 2,300 | 620 | 0.270 | 40.0, 85.2 | 316, 799 | 700, 248, 1,972 |" in report
     # Rounds from before the bench read the CPU have none to show.
     assert "| 2 | 2,500 | 525 | 0.210 | -, - | -, - | -, -, - |" in report
     assert "| 3 | 2,000 | 600 | 0.300 | -, 70.0 | -, - | -, -, - |" in report
