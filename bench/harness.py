@@ -411,13 +411,19 @@ class MachineCpu:
                 found[proc.pid] = (label, times.user + times.system)
         return found
 
-    def report(self, items: int) -> dict[str, Any]:
+    def totals(self) -> tuple[float, float, dict[str, float]]:
+        """Since the start: seconds elapsed, CPU seconds of the whole machine, and CPU
+        seconds of each helper."""
         elapsed = time.perf_counter() - self._started
         busy = machine_busy_seconds() - self._busy
         per_label: dict[str, float] = {}
         for pid, (label, cpu) in self._helper_times().items():
             before = self._before.get(pid, (label, 0.0))[1]
             per_label[label] = per_label.get(label, 0.0) + cpu - before
+        return elapsed, busy, per_label
+
+    def report(self, items: int) -> dict[str, Any]:
+        elapsed, busy, per_label = self.totals()
         return {
             "cores_busy": round(busy / elapsed, 2),
             "machine_cpu_ms_per_item": round(1000 * busy / max(items, 1), 2),

@@ -194,19 +194,19 @@ class RequestCpu:
     def end(self) -> None:
         assert self._machine is not None, "end() before begin()"
         server = tree_cpu_seconds(self.server) - self._server_before
-        # One "item": the window's totals, in ms.
-        machine = self._machine.report(1)
+        _, machine, helpers = self._machine.totals()
         self._readings = {
-            "server": server * 1000,
-            "postgresql": machine["helpers_cpu_ms_per_item"].get("postgresql", 0.0),
-            "machine": machine["machine_cpu_ms_per_item"],
+            "server": server,
+            "postgresql": helpers.get("postgresql", 0.0),
+            "machine": machine,
         }
 
     def per_request_us(self, requests: int) -> dict[str, float]:
         """Microseconds a request, by part (empty when the window was never read); floats,
         which the report's headline table prints with their thousands grouped."""
         return {
-            part: float(round(1000 * ms / max(requests, 1))) for part, ms in self._readings.items()
+            part: float(round(1e6 * seconds / max(requests, 1)))
+            for part, seconds in self._readings.items()
         }
 
 
@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers is None and not args.tiny:
         from ingest.settings import Settings
 
-        plan = Plan(**{**asdict(plan), "web_workers": Settings().web_workers})
+        plan = with_overrides(plan, web_workers=Settings().web_workers)
     plan = with_overrides(
         plan,
         seconds=args.seconds,

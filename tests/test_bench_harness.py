@@ -5,24 +5,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from bench.harness import Request, generate_load
+from bench.harness import Request, generate_load, with_overrides
+from bench.webhook_bench import TINY
 
 # A reading thread woken late on a loaded machine: answers this close to an edge of the
 # window may fall on either side of it.
 EDGE_SECONDS = 0.25
-
-
-@dataclass(frozen=True)
-class Plan:
-    seconds: float
-    warmup_seconds: float
-    connections: int
-    load_processes: int
 
 
 class _Answers(ThreadingHTTPServer):
@@ -85,7 +77,9 @@ def test_window_is_read_after_the_warm_up_and_as_the_load_stops(
     server: _Answers, load_processes: int
 ) -> None:
     window = RecordedWindow()
-    plan = Plan(seconds=0.6, warmup_seconds=0.5, connections=2, load_processes=load_processes)
+    plan = with_overrides(
+        TINY, seconds=0.6, warmup_seconds=0.5, connections=2, load_processes=load_processes
+    )
 
     result = generate_load(server.server_port, Request("GET", "/"), plan, window=window)
 
@@ -102,12 +96,12 @@ def test_window_is_read_after_the_warm_up_and_as_the_load_stops(
 
 
 def test_a_reading_that_fails_fails_the_load(server: _Answers) -> None:
-    plan = Plan(seconds=0.2, warmup_seconds=0.1, connections=1, load_processes=0)
+    plan = with_overrides(TINY, seconds=0.2, warmup_seconds=0.1, connections=1, load_processes=0)
     with pytest.raises(OSError, match="cannot read"):
         generate_load(server.server_port, Request("GET", "/"), plan, window=BrokenWindow())
 
 
 def test_without_a_window_the_load_runs_as_before(server: _Answers) -> None:
-    plan = Plan(seconds=0.2, warmup_seconds=0.1, connections=1, load_processes=0)
+    plan = with_overrides(TINY, seconds=0.2, warmup_seconds=0.1, connections=1, load_processes=0)
     result = generate_load(server.server_port, Request("GET", "/"), plan)
     assert result.latencies_ms and result.statuses == {200: len(result.latencies_ms)}
