@@ -334,9 +334,16 @@ class PostgresCluster:
 
 
 def close_with_reset(sock: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0): the peer sees "connection reset", as from a dead host."""
+    """Close with RST (SO_LINGER 0): the peer sees "connection reset", as from a dead host.
+
+    Safe while another thread is blocked reading the socket: closing alone would not wake
+    it, and the kernel sends nothing until that read returns, so the peer would wait out its
+    read timeout on a connection that looks alive. Shutting the reading side first wakes the
+    reader; the reset goes out once the last user lets go."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RD)
     with contextlib.suppress(OSError):
         sock.close()
 
@@ -380,6 +387,9 @@ class TcpGate:
         self._stopping = True
         self.close_gate()
         with contextlib.suppress(OSError):
+            # As for a connection: closing alone does not wake the thread blocked in accept.
+            self._listener.shutdown(socket.SHUT_RD)
+        with contextlib.suppress(OSError):
             self._listener.close()
         self._thread.join(timeout=5)
 
@@ -399,7 +409,15 @@ class TcpGate:
                 close_with_reset(client)
                 continue
             with self._lock:
-                self._connections.update((client, upstream))
+                # Closed while this connection was being made: close_gate has already taken
+                # the connections it resets, so this one is reset here.
+                admitted = self._open.is_set()
+                if admitted:
+                    self._connections.update((client, upstream))
+            if not admitted:
+                close_with_reset(client)
+                close_with_reset(upstream)
+                continue
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
 
